@@ -1,0 +1,35 @@
+# Quick start: `make demo` (the product end to end) and `make test` (everything CI runs).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test lint demo bench services clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch pinned in the same call so pip takes the local CPU build, not a multi-GB CUDA one.
+	$(BIN)/pip install -q torch==2.13.0 -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+services:
+	bash scripts/services.sh
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check hdm_core
+
+test: $(STAMP) services lint
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/python -m app.demo
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.core
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache var demo-output
