@@ -1,0 +1,152 @@
+"""XUT architecture config and the preset registry (spec §1.1)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+SkipSource = Literal["last", "mirrored"]
+
+
+@dataclass(frozen=True)
+class XUTConfig:
+    """Architecture of one XUT network. Field names are ours; `from_reference_arch` maps the reference's."""
+
+    patch_size: int = 2
+    in_channels: int = 4
+    dim: int = 1024
+    ctx_dim: int = 1024
+    ctx_size: int = 256  # length of the all-zero context used when no text is given
+    heads: int = 16
+    head_dim: int = 64
+    mlp_dim: int = 3072
+    depth: int = 4
+    enc_blocks: int = 1
+    dec_blocks: int = 3
+    tread_pre: int = 1
+    tread_post: int = 3
+    tread_rate: float = 0.5  # fraction of image tokens dropped in training (spec §3)
+    addon_dim: int = 1  # 1 = the ln(W/H) aspect-ratio condition, 0 = none
+    skip_source: SkipSource = "last"
+
+    def __post_init__(self) -> None:
+        positive = (
+            "patch_size",
+            "in_channels",
+            "dim",
+            "ctx_dim",
+            "heads",
+            "head_dim",
+            "mlp_dim",
+            "depth",
+            "enc_blocks",
+            "dec_blocks",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"XUTConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("ctx_size", "tread_pre", "tread_post", "addon_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"XUTConfig.{name} must be a non-negative integer, got {value!r}")
+        if self.heads * self.head_dim != self.dim:
+            raise ValueError(
+                f"XUTConfig: heads * head_dim ({self.heads} * {self.head_dim}) must equal dim ({self.dim})"
+            )
+        if self.head_dim % 4:
+            raise ValueError(
+                f"XUTConfig.head_dim must be a multiple of 4 for 2-D axial RoPE, got {self.head_dim}"
+            )
+        if not 0.0 <= float(self.tread_rate) < 1.0:
+            raise ValueError(f"XUTConfig.tread_rate must be in [0, 1), got {self.tread_rate!r}")
+        if self.skip_source not in get_args(SkipSource):
+            raise ValueError(
+                f"XUTConfig.skip_source must be one of {get_args(SkipSource)}, got {self.skip_source!r}"
+            )
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> XUTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"XUTConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> XUTConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_reference_arch(cls, arch: dict[str, Any]) -> XUTConfig:
+        """Map the reference implementation's argument names (e.g. `xut-tiny.json`'s `arch`) to a config."""
+        tread = arch.get("tread_config") or {}
+        return cls(
+            patch_size=arch["patch_size"],
+            in_channels=arch["input_dim"],
+            dim=arch["dim"],
+            ctx_dim=arch["ctx_dim"],
+            ctx_size=arch.get("ctx_size", 256),
+            heads=arch["heads"],
+            head_dim=arch["dim_head"],
+            mlp_dim=arch["mlp_dim"],
+            depth=arch["depth"],
+            enc_blocks=arch["enc_blocks"],
+            dec_blocks=arch["dec_blocks"],
+            tread_pre=tread.get("prev_trns_depth", 0),
+            tread_post=tread.get("post_trns_depth", 0),
+            tread_rate=tread.get("dropout_ratio", 0.5),
+            addon_dim=arch.get("addon_info_embs_dim", 0) or 0,
+        )
+
+
+PRESETS: dict[str, XUTConfig] = {
+    # Released HDM weights (`config/arch/xut-small-1024-tread.json`, which is the base model).
+    "xut-base": XUTConfig(),
+    # Report-only sizes (spec §1.1).
+    "xut-small": XUTConfig(dim=896, heads=14, head_dim=64, mlp_dim=3072, ctx_dim=640, dec_blocks=2),
+    "xut-large": XUTConfig(dim=1280, heads=10, head_dim=128, mlp_dim=4096, ctx_dim=1152, dec_blocks=3),
+    # CPU-sized networks for tests, benchmarks and the demo.
+    "xut-debug": XUTConfig(
+        dim=64,
+        heads=4,
+        head_dim=16,
+        mlp_dim=160,
+        ctx_dim=64,
+        ctx_size=16,
+        depth=2,
+        enc_blocks=1,
+        dec_blocks=2,
+        tread_pre=1,
+        tread_post=1,
+    ),
+    "xut-pixel-debug": XUTConfig(
+        in_channels=3,
+        patch_size=2,
+        dim=128,
+        heads=4,
+        head_dim=32,
+        mlp_dim=320,
+        ctx_dim=64,
+        ctx_size=16,
+        depth=2,
+        enc_blocks=1,
+        dec_blocks=2,
+        tread_pre=1,
+        tread_post=1,
+    ),
+}
+
+
+def resolve_preset(name: str) -> XUTConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}") from None

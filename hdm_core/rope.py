@@ -1,0 +1,82 @@
+"""Position maps and 2-D axial RoPE with learnable per-head frequencies (spec §2)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+
+def _cell_centres(n: int, span: float, *, dtype: torch.dtype, device: torch.device | str | None) -> Tensor:
+    edges = torch.linspace(-span, span, n + 1, dtype=torch.float64, device=device)
+    return ((edges[:-1] + edges[1:]) / 2).to(dtype)
+
+
+def position_map(
+    h: int,
+    w: int,
+    *,
+    x_shift: float = 0.0,
+    y_shift: float = 0.0,
+    zoom: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """(y, x) cell-centre positions of an h x w grid, row-major, shape [h*w, 2].
+
+    The longer side spans [-1, 1] and the shorter one +-short/long (spec §2, the code's rule, not the report's).
+    Camera control: add the shifts, then divide by zoom (so the shifts are scaled too); zoom > 1 zooms in,
+    positive x_shift moves the camera right, positive y_shift moves it down.
+    """
+    if h < 1 or w < 1:
+        raise ValueError(f"position_map needs a non-empty grid, got {h}x{w}")
+    if zoom <= 0:
+        raise ValueError(f"zoom must be > 0, got {zoom}")
+    long = max(h, w)
+    ys = _cell_centres(h, h / long, dtype=torch.float64, device=device)
+    xs = _cell_centres(w, w / long, dtype=torch.float64, device=device)
+    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1)  # (h, w, 2)
+    grid = grid + torch.tensor([y_shift, x_shift], dtype=torch.float64, device=device)
+    grid = grid / zoom
+    return rearrange(grid, "h w two -> (h w) two").to(dtype)
+
+
+def resize_position_map(pos_map: Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> Tensor:
+    """Resize a [B, h*w, 2] map from src to dst grid with bilinear + antialias, as PatchEmbed does (spec §1.2)."""
+    if tuple(src_hw) == tuple(dst_hw):
+        return pos_map
+    h, w = src_hw
+    grid = rearrange(pos_map, "b (h w) two -> b two h w", h=h, w=w)
+    grid = F.interpolate(grid.float(), size=dst_hw, mode="bilinear", antialias=True, align_corners=False)
+    return rearrange(grid, "b two h w -> b (h w) two").to(pos_map.dtype)
+
+
+class AxialRoPE(nn.Module):
+    """Rotary embedding over all head dims; pair j uses axis j % 2 (y, x alternating) and frequency j // 2.
+
+    `freqs` [heads, head_dim // 4, 2] holds log-frequencies; it is a trained parameter stored in checkpoints.
+    """
+
+    def __init__(self, head_dim: int, heads: int) -> None:
+        super().__init__()
+        n_freqs = head_dim // 4
+        init = torch.linspace(math.log(math.pi), math.log(5 * math.pi), n_freqs)
+        self.freqs = nn.Parameter(init[None, :, None].repeat(heads, 1, 2).contiguous())
+
+    def angles(self, pos: Tensor, dtype: torch.dtype) -> Tensor:
+        """pos [B, L, 2] -> rotation angles [B, L, H, head_dim // 2]."""
+        freqs = self.freqs.to(dtype).exp()  # (H, K, 2)
+        theta = pos.to(dtype)[:, :, None, None, :] * freqs[None, None]  # (B, L, H, K, 2)
+        return rearrange(theta, "b l h k two -> b l h (k two)")
+
+    def forward(self, x: Tensor, pos: Tensor) -> Tensor:
+        """x [B, L, H, Dh], pos [B, L, 2] -> x rotated, same shape."""
+        theta = self.angles(pos, x.dtype)
+        cos, sin = theta.cos(), theta.sin()
+        pairs = rearrange(x, "b l h (j two) -> b l h j two", two=2)
+        x0, x1 = pairs.unbind(-1)
+        out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+        return rearrange(out, "b l h j two -> b l h (j two)")
