@@ -1,0 +1,86 @@
+"""Caption processing for training (spec §7 caption grammar, plus whole-caption dropout for CFG).
+
+Grammar: ``[keep tags |||] group %% group %% ...``; the keep-prefix and every group are split into tags by a
+configurable separator (``$$`` in the reference pretraining configs, ``", "`` in its finetune example).
+Per call: each non-keep tag is dropped with ``tag_dropout``, tags are shuffled inside their group, whole groups are
+dropped with ``group_dropout`` and the groups are shuffled; the keep tags stay first, in order. The result is joined
+with ``", "``. Finally the whole caption becomes ``""`` with probability ``caption_dropout`` (the unconditional
+examples for classifier-free guidance; the reference has no explicit drop, spec §4 "CFG text dropout").
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+KEEP_SEPARATOR = "|||"
+GROUP_SEPARATOR = "%%"
+JOINER = ", "
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    """How captions are processed; every probability is in [0, 1]."""
+
+    tag_separator: str = "$$"
+    tag_dropout: float = 0.0  # reference pretraining: 0.25
+    group_dropout: float = 0.0  # reference pretraining: 0.3
+    shuffle_tags: bool = True
+    shuffle_groups: bool = True
+    caption_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tag_separator, str) or not self.tag_separator:
+            raise ValueError(f"captions.tag_separator must be a non-empty string, got {self.tag_separator!r}")
+        for name in ("tag_dropout", "group_dropout", "caption_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"captions.{name} must be a number in [0, 1], got {value!r}")
+
+
+@dataclass(frozen=True)
+class ParsedCaption:
+    """A caption split by the grammar, before any randomness."""
+
+    keep: tuple[str, ...]
+    groups: tuple[tuple[str, ...], ...]
+
+
+def _split_tags(text: str, separator: str) -> tuple[str, ...]:
+    return tuple(tag for tag in (part.strip() for part in text.split(separator)) if tag)
+
+
+def parse_caption(text: str, separator: str) -> ParsedCaption:
+    """Split raw caption text into keep tags and tag groups (empty tags and groups are discarded)."""
+    text = text.replace("\r", " ").replace("\n", " ").strip()
+    keep_text, sep, rest = text.partition(KEEP_SEPARATOR)
+    if not sep:
+        keep_text, rest = "", keep_text
+    groups = tuple(g for g in (_split_tags(chunk, separator) for chunk in rest.split(GROUP_SEPARATOR)) if g)
+    return ParsedCaption(keep=_split_tags(keep_text, separator), groups=groups)
+
+
+def process_caption(text: str, config: CaptionConfig, rng: random.Random) -> str:
+    """Apply the training-time caption transform once, drawing all randomness from `rng`."""
+    # Whole-caption dropout is decided first so the number of draws does not depend on the caption length.
+    if config.caption_dropout > 0 and rng.random() < config.caption_dropout:
+        return ""
+    parsed = parse_caption(text, config.tag_separator)
+    groups: list[list[str]] = []
+    for group in parsed.groups:
+        if config.group_dropout > 0 and rng.random() < config.group_dropout:
+            continue
+        tags = [tag for tag in group if not (config.tag_dropout > 0 and rng.random() < config.tag_dropout)]
+        if config.shuffle_tags:
+            rng.shuffle(tags)
+        if tags:
+            groups.append(tags)
+    if config.shuffle_groups:
+        rng.shuffle(groups)
+    return JOINER.join([*parsed.keep, *(tag for group in groups for tag in group)])
+
+
+def clean_caption(text: str, separator: str) -> str:
+    """The caption with the grammar's markers removed and nothing dropped or shuffled (used for previews)."""
+    parsed = parse_caption(text, separator)
+    return JOINER.join([*parsed.keep, *(tag for group in parsed.groups for tag in group)])
