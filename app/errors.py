@@ -1,0 +1,119 @@
+"""Domain errors and their one mapping to HTTP: ``{"error": {"code", "message", "param"}}``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code:
+            self.code = code
+        self.headers = headers or {}
+
+
+class BadRequest(ServiceError):
+    status, code = 400, "invalid_request"
+
+
+class Unauthorized(ServiceError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(ServiceError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(ServiceError):
+    status, code = 404, "not_found"
+
+
+class Conflict(ServiceError):
+    status, code = 409, "conflict"
+
+
+class TooLarge(ServiceError):
+    status, code = 413, "too_large"
+
+
+class Invalid(ServiceError):
+    status, code = 422, "invalid_value"
+
+
+class TooMany(ServiceError):
+    status, code = 429, "queue_full"
+
+
+class Unavailable(ServiceError):
+    status, code = 503, "unavailable"
+
+
+def error_body(code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "param": param}}
+
+
+def _param(loc: tuple[Any, ...] | list[Any]) -> str | None:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:]
+    return ".".join(parts) or None
+
+
+_CODES = {"missing": "missing_field", "json_invalid": "invalid_json", "extra_forbidden": "unknown_field"}
+
+
+async def _validation_handler(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "value_error"}
+    param = _param(first.get("loc", ()))
+    etype = str(first.get("type", "value_error"))
+    msg = str(first.get("msg", "invalid value"))
+    if etype == "json_invalid":
+        return JSONResponse(error_body("invalid_json", f"Request body is not valid JSON: {msg}"), status_code=400)
+    message = f"{param}: {msg}" if param else msg
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem(s): " + "; ".join(
+            f"{_param(e.get('loc', ())) or 'body'}: {e.get('msg')}" for e in errors[1:4]) + ")"
+    return JSONResponse(error_body(_CODES.get(etype, "invalid_value"), message, param), status_code=422)
+
+
+async def _service_handler(_request: Request, exc: ServiceError) -> JSONResponse:
+    return JSONResponse(error_body(exc.code, exc.message, exc.param), status_code=exc.status, headers=exc.headers)
+
+
+_HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "too_large",
+               415: "unsupported_media_type", 429: "rate_limited", 503: "unavailable"}
+
+
+async def _http_handler(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+async def _unhandled(_request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error: %s", type(exc).__name__)
+    return JSONResponse(error_body("internal_error", "Internal server error; see the server log."), status_code=500)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(ServiceError, _service_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unhandled)

@@ -1,0 +1,104 @@
+"""Enqueue work by task name (the API never imports the task code, nor torch).
+
+Celery mode (``redis://`` broker): publish to the job's queue via the default exchange (routing key = queue name), so
+a broker that lost its state (FLUSHALL) still routes. Embedded mode (``db://``): the jobs table is the queue.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from app.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+TASK_IMAGE = "hdm.image"
+TASK_TRAIN = "hdm.train"
+TASK_DATASET = "hdm.dataset"
+TASKS = {"image": TASK_IMAGE, "train": TASK_TRAIN, "dataset": TASK_DATASET}
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("hdm", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_default_queue=settings.image_queue,
+        task_queues=[Queue(q, routing_key=q) for q in settings.all_queues],
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    return app
+
+
+@functools.cache
+def get_celery() -> Celery:
+    return make_celery(get_settings())
+
+
+def task_id(job_id: str, enqueue_count: int) -> str:
+    return f"{job_id}.{enqueue_count}"
+
+
+def publish(kind: str, job_id: str, queue: str, enqueue_count: int, countdown: float | None = None) -> None:
+    settings = get_settings()
+    if settings.embedded:
+        return
+    get_celery().send_task(TASKS[kind], args=[job_id], task_id=task_id(job_id, enqueue_count), queue=queue,
+                           exchange="", routing_key=queue, countdown=countdown)
+
+
+def broker_job_ids(settings: Settings) -> set[str] | None:
+    """Job ids with a message waiting in (or reserved from) the Redis broker; None if it cannot be read."""
+    if not settings.broker_url.startswith(("redis://", "rediss://")):
+        return None
+    import redis
+
+    ids: set[str] = set()
+    try:
+        r = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
+        raws: list[Any] = []
+        for q in settings.all_queues:
+            for key in r.scan_iter(match=f"{q}*", count=100):
+                if r.type(key) == b"list":
+                    raws.extend(r.lrange(key, 0, -1))
+        for raw in r.hvals("unacked"):
+            try:
+                raws.append(json.dumps(json.loads(raw)[0]))
+            except (ValueError, IndexError, TypeError):
+                continue
+        # countdown (ETA) messages wait inside the worker, not in the list: they are in "unacked" too.
+        for raw in raws:
+            try:
+                tid = json.loads(raw)["headers"]["id"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            ids.add(str(tid).split(".", 1)[0])
+    except Exception as exc:  # broker down: nothing can be decided
+        log.warning("broker scan failed: %s", exc)
+        return None
+    return ids
+
+
+def broker_ok(settings: Settings) -> bool:
+    if settings.embedded:
+        return True
+    try:
+        with get_celery().connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+        return True
+    except Exception:
+        return False

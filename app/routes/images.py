@@ -1,0 +1,88 @@
+"""/v1/images: create, get, list, cancel, events, files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse
+from sqlalchemy.orm import Session
+
+from app.auth import require_key
+from app.db import get_session
+from app.errors import NotFound
+from app.routes.common import (
+    After,
+    IdemKey,
+    Limit,
+    Prefer,
+    events_response,
+    job_response,
+    prefer_wait,
+    wait_final,
+)
+from app.schemas import ImageJob, ImageJobList, ImageRequest
+from app.services import images, jobs
+
+router = APIRouter(prefix="/v1/images", tags=["images"])
+JobId = Annotated[str, PathParam(max_length=64)]
+MEDIA = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+
+
+@router.post("", status_code=202, response_model=ImageJob,
+             responses={200: {"model": ImageJob, "description": "finished within Prefer: wait"}})
+def create_image(req: ImageRequest, request: Request, idempotency_key: IdemKey = None, prefer: Prefer = None,
+                 owner: str = Depends(require_key), session: Session = Depends(get_session)) -> Any:
+    job, created = images.create(session, req, owner=owner, idempotency_key=idempotency_key)
+    wait = prefer_wait(prefer)
+    if wait:
+        job = wait_final(session, job, wait)
+    body = images.view(session, job, str(request.base_url))
+    return job_response(body, created=created, final=job.status in jobs.FINAL, location=f"/v1/images/{job.id}")
+
+
+@router.get("", response_model=ImageJobList)
+def list_images(request: Request, limit: Limit = 20, after: After = None,
+                status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")] = None,
+                owner: str = Depends(require_key), session: Session = Depends(get_session)) -> Any:
+    rows, more = jobs.list_jobs(session, "image", owner, limit, after, status)
+    base = str(request.base_url)
+    return {"object": "list", "data": [images.view(session, j, base) for j in rows], "has_more": more}
+
+
+@router.get("/{job_id}", response_model=ImageJob)
+def get_image(job_id: JobId, request: Request, prefer: Prefer = None, owner: str = Depends(require_key),
+              session: Session = Depends(get_session)) -> Any:
+    job = jobs.get_job(session, job_id, "image", owner)
+    wait = prefer_wait(prefer)
+    if wait:
+        job = wait_final(session, job, wait)
+    return images.view(session, job, str(request.base_url))
+
+
+@router.post("/{job_id}/cancel", response_model=ImageJob)
+def cancel_image(job_id: JobId, request: Request, owner: str = Depends(require_key),
+                 session: Session = Depends(get_session)) -> Any:
+    job = jobs.cancel(session, jobs.get_job(session, job_id, "image", owner))
+    return images.view(session, job, str(request.base_url))
+
+
+@router.get("/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}}})
+def image_events(job_id: JobId, request: Request,
+                 after: Annotated[int | None, Query(ge=0, le=2**62)] = None,
+                 owner: str = Depends(require_key), session: Session = Depends(get_session)) -> Any:
+    """Progress as Server-Sent Events (``Accept: text/event-stream``) or a JSON list; ``Last-Event-ID`` resumes."""
+    return events_response(request, session, jobs.get_job(session, job_id, "image", owner), after)
+
+
+@router.get("/{job_id}/files/{index}", response_class=FileResponse,
+            responses={200: {"content": {"image/png": {}, "image/webp": {}, "image/jpeg": {}}}})
+def image_file(job_id: JobId, index: Annotated[int, PathParam(ge=0, le=7)], owner: str = Depends(require_key),
+               session: Session = Depends(get_session)) -> Any:
+    jobs.get_job(session, job_id, "image", owner)
+    row = images.image_row(session, job_id, index)
+    if row is None or not Path(row.path).is_file():
+        raise NotFound(f"Job {job_id} has no image {index} (yet).", param="index")
+    return FileResponse(row.path, media_type=MEDIA.get(row.format, "application/octet-stream"))

@@ -1,0 +1,136 @@
+"""Model (checkpoint) registry: files under the models folder and checkpoints written by train jobs.
+
+Reads the safetensors header directly (JSON), so the API process does not need torch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from app.db import utcnow
+from app.errors import Conflict, Invalid, NotFound
+from app.ids import new_id
+from app.models import Checkpoint, Job
+from app.settings import get_settings
+
+log = logging.getLogger(__name__)
+SAMPLERS = ["euler", "heun"]
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > 100_000_000:
+            raise ValueError("safetensors header too large")
+        return json.loads(f.read(n))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def describe(path: Path) -> dict[str, Any]:
+    header = read_header(path)
+    meta = header.pop("__metadata__", {}) or {}
+    arch: dict[str, Any] | None = None
+    for key in ("hdm_config", "arch"):
+        if key in meta:
+            try:
+                arch = json.loads(meta[key])
+            except ValueError:
+                arch = None
+            break
+    names = list(header)
+    unet = [k for k in names if k.startswith("unet.")]
+    counted = unet or [k for k in names if not k.startswith(("vae.", "vae_"))]
+    params = sum(math.prod(header[k]["shape"]) for k in counted)
+    codec = meta.get("hdm_codec") or ("vae" if any(k.startswith("vae.") for k in names) else None)
+    return {"arch": arch, "params": params, "codec": codec}
+
+
+def register_file(session: Session, path: Path, *, name: str | None = None, source: str = "file",
+                  train_job_id: str | None = None, step: int | None = None) -> Checkpoint:
+    path = path.resolve()
+    existing = session.scalar(select(Checkpoint).where(Checkpoint.path == str(path)))
+    if existing is not None:
+        return existing
+    info = describe(path)
+    base = name or path.stem
+    candidate, i = base, 1
+    while session.scalar(select(Checkpoint.id).where(Checkpoint.name == candidate)) is not None:
+        i += 1
+        candidate = f"{base}-{i}"
+    ckpt = Checkpoint(id=new_id("ckpt"), name=candidate, arch=info["arch"], codec=info["codec"],
+                      params=info["params"], source=source, train_job_id=train_job_id, step=step,
+                      sha256=sha256_file(path), path=str(path), size_bytes=path.stat().st_size, created_at=utcnow())
+    session.add(ckpt)
+    session.commit()
+    log.info("registered model %s (%s) from %s", ckpt.id, ckpt.name, path)
+    return ckpt
+
+
+def scan_models_dir(session: Session) -> int:
+    folder = get_settings().models_dir
+    if not folder.is_dir():
+        return 0
+    n = 0
+    for path in sorted(folder.rglob("*.safetensors")):
+        try:
+            register_file(session, path)
+            n += 1
+        except Exception as exc:  # one unreadable file must not stop start-up
+            session.rollback()
+            log.warning("skipping %s: %s", path, exc)
+    return n
+
+
+def resolve(session: Session, ref: str | None, *, param: str = "model") -> Checkpoint:
+    settings = get_settings()
+    ref = ref or settings.default_model
+    if ref:
+        ckpt = session.scalar(select(Checkpoint).where(or_(Checkpoint.id == ref, Checkpoint.name == ref)))
+        if ckpt is None:
+            raise Invalid(f"Unknown model {ref!r}; see GET /v1/models.", param=param, code="unknown_model")
+        return ckpt
+    ckpt = session.scalar(select(Checkpoint).order_by(Checkpoint.id.desc()).limit(1))
+    if ckpt is None:
+        raise Invalid("No model is registered; put a .safetensors file in the models folder or run "
+                      "'hdm models import'.", param=param, code="no_model")
+    return ckpt
+
+
+def get(session: Session, model_id: str) -> Checkpoint:
+    ckpt = session.scalar(select(Checkpoint).where(or_(Checkpoint.id == model_id, Checkpoint.name == model_id)))
+    if ckpt is None:
+        raise NotFound(f"No model {model_id!r}.", param="id")
+    return ckpt
+
+
+def delete(session: Session, ckpt: Checkpoint) -> None:
+    busy = session.scalar(select(Job.id).where(Job.model_id == ckpt.id, Job.status.in_(("queued", "running")))
+                          .limit(1))
+    if busy:
+        raise Conflict(f"Model {ckpt.id} is used by job {busy}; cancel it or wait.", code="model_in_use")
+    session.delete(ckpt)
+    session.commit()
+
+
+def view(ckpt: Checkpoint) -> dict[str, Any]:
+    from app.services.jobs import iso
+
+    return {"id": ckpt.id, "object": "model", "name": ckpt.name, "arch": ckpt.arch, "codec": ckpt.codec,
+            "params": ckpt.params, "source": ckpt.source, "train_job": ckpt.train_job_id, "step": ckpt.step,
+            "sha256": ckpt.sha256, "path": ckpt.path, "size_bytes": ckpt.size_bytes,
+            "created_at": iso(ckpt.created_at), "samplers": SAMPLERS}

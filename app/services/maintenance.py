@@ -1,0 +1,116 @@
+"""Periodic upkeep, safe to run in several processes at once (every change is an atomic conditional UPDATE):
+requeue or fail jobs whose worker died, re-publish queued jobs the broker lost, force stuck cancels, release stale
+GPU leases, deliver due webhooks, schedule train jobs."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from app import queue
+from app.db import session_scope
+from app.models import GpuLease, Job
+from app.services import jobs, webhooks
+from app.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+
+def recover_stale(session: Session) -> int:
+    settings = get_settings()
+    stale = jobs.stale_before(settings.stale_after_s)
+    rows = list(session.scalars(select(Job).where(
+        Job.status == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale))))
+    for job in rows:
+        if job.cancel_requested_at is not None:
+            jobs.finish(session, job.id, "cancelled")
+        elif job.attempts >= settings.max_attempts:
+            log.warning("job %s: worker lost on attempt %d of %d; failing it", job.id, job.attempts,
+                        settings.max_attempts)
+            jobs.finish(session, job.id, "failed", error={
+                "code": "worker_lost", "message": f"The worker died {job.attempts} times running this job."})
+        else:
+            log.warning("job %s: worker %s lost (attempt %d); re-queueing", job.id, job.worker, job.attempts)
+            jobs.requeue(session, job, "worker_lost", stale=stale)
+    session.execute(update(GpuLease).where(GpuLease.job_id.is_not(None), GpuLease.heartbeat_at < stale)
+                    .values(job_id=None, worker=None))
+    session.commit()
+    return len(rows)
+
+
+def force_cancels(session: Session) -> int:
+    """Cooperative cancel first; a job still running long after the request is ended and its task revoked."""
+    settings = get_settings()
+    limit = jobs.stale_before(settings.force_cancel_after_s)
+    rows = list(session.scalars(select(Job).where(Job.status == "running", Job.cancel_requested_at < limit)))
+    for job in rows:
+        if not settings.embedded:
+            try:
+                queue.get_celery().control.revoke(queue.task_id(job.id, job.enqueue_count), terminate=True,
+                                                  signal="SIGTERM")
+            except Exception as exc:
+                log.warning("revoke %s: %s", job.id, exc)
+        jobs.finish(session, job.id, "cancelled", error={"code": "cancelled", "message": "forced after timeout"})
+        session.execute(update(GpuLease).where(GpuLease.job_id == job.id).values(job_id=None, worker=None))
+        session.commit()
+    return len(rows)
+
+
+def republish_lost(session: Session) -> int:
+    """Queued jobs with no message in the broker (e.g. after FLUSHALL) are published again."""
+    settings = get_settings()
+    if settings.embedded:
+        return 0
+    grace = jobs.stale_before(settings.reenqueue_grace_s)
+    candidates = list(session.scalars(select(Job).where(
+        Job.status == "queued", Job.queue.is_not(None),
+        or_(Job.enqueued_at.is_(None), Job.enqueued_at < grace))))
+    if not candidates:
+        return 0
+    present = queue.broker_job_ids(settings)
+    if present is None:
+        return 0
+    n = 0
+    for job in candidates:
+        if job.id not in present:
+            log.warning("job %s is queued but not in the broker; publishing it again", job.id)
+            jobs.enqueue(session, job)
+            n += 1
+    return n
+
+
+def tick() -> None:
+    steps = [recover_stale, force_cancels, republish_lost, webhooks.deliver_due]
+    try:
+        from app.services import training
+
+        steps.append(training.schedule)
+    except ImportError:
+        pass
+    for step in steps:
+        try:
+            with session_scope() as session:
+                step(session)
+        except Exception:
+            log.exception("maintenance step %s failed", step.__name__)
+
+
+class MaintenanceThread(threading.Thread):
+    def __init__(self, interval_s: float | None = None) -> None:
+        super().__init__(name="hdm-maintenance", daemon=True)
+        self.interval_s = interval_s or get_settings().maintenance_interval_s
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        log.info("maintenance every %.1fs", self.interval_s)
+        while not self.stop_event.is_set():
+            tick()
+            self.stop_event.wait(self.interval_s)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+

@@ -1,0 +1,93 @@
+"""Service settings: one pydantic-settings object, read from the environment (prefix ``HDM_``) and cached."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HDM_", env_file=None, extra="ignore")
+
+    database_url: str = "sqlite:///var/hdm.db"
+    # "redis://..." runs Celery; "db://" (embedded mode) uses the jobs table as the queue.
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    data_root: Path = Path("var/data")
+    models_dir: Path = Path("var/models")
+    outputs_dir: Path = Path("var/outputs")
+    runs_dir: Path = Path("var/runs")
+    text_encoder: Path | None = None
+    default_model: str | None = None
+    device: str = "cpu"
+
+    api_keys: str = ""  # comma-separated; empty = open (embedded mode only, warned at start)
+    require_api_keys: bool = False
+
+    webhook_secret: str = "change-me"
+    webhook_allow_hosts: str = "127.0.0.1,localhost"  # comma-separated host names; "*" allows all
+    webhook_max_attempts: int = 5
+    webhook_backoff_s: float = 2.0
+    webhook_timeout_s: float = 10.0
+
+    queue_limit: int = 100  # queued jobs per API key
+    retry_after_s: int = 5
+    slots: str = "0"  # comma-separated GPU indices (or CPU slot numbers)
+    max_attempts: int = 3
+    heartbeat_s: float = 5.0
+    stale_after_s: float = 30.0
+    maintenance_interval_s: float = 2.0
+    maintenance_in_api: bool = True
+    reenqueue_grace_s: float = 5.0
+    force_cancel_after_s: float = 30.0
+    visibility_timeout_s: int = 6 * 3600
+    queue_prefix: str = "hdm"
+
+    image_min_size: int = 256
+    image_max_size: int = 2048
+    image_size_multiple: int = 16
+    image_max_pixels: int = 4_200_000
+    max_wait_s: int = 60
+    sync_timeout_s: int = 600  # /v1/images/generations
+    train_command: str = ""  # override the trainer launcher (tests use a stand-in); default torchrun hdm_core.train
+
+    @field_validator("data_root", "models_dir", "outputs_dir", "runs_dir")
+    @classmethod
+    def _abs(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    @property
+    def webhook_hosts(self) -> list[str]:
+        return [h.strip().lower() for h in self.webhook_allow_hosts.split(",") if h.strip()]
+
+    @property
+    def slot_list(self) -> list[int]:
+        return [int(s) for s in self.slots.split(",") if s.strip()]
+
+    @property
+    def embedded(self) -> bool:
+        return self.broker_url.startswith("db:")
+
+    @property
+    def image_queue(self) -> str:
+        return f"{self.queue_prefix}.images"
+
+    def slot_queue(self, slot: int) -> str:
+        return f"{self.queue_prefix}.gpu.{slot}"
+
+    @property
+    def all_queues(self) -> list[str]:
+        return [self.image_queue, *(self.slot_queue(s) for s in self.slot_list)]
+
+
+
+
+@functools.cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,25 @@
+"""Celery app for GPU workers: ``celery -A worker.celery_app worker --concurrency 1 -Q hdm.gpu.N,hdm.images``.
+
+The main process never imports torch (tasks import it lazily in the pool child), so CUDA is not initialised
+before the fork."""
+
+from __future__ import annotations
+
+import logging
+
+from celery.signals import worker_ready
+
+from app.queue import make_celery
+from app.settings import get_settings
+
+log = logging.getLogger(__name__)
+app = make_celery(get_settings())
+app.conf.include = ["worker.tasks"]
+
+
+@worker_ready.connect
+def _recover_on_start(**_kw: object) -> None:
+    from app.services.maintenance import tick
+
+    log.info("worker ready: running recovery once")
+    tick()

@@ -1,0 +1,41 @@
+"""Dataset validation job."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from app.db import session_scope, utcnow
+from app.models import Dataset, Job
+from app.services import datasets, jobs
+
+log = logging.getLogger(__name__)
+
+
+def run_dataset_job(job_id: str, *, worker: str) -> str:
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status != "queued" or not jobs.claim(session, job_id, worker):
+            return "skipped"
+        session.refresh(job)
+        attempt, ds_id = job.attempts, job.dataset_id
+        ds = session.get(Dataset, ds_id)
+        folder = Path(ds.path) if ds else None
+    stats, error = None, None
+    try:
+        if folder is None:
+            raise ValueError("dataset row is gone")
+        stats = datasets.scan(folder)
+        if stats["images"] == 0:
+            error = {"code": "empty_dataset", "message": f"no images found in {folder}"}
+    except Exception as exc:
+        error = {"code": "validation_error", "message": f"{type(exc).__name__}: {exc}"}
+    with session_scope() as session:
+        ds = session.get(Dataset, ds_id)
+        if ds is not None:
+            ds.stats, ds.error, ds.updated_at = stats, error, utcnow()
+            ds.status = "invalid" if error else "ready"
+        session.commit()
+        outcome = "failed" if error else "succeeded"
+        jobs.finish(session, job_id, outcome, error=error, result={"stats": stats}, attempt=attempt)
+    return outcome

@@ -1,0 +1,41 @@
+"""Write images with A1111-style generation parameters (PNG ``parameters`` text chunk; EXIF UserComment)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+EXT = {"png": "png", "webp": "webp", "jpeg": "jpg"}
+
+
+def parameters_text(req: dict[str, Any], *, seed: int, model_name: str, model_hash: str | None) -> str:
+    cam = req.get("camera") or {}
+    tread = req.get("tread_guidance") or {}
+    fields = [
+        f"Steps: {req['steps']}", f"Sampler: {req['sampler']}", f"CFG scale: {req['guidance_scale']}",
+        f"Seed: {seed}", f"Size: {req['width']}x{req['height']}",
+        *([f"Model hash: {model_hash[:10]}"] if model_hash else []), f"Model: {model_name}",
+        f"Camera: x_shift {cam.get('x_shift', 0)}, y_shift {cam.get('y_shift', 0)}, zoom {cam.get('zoom', 1)}",
+        f"TREAD guidance: cond {tread.get('cond_rate', 0)}, uncond {tread.get('uncond_rate', 0)}",
+        "Version: hdm-serve",
+    ]
+    return f"{req['prompt']}\nNegative prompt: {req.get('negative_prompt', '')}\n" + ", ".join(fields)
+
+
+def save(image: Image.Image, path: Path, fmt: str, parameters: str) -> None:
+    """Atomic write (temp file then rename) so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if fmt == "png":
+        info = PngInfo()
+        info.add_text("parameters", parameters)
+        image.save(tmp, format="PNG", pnginfo=info)
+    else:
+        exif = Image.Exif()
+        exif.get_ifd(0x8769)[0x9286] = b"UNICODE\x00" + parameters.encode("utf-16-be")
+        image.save(tmp, format="WEBP" if fmt == "webp" else "JPEG", exif=exif.tobytes(), quality=95)
+    os.replace(tmp, path)

@@ -1,0 +1,121 @@
+"""Run one image job by id. Idempotent: a redelivered message for a job that is not queued does nothing."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, update
+
+from app.db import session_scope, utcnow
+from app.models import Checkpoint, Image, Job
+from app.services import jobs
+from app.settings import get_settings
+from worker import imagefile, leases, model_cache
+from worker.heartbeat import Heartbeat
+
+log = logging.getLogger(__name__)
+BOUNCE_S = 2.0
+
+
+class _Progress:
+    """Sampler callback: records progress and stops the sampler when a cancel was requested."""
+
+    def __init__(self, job_id: str, total: int) -> None:
+        self.job_id, self.total = job_id, total
+        self.last_write = 0.0
+
+    def __call__(self, step: int, total: int) -> None:
+        from hdm_core.sampler import SamplingCancelled
+
+        with session_scope() as session:
+            if jobs.cancel_requested(session, self.job_id):
+                raise SamplingCancelled(f"job {self.job_id} cancelled at step {step}")
+            now = time.monotonic()
+            if step >= total or now - self.last_write >= 0.2:
+                self.last_write = now
+                session.execute(update(Job).where(Job.id == self.job_id).values(
+                    progress_step=step, progress_total=total, heartbeat_at=utcnow()))
+                jobs.add_event(session, self.job_id, "progress", {"step": step, "total": total})
+
+
+def run_image_job(job_id: str, *, worker: str, slot: int | None) -> str:
+    """Returns what happened (for logs/tests): skipped | bounced | succeeded | failed | cancelled."""
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status != "queued":
+            log.info("job %s is %s; nothing to do", job_id, job.status if job else "missing")
+            return "skipped"
+        if slot is not None and not leases.acquire(session, slot, job_id, worker):
+            log.info("slot %s is leased to another job; job %s goes back to the queue", slot, job_id)
+            jobs.enqueue(session, job, countdown=BOUNCE_S)
+            return "bounced"
+        if not jobs.claim(session, job_id, worker):
+            leases.release(session, job_id)
+            return "skipped"
+        session.refresh(job)
+        attempt = job.attempts
+        req: dict[str, Any] = dict(job.request)
+        ckpt = session.get(Checkpoint, job.model_id) if job.model_id else None
+        ckpt_info = (ckpt.path, ckpt.name, ckpt.sha256) if ckpt else None
+    try:
+        with Heartbeat(job_id):
+            outcome, error, timings = _generate(job_id, req, ckpt_info)
+    finally:
+        with session_scope() as session:
+            leases.release(session, job_id)
+    with session_scope() as session:
+        result = {"timings": timings}
+        if not jobs.finish(session, job_id, outcome, error=error, result=result, attempt=attempt):
+            log.warning("job %s: finishing as %s was refused (requeued or finished elsewhere)", job_id, outcome)
+    log.info("job %s %s in %.2fs", job_id, outcome, sum(v or 0 for v in timings.values()))
+    return outcome
+
+
+def _generate(job_id: str, req: dict[str, Any], ckpt: tuple[str, str, str | None] | None,
+              ) -> tuple[str, dict[str, Any] | None, dict[str, float]]:
+    from hdm_core.pipeline import Camera, TreadGuidance
+    from hdm_core.sampler import SamplingCancelled
+
+    settings = get_settings()
+    timings: dict[str, float] = {}
+    try:
+        if ckpt is None:
+            raise ValueError("the job's model is no longer registered")
+        path, model_name, sha = ckpt
+        t0 = time.perf_counter()
+        pipe, _ = model_cache.get_pipeline(path, settings.text_encoder, settings.device)
+        timings["load_s"] = round(time.perf_counter() - t0, 4)
+        t1 = time.perf_counter()
+        result = pipe.generate(
+            req["prompt"], negative_prompt=req.get("negative_prompt", ""), n=req["n"], width=req["width"],
+            height=req["height"], steps=req["steps"], guidance_scale=req["guidance_scale"], seed=req["seed"],
+            sampler=req["sampler"], camera=Camera(**req["camera"]), tread=TreadGuidance(**req["tread_guidance"]),
+            callback=_Progress(job_id, req["steps"]))
+        timings["sample_s"] = round(time.perf_counter() - t1, 4)
+        t2 = time.perf_counter()
+        fmt = req.get("output_format", "png")
+        out_dir = settings.outputs_dir / job_id
+        rows = []
+        for i, (img, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
+            file = out_dir / f"{i}.{imagefile.EXT[fmt]}"
+            imagefile.save(img, file, fmt, imagefile.parameters_text(req, seed=seed, model_name=model_name,
+                                                                     model_hash=sha))
+            rows.append(Image(job_id=job_id, index=i, seed=seed, width=img.width, height=img.height, format=fmt,
+                              path=str(Path(file).resolve())))
+        with session_scope() as session:
+            for row in rows:  # replace rows a killed earlier attempt may have left
+                session.execute(delete(Image).where(Image.job_id == job_id, Image.index == row.index))
+                session.add(row)
+        timings["decode_s"] = round(time.perf_counter() - t2, 4)
+        return "succeeded", None, timings
+    except SamplingCancelled:
+        return "cancelled", None, timings
+    except ValueError as exc:
+        log.warning("job %s: %s", job_id, exc)
+        return "failed", {"code": "invalid_request", "message": str(exc)}, timings
+    except Exception as exc:
+        log.exception("job %s failed", job_id)
+        return "failed", {"code": "generation_error", "message": f"{type(exc).__name__}: {exc}"}, timings

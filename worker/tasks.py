@@ -1,0 +1,36 @@
+"""Celery tasks. They take ids only and are idempotent; the database says what is left to do."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from worker.celery_app import app
+
+log = logging.getLogger(__name__)
+
+
+def _slot() -> int | None:
+    raw = os.environ.get("HDM_WORKER_SLOT", "")
+    return int(raw) if raw.strip() else None
+
+
+@app.task(name="hdm.image", bind=True, acks_late=True, ignore_result=True)
+def image_task(self, job_id: str) -> str:  # type: ignore[no-untyped-def]
+    from worker.images import run_image_job
+
+    return run_image_job(job_id, worker=str(self.request.hostname), slot=_slot())
+
+
+@app.task(name="hdm.train", bind=True, acks_late=True, ignore_result=True)
+def train_task(self, job_id: str) -> str:  # type: ignore[no-untyped-def]
+    from worker.training import run_train_job
+
+    return run_train_job(job_id, worker=str(self.request.hostname))
+
+
+@app.task(name="hdm.dataset", bind=True, acks_late=True, ignore_result=True)
+def dataset_task(self, job_id: str) -> str:  # type: ignore[no-untyped-def]
+    from worker.datasets import run_dataset_job
+
+    return run_dataset_job(job_id, worker=str(self.request.hostname))
