@@ -171,7 +171,9 @@ def build_toy_text_encoder(
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    texts = [" ".join(TOY_WORDS), *corpus]
+    corpus = list(corpus)
+    # Each word alone too, so a word opening a prompt (no leading space) is one token as well.
+    texts = [" ".join(TOY_WORDS), *TOY_WORDS, *corpus, *(w for line in corpus for w in line.split())]
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts * 4, vocab_size=1024, min_frequency=1, special_tokens=["<|endoftext|>"])
     raw = folder / "_bpe"
