@@ -34,7 +34,9 @@ class Settings(BaseSettings):
 
     queue_limit: int = 100  # queued jobs per API key
     retry_after_s: int = 5
-    slots: str = "0"  # comma-separated GPU indices (or CPU slot numbers)
+    slots: str = "0"  # comma-separated GPU indices (or CPU slot numbers) of the whole cluster
+    gpu_index: int | None = None  # the slot this worker process serves (worker processes only)
+    worker_queues: str = ""  # default: hdm.gpu.<gpu_index>,hdm.images
     max_attempts: int = 3
     heartbeat_s: float = 5.0
     stale_after_s: float = 30.0

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
 
+from app.settings import get_settings
 from worker.celery_app import app
 
 log = logging.getLogger(__name__)
 
 
 def _slot() -> int | None:
-    raw = os.environ.get("HDM_WORKER_SLOT", "")
-    return int(raw) if raw.strip() else None
+    return get_settings().gpu_index
 
 
 @app.task(name="hdm.image", bind=True, acks_late=True, ignore_result=True)

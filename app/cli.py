@@ -1,0 +1,182 @@
+"""``hdm`` command line: serve, worker, migrate, generate, models import, train."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+log = logging.getLogger("hdm")
+
+
+def _settings():  # type: ignore[no-untyped-def]
+    from app.db import reset_caches
+    from app.settings import get_settings
+
+    reset_caches()
+    return get_settings()
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from app.migrate import upgrade
+
+    url = args.url or _settings().database_url
+    upgrade(url, args.revision)
+    log.info("database at %s", args.revision)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Embedded mode: API + one worker, SQLite and the jobs table as queue, unless HDM_* say otherwise."""
+    import uvicorn
+
+    os.environ.setdefault("HDM_BROKER_URL", "db://")
+    os.environ.setdefault("HDM_DATABASE_URL", "sqlite:///var/hdm.db")
+    settings = _settings()
+    from app.migrate import upgrade
+
+    upgrade(settings.database_url)
+    worker = None
+    if not args.no_worker:
+        cmd = [sys.executable, "-m", "app.cli", "worker"]
+        worker = subprocess.Popen(cmd, env=os.environ.copy())
+        log.info("worker pid %d (%s)", worker.pid, "embedded" if settings.embedded else "celery")
+    try:
+        uvicorn.run("app.main:app", host=args.host, port=args.port, log_level="info")
+    finally:
+        if worker is not None:
+            worker.terminate()
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    if args.slot is not None:
+        os.environ["HDM_GPU_INDEX"] = str(args.slot)
+    settings = _settings()
+    if settings.embedded:
+        from worker.embedded import main
+
+        main()
+        return 0
+    slot = settings.gpu_index if settings.gpu_index is not None else settings.slot_list[0]
+    os.environ["HDM_GPU_INDEX"] = str(slot)
+    queues = args.queues or settings.worker_queues or f"{settings.slot_queue(slot)},{settings.image_queue}"
+    argv = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--concurrency",
+            str(args.concurrency), "--prefetch-multiplier", "1", "-Q", queues, "--loglevel", args.loglevel,
+            "-n", args.name or f"slot{slot}@%h", "--without-gossip", "--without-mingle"]
+    os.execv(sys.executable, argv)
+    return 0  # pragma: no cover
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from hdm_core.pipeline import Camera, HDMPipeline
+    from worker import imagefile
+
+    settings = _settings()
+    te = args.text_encoder or settings.text_encoder
+    if te is None:
+        log.error("give --text-encoder or set HDM_TEXT_ENCODER")
+        return 2
+    pipe = HDMPipeline.from_paths(args.model, te, device=args.device or settings.device, dtype=torch.float32)
+    res = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, n=args.n, width=args.width,
+                        height=args.height, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+                        sampler=args.sampler, camera=Camera(args.x_shift, args.y_shift, args.zoom))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    req = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
+           "sampler": args.sampler, "guidance_scale": args.guidance_scale, "width": args.width,
+           "height": args.height, "camera": {"x_shift": args.x_shift, "y_shift": args.y_shift, "zoom": args.zoom}}
+    for img, seed in zip(res.images, res.seeds, strict=True):
+        path = out / f"{seed}.png"
+        imagefile.save(img, path, "png", imagefile.parameters_text(req, seed=seed, model_name=Path(args.model).stem,
+                                                                   model_hash=None))
+        print(path)
+    return 0
+
+
+def cmd_models_import(args: argparse.Namespace) -> int:
+    from app.db import session_scope
+    from app.services import checkpoints
+
+    _settings()
+    with session_scope() as session:
+        ckpt = checkpoints.register_file(session, Path(args.path), name=args.name)
+        print(ckpt.id, ckpt.name)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    argv = [sys.executable, "-m", "hdm_core.train", args.config, "--run-dir", args.run_dir]
+    if args.resume:
+        argv.append("--resume")
+    return subprocess.call(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hdm", description="HDM Serve: train and serve HDM models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="API + worker in one command (embedded: SQLite, no Redis)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--no-worker", action="store_true")
+    s.set_defaults(func=cmd_serve)
+    w = sub.add_parser("worker", help="one worker process per GPU (Celery, or the embedded DB poller)")
+    w.add_argument("--slot", type=int, default=None, help="GPU index / CPU slot (default HDM_GPU_INDEX)")
+    w.add_argument("--concurrency", type=int, default=1)
+    w.add_argument("--queues", default=None)
+    w.add_argument("--name", default=None)
+    w.add_argument("--loglevel", default="INFO")
+    w.set_defaults(func=cmd_worker)
+    m = sub.add_parser("migrate", help="upgrade the database schema (alembic)")
+    m.add_argument("--url", default=None)
+    m.add_argument("--revision", default="head")
+    m.set_defaults(func=cmd_migrate)
+    g = sub.add_parser("generate", help="generate images locally, without the server")
+    g.add_argument("prompt")
+    g.add_argument("--model", required=True, help="checkpoint .safetensors")
+    g.add_argument("--text-encoder", default=None)
+    g.add_argument("--out", default="outputs")
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--n", type=int, default=1)
+    g.add_argument("--width", type=int, default=1024)
+    g.add_argument("--height", type=int, default=1024)
+    g.add_argument("--steps", type=int, default=24)
+    g.add_argument("--guidance-scale", type=float, default=3.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--sampler", default="euler")
+    g.add_argument("--x-shift", type=float, default=0.0)
+    g.add_argument("--y-shift", type=float, default=0.0)
+    g.add_argument("--zoom", type=float, default=1.0)
+    g.add_argument("--device", default=None)
+    g.set_defaults(func=cmd_generate)
+    mo = sub.add_parser("models", help="model registry")
+    mos = mo.add_subparsers(dest="models_command", required=True)
+    imp = mos.add_parser("import", help="register a checkpoint file")
+    imp.add_argument("path")
+    imp.add_argument("--name", default=None)
+    imp.set_defaults(func=cmd_models_import)
+    t = sub.add_parser("train", help="run the trainer (python -m hdm_core.train)")
+    t.add_argument("config")
+    t.add_argument("--run-dir", required=True)
+    t.add_argument("--resume", action="store_true")
+    t.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Service test fixtures: a PostgreSQL database and a Redis db number per session, a tiny pixel-space model and
+toy text encoder, and the real stack (uvicorn API + Celery worker subprocesses)."""
+
+from __future__ import annotations
+
+import random
+import secrets
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from stack import Stack  # noqa: E402
+
+API_KEY = "test-key-" + secrets.token_hex(8)
+OTHER_KEY = "other-key-" + secrets.token_hex(8)
+
+
+@pytest.fixture(scope="session")
+def pg_admin() -> Iterator[Any]:
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        conn = psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True,
+                               connect_timeout=5)
+    except Exception as exc:  # pragma: no cover
+        pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is required (make services): {exc}")
+    yield conn
+    conn.close()
+
+
+def _create_db(admin: Any) -> tuple[str, str]:
+    name = f"hdm_test_{secrets.token_hex(6)}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    return name, f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+
+def _drop_db(admin: Any, name: str) -> None:
+    admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+    admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_admin: Any) -> Iterator[str]:
+    name, url = _create_db(pg_admin)
+    yield url
+    _drop_db(pg_admin, name)
+
+
+@pytest.fixture
+def fresh_pg_url(pg_admin: Any) -> Iterator[str]:
+    name, url = _create_db(pg_admin)
+    yield url
+    _drop_db(pg_admin, name)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    import redis
+
+    db = random.randint(1, 15)
+    url = f"redis://127.0.0.1:6379/{db}"
+    try:
+        redis.Redis.from_url(url).ping()
+    except Exception as exc:  # pragma: no cover
+        pytest.fail(f"Redis at 127.0.0.1:6379 is required (make services): {exc}")
+    yield url
+
+
+@pytest.fixture(scope="session")
+def queue_prefix() -> str:
+    return f"hdmt{secrets.token_hex(4)}"
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny pixel-space XUT checkpoint in a models folder, and a toy text encoder."""
+    import hdm_core
+    from hdm_core.codec import PixelCodec
+    from hdm_core.text import build_toy_text_encoder
+
+    base = tmp_path_factory.mktemp("assets")
+    models = base / "models"
+    models.mkdir()
+    model = hdm_core.XUT(hdm_core.PRESETS["xut-pixel-debug"])
+    hdm_core.save_checkpoint(models / "tiny.safetensors", model, codec=PixelCodec())
+    te = build_toy_text_encoder(base / "te")
+    return {"models": models, "te": Path(te), "model": models / "tiny.safetensors"}
+
+
+def stack_env(tmp: Path, assets: dict[str, Path], db_url: str, broker: str, prefix: str) -> dict[str, str]:
+    (tmp / "data").mkdir(exist_ok=True)
+    return {
+        "HDM_DATABASE_URL": db_url, "HDM_BROKER_URL": broker, "HDM_QUEUE_PREFIX": prefix,
+        "HDM_DATA_ROOT": str(tmp / "data"), "HDM_MODELS_DIR": str(assets["models"]),
+        "HDM_OUTPUTS_DIR": str(tmp / "outputs"), "HDM_RUNS_DIR": str(tmp / "runs"),
+        "HDM_TEXT_ENCODER": str(assets["te"]), "HDM_API_KEYS": f"{API_KEY},{OTHER_KEY}",
+        "HDM_IMAGE_MIN_SIZE": "32", "HDM_HEARTBEAT_S": "0.5", "HDM_STALE_AFTER_S": "4",
+        "HDM_MAINTENANCE_INTERVAL_S": "0.5", "HDM_REENQUEUE_GRACE_S": "1", "HDM_WEBHOOK_BACKOFF_S": "0.5",
+        "HDM_QUEUE_LIMIT": "40", "HDM_SLOTS": "0", "HDM_FORCE_CANCEL_AFTER_S": "20",
+        "HDM_WEBHOOK_SECRET": "whsec-test", "HDM_WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
+    }
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, assets: dict[str, Path], pg_url: str, redis_url: str,
+          queue_prefix: str) -> Iterator[Stack]:
+    import redis
+
+    tmp = tmp_path_factory.mktemp("stack")
+    redis.Redis.from_url(redis_url).flushdb()
+    s = Stack(stack_env(tmp, assets, pg_url, redis_url, queue_prefix), tmp, API_KEY)
+    s.migrate()
+    s.start_api()
+    s.start_worker(0)
+    try:
+        yield s
+    finally:
+        s.stop()
+        redis.Redis.from_url(redis_url).flushdb()
+
+
+@pytest.fixture
+def live_worker(stack: Stack) -> Stack:
+    """Make sure one worker is running (a previous test may have killed it)."""
+    if not any(p.poll() is None for p in stack.workers):
+        stack.start_worker(0)
+    return stack
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when == "call" and rep.failed and "stack" in getattr(item, "funcargs", {}):
+        rep.sections.append(("stack logs", item.funcargs["stack"].logs()))

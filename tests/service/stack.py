@@ -1,0 +1,119 @@
+"""Real processes for the service tests: uvicorn API, Celery workers, helpers to wait on jobs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Stack:
+    def __init__(self, env: dict[str, str], workdir: Path, api_key: str | None) -> None:
+        self.env = {**os.environ, **env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        self.workdir = workdir
+        self.api_key = api_key
+        self.api: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.base_url = ""
+        self._n = 0
+
+    # -- processes ---------------------------------------------------------------------------------------------
+    def _log(self, name: str) -> Any:
+        self._n += 1
+        return (self.workdir / f"{self._n:02d}-{name}.log").open("wb")
+
+    def migrate(self) -> None:
+        subprocess.run([sys.executable, "-m", "app.cli", "migrate"], env=self.env, cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def start_api(self, extra_env: dict[str, str] | None = None) -> str:
+        port = free_port()
+        self.api = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
+             "--log-level", "warning"], env={**self.env, **(extra_env or {})}, cwd=ROOT,
+            stdout=self._log("api"), stderr=subprocess.STDOUT)
+        self.base_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.base_url + "/healthz", timeout=1).status_code == 200:
+                    return self.base_url
+            except httpx.HTTPError:
+                pass
+            if self.api.poll() is not None:
+                raise RuntimeError("API exited; see logs in " + str(self.workdir))
+            time.sleep(0.2)
+        raise RuntimeError("API did not start")
+
+    def start_worker(self, slot: int = 0, embedded: bool = False) -> subprocess.Popen[bytes]:
+        env = {**self.env, "HDM_GPU_INDEX": str(slot)}
+        if embedded:
+            cmd = [sys.executable, "-m", "worker.embedded"]
+        else:
+            prefix = env.get("HDM_QUEUE_PREFIX", "hdm")
+            cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--concurrency", "1",
+                   "--prefetch-multiplier", "1", "-Q", f"{prefix}.gpu.{slot},{prefix}.images", "--loglevel",
+                   "INFO", "-n", f"slot{slot}-{self._n}@%h", "--without-gossip", "--without-mingle",
+                   "--without-heartbeat"]
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=self._log(f"worker{slot}"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.workers.append(proc)
+        return proc
+
+    def kill_worker(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        proc.wait(timeout=30)
+        if proc in self.workers:
+            self.workers.remove(proc)
+
+    def stop(self) -> None:
+        for proc in list(self.workers):
+            self.kill_worker(proc, signal.SIGTERM if proc.poll() is None else signal.SIGKILL)
+        if self.api is not None and self.api.poll() is None:
+            self.api.terminate()
+            try:
+                self.api.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.api.kill()
+
+    # -- HTTP --------------------------------------------------------------------------------------------------
+    def client(self, key: str | None = "default", timeout: float = 30) -> httpx.Client:
+        k = self.api_key if key == "default" else key
+        headers = {"Authorization": f"Bearer {k}"} if k else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def wait_job(self, job_id: str, statuses: tuple[str, ...] = FINAL, timeout: float = 60,
+                 path: str = "/v1/images", pred: Any = None) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        job: dict[str, Any] = {}
+        with self.client() as c:
+            while time.monotonic() < deadline:
+                job = c.get(f"{path}/{job_id}").json()
+                if job.get("status") in statuses and (pred is None or pred(job)):
+                    return job
+                time.sleep(0.1)
+        raise AssertionError(f"job {job_id} did not reach {statuses} in {timeout}s: {job}")
+
+    def logs(self) -> str:
+        out = []
+        for p in sorted(self.workdir.glob("*.log")):
+            out.append(f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:])
+        return "\n".join(out)

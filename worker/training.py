@@ -1,0 +1,227 @@
+"""Run a train job: write the trainer's TOML config, start ``torchrun -m hdm_core.train`` as its own process
+group, supervise it (metrics -> events, checkpoints -> models, cancel -> SIGTERM then SIGKILL, heartbeats)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from app.db import session_scope
+from app.models import Checkpoint, Job
+from app.services import checkpoints, jobs
+from app.settings import get_settings
+from worker import leases
+from worker.heartbeat import Heartbeat
+
+log = logging.getLogger(__name__)
+KILL_GRACE_S = 15.0
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def to_toml(cfg: dict[str, Any]) -> str:
+    lines = [f"{k} = {_toml_value(v)}" for k, v in cfg.items() if not isinstance(v, dict | list)]
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]", *(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items() if vv is not None)]
+    for k, v in cfg.items():
+        if isinstance(v, list) and v and isinstance(v[0], dict):
+            for item in v:
+                lines += ["", f"[[{k}]]", *(f"{kk} = {_toml_value(vv)}" for kk, vv in item.items() if vv is not None)]
+    return "\n".join(lines) + "\n"
+
+
+def trainer_config(req: dict[str, Any], codec: str | None) -> dict[str, Any]:
+    settings = get_settings()
+    model: dict[str, Any] = {"gradient_checkpointing": any(s.get("grad_checkpointing") for s in req["stages"])}
+    if req.get("base_model_path"):
+        model["init_from"] = req["base_model_path"]
+    elif isinstance(req.get("arch"), dict):
+        model["arch"] = req["arch"]
+    else:
+        model["preset"] = req.get("arch") or "xut-small"
+    if codec is None:
+        pixel = model.get("preset") == "xut-pixel-debug" or (model.get("arch") or {}).get("in_channels") == 3
+        codec = "pixel" if pixel else "vae"
+    stages = [{k: s.get(k) for k in ("resolution", "batch_size", "lr", "steps", "epochs", "grad_accum", "tread_rate",
+                                     "caption_dropout", "warmup_steps")} for s in req["stages"]]
+    return {
+        "seed": req.get("seed", 0),
+        "model": model,
+        "text_encoder": {"path": str(settings.text_encoder or "")},
+        "data": {"path": req["dataset_path"]},
+        "codec": {"kind": codec},
+        "train": {"precision": req.get("precision", "fp32"), "checkpoint_every": req.get("checkpoint_every", 1000),
+                  "keep_last_n": req.get("keep_last_n", 3),
+                  "device": "cpu" if settings.device.startswith("cpu") else "cuda"},
+        "sampling": {"every": req.get("sample_every", 0), "prompts": req.get("sample_prompts", [])},
+        "stages": stages,
+    }
+
+
+def command(config: Path, run_dir: Path, nproc: int, resume: bool) -> list[str]:
+    settings = get_settings()
+    if settings.train_command:
+        cmd = shlex.split(settings.train_command.format(config=config, run_dir=run_dir, nproc=nproc,
+                                                        python=sys.executable))
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "hdm_core.train", str(config), "--run-dir", str(run_dir)]
+    return [*cmd, "--resume"] if resume else cmd
+
+
+def _die_with_parent() -> None:  # pragma: no cover (runs in the child)
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class _Supervisor:
+    def __init__(self, job_id: str, run_dir: Path) -> None:
+        self.job_id, self.run_dir = job_id, run_dir
+        self.metrics_offset = 0
+        self.registered: set[str] = set()
+        self.latest: dict[str, Any] = {}
+
+    def poll(self) -> None:
+        new = self._read_metrics()
+        with session_scope() as session:
+            for rec in new:
+                jobs.add_event(session, self.job_id, "metrics", rec)
+            if new:
+                self.latest = new[-1]
+                job = session.get(Job, self.job_id)
+                if job is not None:
+                    job.progress_step = int(self.latest.get("step", job.progress_step))
+                    job.result = {**(job.result or {}), "metrics": self.latest, "run_dir": str(self.run_dir)}
+            session.commit()
+            self._register(session)
+
+    def _read_metrics(self) -> list[dict[str, Any]]:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        with path.open("rb") as f:
+            f.seek(self.metrics_offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1  # only whole lines
+        self.metrics_offset += end
+        out = []
+        for line in data[:end].splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def _register(self, session: Any) -> None:
+        manifest = self.run_dir / "checkpoints" / "manifest.json"
+        try:
+            entries = json.loads(manifest.read_text())["checkpoints"] if manifest.is_file() else []
+        except (ValueError, KeyError, OSError):
+            entries = []
+        for e in entries:
+            name = e.get("name")
+            src = self.run_dir / "checkpoints" / str(name) / "model.safetensors"
+            if not name or name in self.registered or not src.is_file():
+                continue
+            dest = get_settings().models_dir / "train" / self.job_id / f"{name}.safetensors"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:  # a copy: the run's retention (keep_last_n) may delete its own folder later
+                if not dest.exists():
+                    tmp = dest.with_name(dest.name + ".tmp")
+                    shutil.copyfile(src, tmp)
+                    os.replace(tmp, dest)
+                ckpt = checkpoints.register_file(session, dest, name=f"{self.job_id}-{name}", source="train_job",
+                                                 train_job_id=self.job_id, step=e.get("step"))
+                jobs.add_event(session, self.job_id, "log", {"message": f"checkpoint {ckpt.id} at step "
+                                                                        f"{e.get('step')}"})
+                session.commit()
+                self.registered.add(name)
+            except Exception as exc:
+                session.rollback()
+                log.warning("registering %s failed: %s", src, exc)
+
+
+def run_train_job(job_id: str, *, worker: str) -> str:
+    settings = get_settings()
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status != "queued" or not jobs.claim(session, job_id, worker):
+            return "skipped"
+        session.refresh(job)
+        attempt, req, slots = job.attempts, dict(job.request), list(job.slots or [])
+        for slot in slots:
+            leases.acquire(session, slot, job_id, worker)
+        base = session.get(Checkpoint, job.model_id) if job.model_id else None
+        codec = base.codec if base else None
+    run_dir = settings.runs_dir / job_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = run_dir / "config.toml"
+    config.write_text(to_toml(trainer_config(req, codec)))
+    resume = bool(req.get("resume")) or (attempt > 1 and (run_dir / "checkpoints" / "manifest.json").is_file())
+    cmd = command(config, run_dir, max(1, len(slots)), resume)
+    env = os.environ.copy()
+    if settings.device.startswith("cuda") and slots and "HDM_GPU_INDEX" not in os.environ:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(s) for s in slots)
+    log.info("job %s: %s", job_id, shlex.join(cmd))
+    sup = _Supervisor(job_id, run_dir)
+    with session_scope() as session:
+        sup.registered = {c.name.removeprefix(f"{job_id}-") for c in
+                          session.query(Checkpoint).filter_by(train_job_id=job_id)}
+    outcome, error = "failed", None
+    with Heartbeat(job_id), (run_dir / "train.log").open("ab") as logf:
+        proc = subprocess.Popen(cmd, cwd=run_dir, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+        cancelled_at: float | None = None
+        while proc.poll() is None:
+            time.sleep(0.5)
+            sup.poll()
+            with session_scope() as session:
+                want_cancel = jobs.cancel_requested(session, job_id)
+            if want_cancel and cancelled_at is None:
+                cancelled_at = time.monotonic()
+                os.killpg(proc.pid, signal.SIGTERM)
+            elif cancelled_at is not None and time.monotonic() - cancelled_at > KILL_GRACE_S:
+                os.killpg(proc.pid, signal.SIGKILL)
+        sup.poll()
+        rc = proc.returncode
+    if cancelled_at is not None:
+        outcome = "cancelled"
+    elif rc == 0:
+        outcome = "succeeded"
+        final = run_dir / "final.safetensors"
+        if final.is_file():
+            with session_scope() as session:
+                checkpoints.register_file(session, final, name=f"{job_id}-final", source="train_job",
+                                          train_job_id=job_id, step=sup.latest.get("step"))
+    else:
+        tail = (run_dir / "train.log").read_bytes()[-2000:].decode(errors="replace")
+        error = {"code": "trainer_failed", "message": f"trainer exited with {rc}: {tail}"}
+    with session_scope() as session:
+        leases.release(session, job_id)
+        jobs.finish(session, job_id, outcome, error=error,
+                    result={"metrics": sup.latest, "run_dir": str(run_dir), "returncode": rc}, attempt=attempt)
+    return outcome
