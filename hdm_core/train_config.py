@@ -118,6 +118,7 @@ class TrainSection:
     keep_last_n: int = 3
     tensorboard: bool = False
     matmul_precision: Literal["highest", "high", "medium"] = "high"
+    num_threads: int = 0  # torch intra-op threads per process; 0 = torch's default
 
 
 @dataclass(frozen=True)
@@ -298,6 +299,7 @@ def _validate(cfg: TrainConfig) -> None:
     _check(t.log_every >= 1, "train.log_every", "must be >= 1")
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
     _check(t.keep_last_n >= 1, "train.keep_last_n", "must be >= 1")
+    _check(t.num_threads >= 0, "train.num_threads", "must be >= 0 (0 = torch's default)")
     s = cfg.sampling
     _check(s.every >= 0, "sampling.every", "must be >= 0")
     _check(s.steps >= 1, "sampling.steps", "must be >= 1")
