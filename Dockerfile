@@ -1,0 +1,90 @@
+# syntax=docker/dockerfile:1
+# HDM Serve: one image for the API (default command), the GPU workers (`hdm worker`) and the migration job
+# (`hdm migrate`). See docs/deployment.md.
+#
+#   docker build -t hdm-serve:latest .
+#
+# Build args:
+#   CUDA_IMAGE       base image. The torch wheel brings its own CUDA libraries (cuBLAS, cuDNN, NCCL), so the small
+#                    "base" flavour is enough; its CUDA major version should match the wheel's (torch 2.13 on PyPI
+#                    is built for CUDA 13, which needs an NVIDIA driver >= 580).
+#   TORCH_VERSION    the torch release the image installs.
+#   TORCH_INDEX_URL  where torch comes from. Default: PyPI (CUDA 13 wheels). For older drivers use PyTorch's cu128
+#                    index together with CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
+
+# --------------------------------------------------------------------------------------------------------------
+FROM ${CUDA_IMAGE} AS builder
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://pypi.org/simple
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# Ubuntu's python3 (3.12 on 24.04). Distribution packages follow the base image's snapshot; not pinned on purpose.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /app
+
+# The heavy, rarely changing layer first: torch (several GB with its CUDA libraries).
+COPY docker/constraints.txt docker/constraints.txt
+RUN pip install --constraint docker/constraints.txt pip setuptools wheel \
+    && pip install --constraint docker/constraints.txt --index-url "${TORCH_INDEX_URL}" \
+        --extra-index-url https://pypi.org/simple "torch==${TORCH_VERSION}"
+
+# Then the project and its pinned dependencies. Installed in place (editable) at /app, the same path as in the
+# runtime stage, so the code that runs is the tree that also holds alembic.ini, migrations/ and configs/.
+COPY . .
+RUN pip install --constraint docker/constraints.txt --editable . \
+    && pip check \
+    && python -I -c "import app, worker, hdm_core" && command -v hdm
+
+# --------------------------------------------------------------------------------------------------------------
+FROM ${CUDA_IMAGE} AS runtime
+ARG HDM_UID=10001
+ENV DEBIAN_FRONTEND=noninteractive
+
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --gid "${HDM_UID}" hdm \
+    && useradd --uid "${HDM_UID}" --gid hdm --create-home --home-dir /home/hdm --shell /usr/sbin/nologin hdm \
+    && mkdir -p /data/models/checkpoints /data/models/text-encoder /data/models/vae /data/datasets /data/outputs /data/runs /data/cache \
+    && chown -R hdm:hdm /data
+
+COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /app /app
+
+# No secrets here: keys, passwords and the webhook secret come from the environment at run time.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/home/hdm \
+    HF_HOME=/data/cache/huggingface \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    HDM_DATA_ROOT=/data/datasets \
+    HDM_MODELS_DIR=/data/models/checkpoints \
+    HDM_OUTPUTS_DIR=/data/outputs \
+    HDM_RUNS_DIR=/data/runs
+
+WORKDIR /app
+USER ${HDM_UID}:${HDM_UID}
+EXPOSE 8000
+
+# Liveness of the API process (GET /healthz). Workers run the same image and switch this off in compose.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python3", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status == 200 else 1)"]
+
+# The API. Workers: `hdm worker`; migrations: `hdm migrate` (see docker-compose.yml).
+CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--timeout-graceful-shutdown", "30"]
