@@ -26,7 +26,7 @@ test: $(STAMP) services lint
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
-	$(BIN)/python -m app.demo
+	$(BIN)/python -m scripts.demo $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.core

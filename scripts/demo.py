@@ -1,0 +1,226 @@
+"""`make demo`: the whole product on a laptop, no downloads.
+
+Starts the service in embedded mode (SQLite, in-database queue, one CPU worker), writes a synthetic captioned set
+(coloured shapes), registers it through /v1/datasets, pretrains a small pixel-space XUT through /v1/train-jobs
+(two progressive stages, TREAD on), then draws prompts the training never saw through /v1/images and writes the
+images, a labelled contact sheet and the loss curve to an output folder. Everything is kept under var/demo, so a
+second run reuses the environment, the text encoder and the dataset.
+
+By default the service is stopped cleanly at the end; `--keep-serving` leaves it answering until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("demo")
+
+# Two progressive stages (32 px, then 64 px), TREAD on; sized to finish in a few minutes on 2 CPU cores.
+STAGES = [
+    {"resolution": 32, "steps": 700, "batch_size": 32, "lr": 1e-3, "tread_rate": 0.5, "warmup_steps": 50,
+     "caption_dropout": 0.1},
+    {"resolution": 64, "steps": 150, "batch_size": 16, "lr": 5e-4, "tread_rate": 0.5, "warmup_steps": 10,
+     "caption_dropout": 0.1},
+]
+ARCH = "xut-pixel-debug"
+DATASET_SIZE = 2000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare(var: Path) -> dict[str, Path]:
+    """Text encoder and dataset, made once and reused."""
+    from hdm_core.synthetic import generate_dataset
+    from hdm_core.text import build_toy_text_encoder
+
+    paths = {"te": var / "text-encoder", "data_root": var / "data", "dataset": var / "data" / "shapes",
+             "models": var / "models", "outputs": var / "outputs", "runs": var / "runs"}
+    for key in ("data_root", "models", "outputs", "runs"):
+        paths[key].mkdir(parents=True, exist_ok=True)
+    if (paths["te"] / "config.json").is_file():
+        log.info("text encoder: reusing %s", paths["te"])
+    else:
+        build_toy_text_encoder(paths["te"], hidden_size=64)
+        log.info("text encoder: built a toy Qwen3 at %s", paths["te"])
+    if (paths["dataset"] / "heldout.json").is_file():
+        log.info("dataset: reusing %s", paths["dataset"])
+    else:
+        generate_dataset(paths["dataset"], count=DATASET_SIZE, size=64, seed=0)
+        log.info("dataset: wrote %d captioned images to %s", DATASET_SIZE, paths["dataset"])
+    return paths
+
+
+@contextmanager
+def service(var: Path, paths: dict[str, Path], port: int, *, keep: bool):
+    env = os.environ | {
+        "HDM_DATABASE_URL": f"sqlite:///{var / 'hdm.db'}", "HDM_BROKER_URL": "db://",
+        "HDM_DATA_ROOT": str(paths["data_root"]), "HDM_MODELS_DIR": str(paths["models"]),
+        "HDM_OUTPUTS_DIR": str(paths["outputs"]), "HDM_RUNS_DIR": str(paths["runs"]),
+        "HDM_TEXT_ENCODER": str(paths["te"]), "HDM_SLOTS": "0", "HDM_DEVICE": "cpu",
+        "HDM_IMAGE_MIN_SIZE": "32", "HDM_IMAGE_SIZE_MULTIPLE": "16", "PYTHONUNBUFFERED": "1",
+    }
+    log_file = open(var / "service.log", "ab")  # noqa: SIM115 - lives as long as the service
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+        if keep:
+            print(f"\nThe service is still running at http://127.0.0.1:{port} (docs: /docs). Ctrl-C stops it.")
+            with suppress(KeyboardInterrupt):
+                proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        log_file.close()
+
+
+def wait_ready(client: httpx.Client, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("the service exited during start-up; see var/demo/service.log")
+        try:
+            if client.get("/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("the service did not become ready; see var/demo/service.log")
+
+
+def _check(resp: httpx.Response) -> dict:
+    if resp.status_code >= 400:
+        raise SystemExit(f"{resp.request.method} {resp.request.url.path} -> {resp.status_code}: {resp.text}")
+    return resp.json()
+
+
+def wait_job(client: httpx.Client, url: str, *, label: str, show=None, timeout: float = 900) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = _check(client.get(url, headers={"Prefer": "wait=5"}))
+        if show is not None:
+            show(job)
+        if job["status"] in {"succeeded", "failed", "cancelled"}:
+            if job["status"] != "succeeded":
+                raise SystemExit(f"{label} ended {job['status']}: {job.get('error')}")
+            return job
+        time.sleep(0.5)
+    raise SystemExit(f"{label} did not finish within {timeout:.0f} s")
+
+
+def _train_progress(job: dict) -> None:
+    m = job.get("metrics") or {}
+    step, total = job.get("step") or 0, job.get("total_steps") or 0
+    width = 30
+    done = int(width * step / total) if total else 0
+    loss = f"{m['loss']:.4f}" if m.get("loss") is not None else "-"
+    eta = f"{m['eta_s']:.0f}s" if m.get("eta_s") is not None else "-"
+    sys.stdout.write(f"\r  training [{'#' * done}{'.' * (width - done)}] step {step}/{total} stage "
+                     f"{job.get('stage')} loss {loss} eta {eta} ({job['status']})   ")
+    sys.stdout.flush()
+
+
+def train(client: httpx.Client, dataset_id: str) -> dict:
+    body = {"name": "demo-shapes", "arch": ARCH, "dataset": dataset_id, "stages": STAGES, "gpus": 1,
+            "precision": "fp32", "seed": 0, "checkpoint_every": 200, "keep_last_n": 2}
+    job = _check(client.post("/v1/train-jobs", json=body))
+    print(f"  train job {job['id']} submitted ({len(STAGES)} stages: "
+          f"{', '.join(str(s['resolution']) + ' px' for s in STAGES)}; TREAD 0.5)")
+    job = wait_job(client, f"/v1/train-jobs/{job['id']}", label="training", show=_train_progress, timeout=1200)
+    print()
+    return job
+
+
+def loss_events(client: httpx.Client, job_id: str) -> list[tuple[int, float]]:
+    events = _check(client.get(f"/v1/train-jobs/{job_id}/events"))
+    items = events["data"] if isinstance(events, dict) else events
+    return [(e["data"]["step"], e["data"]["loss"]) for e in items
+            if e["type"] == "metrics" and e["data"].get("loss") is not None]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--var", type=Path, default=ROOT / "var" / "demo", help="state folder (reused)")
+    parser.add_argument("--out", type=Path, default=ROOT / "demo-output", help="where images go")
+    parser.add_argument("--port", type=int, default=0, help="0 = a free port")
+    parser.add_argument("--keep-serving", action="store_true", help="leave the service running at the end")
+    parser.add_argument("--quick", action="store_true", help="tiny schedule (for the CI test)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    t0 = time.monotonic()
+    from scripts.demo_report import contact_sheet, evaluate, loss_curve, pick_prompts
+
+    if args.quick:
+        global STAGES, DATASET_SIZE
+        STAGES = [dict(s, steps=s_steps, batch_size=4) for s, s_steps in zip(STAGES, (6, 4), strict=True)]
+        DATASET_SIZE = 64
+    var = args.var.resolve()
+    var.mkdir(parents=True, exist_ok=True)
+    print("1/5 preparing the text encoder and the synthetic dataset")
+    paths = prepare(var)
+    port = args.port or _free_port()
+    print(f"2/5 starting the service (embedded mode: SQLite + in-database queue) on http://127.0.0.1:{port}")
+    with service(var, paths, port, keep=args.keep_serving) as proc, httpx.Client(
+        base_url=f"http://127.0.0.1:{port}", timeout=90
+    ) as client:
+        wait_ready(client, proc)
+        ds = _check(client.post("/v1/datasets", json={"name": "shapes", "path": "shapes"}))
+        ds = wait_job(client, f"/v1/datasets/{ds['id']}", label="dataset validation")
+        print(f"3/5 dataset {ds['id']} registered: {json.dumps(ds.get('stats') or {}, default=str)[:200]}")
+        print("4/5 pretraining through /v1/train-jobs")
+        job = train(client, ds["id"])
+        model_id = (job.get("checkpoints") or [{}])[-1].get("model_id") or (job.get("checkpoints") or [{}])[-1].get("id")
+        prompts = pick_prompts(paths["dataset"] / "heldout.json")
+        print(f"5/5 drawing {len(prompts)} held-out prompts through /v1/images with model {model_id}")
+        images = []
+        for i, spec in enumerate(prompts):
+            body = {"prompt": spec["caption"], "model": model_id, "width": 64, "height": 64, "steps": 24,
+                    "guidance_scale": 3.0, "seed": 1000 + i, "n": 1}
+            img_job = _check(client.post("/v1/images", json=body, headers={"Prefer": "wait=60"}))
+            img_job = wait_job(client, f"/v1/images/{img_job['id']}", label=f"image {i}")
+            data = client.get(f"/v1/images/{img_job['id']}/files/0").content
+            images.append((spec, data))
+        args.out.mkdir(parents=True, exist_ok=True)
+        files = []
+        for i, (spec, data) in enumerate(images):
+            path = args.out / f"{i:02d}-{spec['colour']}-{spec['shape']}.png"
+            path.write_bytes(data)
+            files.append(path)
+        sheet = contact_sheet(files, [s["caption"] for s, _ in images], args.out / "contact_sheet.png")
+        curve = loss_curve(loss_events(client, job["id"]), args.out / "loss_curve.png")
+        colour_acc, shape_acc = evaluate(files, [s for s, _ in images])
+        print(f"\nImages: {args.out}/  contact sheet: {sheet}  loss curve: {curve}")
+        print(f"Held-out prompts followed: colour {colour_acc:.0%}, shape {shape_acc:.0%} "
+              f"(over {len(files)} images; see scripts/demo_report.py for the method)")
+        print(f"Total time {time.monotonic() - t0:.0f} s.")
+        (args.out / "summary.json").write_text(json.dumps({
+            "colour_accuracy": colour_acc, "shape_accuracy": shape_acc, "images": [str(f) for f in files],
+            "train_job": job["id"], "model": model_id, "seconds": time.monotonic() - t0}, indent=1))
+        if not args.keep_serving:
+            print("Stopping the service (run with --keep-serving, or `make demo-serve`, to keep it).")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
