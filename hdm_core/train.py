@@ -155,8 +155,15 @@ def _build_model(cfg: TrainConfig) -> XUT:
 def _build_codec(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Codec:
     if cfg.codec.kind == "pixel":
         return PixelCodec()
-    assert cfg.codec.path is not None
-    codec = VaeCodec.from_folder(cfg.codec.path).to(device)
+    if cfg.codec.path:
+        codec = VaeCodec.from_folder(cfg.codec.path)
+    else:  # fine-tuning a released checkpoint: its own `vae.*` weights (spec §9)
+        assert cfg.model.init_from is not None
+        carried = load_checkpoint(cfg.model.init_from).codec
+        if not isinstance(carried, VaeCodec):
+            raise TrainConfigError(f"codec.path: {cfg.model.init_from} carries no VAE; name a VAE folder")
+        codec = carried
+    codec = codec.to(device)
     codec.vae.to(dtype)  # frozen; spec §6 runs TE and VAE in half precision
     return codec
 

@@ -56,7 +56,7 @@ class TextEncoderSection:
 @dataclass(frozen=True)
 class CodecSection:
     kind: Literal["pixel", "vae"] = "pixel"
-    path: str | None = None  # diffusers AutoencoderKL folder for kind = "vae"
+    path: str | None = None  # diffusers AutoencoderKL folder; for kind = "vae" without it, init_from's VAE
 
 
 @dataclass(frozen=True)
@@ -283,7 +283,11 @@ def _validate(cfg: TrainConfig) -> None:
     _check(bool(cfg.text_encoder.path), "text_encoder.path", "is required (a local folder)")
     _check(cfg.text_encoder.max_length >= 1, "text_encoder.max_length", "must be >= 1")
     if cfg.codec.kind == "vae":
-        _check(bool(cfg.codec.path), "codec.path", 'is required when codec.kind = "vae"')
+        _check(
+            bool(cfg.codec.path or m.init_from),
+            "codec.path",
+            'is required when codec.kind = "vae" (unless model.init_from carries the VAE)',
+        )
     _check(bool(cfg.data.path), "data.path", "is required")
     _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(cfg.data.max_image_pixels >= 1, "data.max_image_pixels", "must be >= 1")
