@@ -224,3 +224,26 @@ def test_fan_in_and_schedule() -> None:
     assert lr_factor(10, 100, 10, "cosine", 0.01) == pytest.approx(1.0)
     assert lr_factor(100, 100, 10, "cosine", 0.01) == pytest.approx(0.01)
     assert lr_factor(55, 100, 10, "constant", 0.01) == 1.0
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_checkpointing_ema_and_samples(
+    make_config: Callable[..., Path], tmp_path: Path, precision: str
+) -> None:
+    cfg = make_config(
+        model={**TINY_MODEL, "gradient_checkpointing": True},
+        train={"precision": precision, "ema_decay": 0.9, "checkpoint_every": 100, "keep_last_n": 1, "num_threads": 1},
+        sampling={"every": 2, "prompts": ["a red circle at the center on a white background"], "steps": 2},
+        stages=[{"resolution": 16, "batch_size": 2, "lr": 0.5, "steps": 2}],
+    )
+    result = run_training(load_config(cfg), tmp_path / "run")
+    assert result.finished and result.last_loss is not None and result.last_loss > 0
+    log = read_metrics(tmp_path / "run")
+    assert all(r["grad_norm"] >= 0 for r in log)
+    if precision == "fp16":
+        assert log[-1]["grad_scale"] > 1  # the GradScaler is active
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000002"
+    ema = load_checkpoint(ckpt / "model_ema.safetensors").model.state_dict()
+    raw = load_checkpoint(ckpt / "model.safetensors").model.state_dict()
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+    assert (tmp_path / "run" / "samples" / "step-00000002.png").is_file()
