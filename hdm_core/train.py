@@ -177,15 +177,28 @@ def fan_in(param: Tensor) -> int:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with one group per parameter (weight decay on all of them) and a per-group lr scale."""
-    groups = []
+    """AdamW with weight decay on every parameter and lr = stage lr * lr_scale per group (spec §6).
+
+    The reference gives every parameter its own group; parameters with the same fan_in get the same lr, so they
+    share a group here (same update, but the multi-tensor `foreach` kernels apply: ~1 s/step less on a small CPU
+    model with 100+ tensors).
+    """
+    by_scale: dict[float, list[Tensor]] = {}
+    names: dict[float, list[str]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         scale = 1.0 / fan_in(p) if cfg.optimizer.lr_scaling == "fan_in" else 1.0
-        groups.append({"params": [p], "name": name, "lr_scale": scale, "lr": 0.0})
+        by_scale.setdefault(scale, []).append(p)
+        names.setdefault(scale, []).append(name)
+    groups = [
+        {"params": params, "lr_scale": scale, "lr": 0.0, "names": names[scale]}
+        for scale, params in by_scale.items()
+    ]
     opt = cfg.optimizer
-    return torch.optim.AdamW(groups, lr=0.0, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps)
+    return torch.optim.AdamW(
+        groups, lr=0.0, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps, foreach=True
+    )
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str, min_ratio: float) -> float:
