@@ -740,6 +740,11 @@ def run_training(
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str) + "\n")
+            if not resume and CheckpointManager(run_dir).read_manifest():
+                raise TrainConfigError(
+                    f"--run-dir: {run_dir} already holds checkpoints; pass --resume to continue that run "
+                    "or choose a new run folder"
+                )
             if not resume and (run_dir / "metrics.jsonl").exists():
                 (run_dir / "metrics.jsonl").unlink()
         _prepare_assets(cfg, info)

@@ -214,6 +214,15 @@ def test_config_errors_name_the_field(make_config: Callable[..., Path]) -> None:
         load_config(make_config(train={"precision": "fp8"}))
 
 
+def test_fresh_run_refuses_a_run_dir_with_checkpoints(make_config: Callable[..., Path], tmp_path: Path) -> None:
+    cfg = load_config(make_config(stages=[{"resolution": 16, "batch_size": 1, "lr": 0.5, "steps": 1}]))
+    assert run_training(cfg, tmp_path / "run").finished
+    with pytest.raises(TrainConfigError, match="--resume"):
+        run_training(cfg, tmp_path / "run")
+    again = run_training(cfg, tmp_path / "run", resume=True)  # nothing left to do: returns at once
+    assert again.finished and again.step == 1
+
+
 def test_fan_in_and_schedule() -> None:
     assert fan_in(torch.empty(1024, 1024)) == 1024  # Linear: in_features
     assert fan_in(torch.empty(1024, 4, 2, 2)) == 16  # conv: in_ch * k * k
