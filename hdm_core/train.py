@@ -655,12 +655,12 @@ class _Trainer:
                     if cfg.sampling.every and self.step % cfg.sampling.every == 0:
                         self._sample()
                     stage_done = self.step_in_stage >= total
-                    if self.step % cfg.train.checkpoint_every == 0 or stage_done:
+                    # Decided identically on every rank: save() is collective (fingerprints, RNG states).
+                    saved = self.step % cfg.train.checkpoint_every == 0 or stage_done
+                    if saved:
                         self.save()
                     if not stage_done and self._should_stop():
-                        if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(
-                            f"{self.step:08d}"
-                        ):
+                        if not saved:
                             self.save()
                         stop = True
                         break
