@@ -436,7 +436,7 @@ class _Trainer:
             fh.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for key, value in record.items():
-                if isinstance(value, int | float) and key != "step":
+                if isinstance(value, int | float) and key not in ("step", "time"):
                     self.tb.add_scalar(f"train/{key}", value, record["step"])
 
     def _open_tensorboard(self) -> None:
@@ -634,6 +634,7 @@ class _Trainer:
                         self._log(
                             {
                                 "step": self.step,
+                                "time": time.time(),
                                 "stage": stage_idx,
                                 "stage_name": cfg.stage_name(stage_idx),
                                 "step_in_stage": self.step_in_stage,
