@@ -247,3 +247,13 @@ def test_synthetic_dataset_and_colour_metric(tmp_path: Path) -> None:
     # An achromatic image has no dominant colour; a wrong hue is not accepted.
     assert dominant_colour(Image.new("RGB", (32, 32), (128, 128, 128))) is None
     assert dominant_colour(Image.new("RGB", (32, 32), COLOURS["blue"])) == "blue"
+
+
+def test_synthetic_cli(tmp_path: Path) -> None:
+    from hdm_core.synthetic import main
+
+    assert main([str(tmp_path / "out"), "--count", "5", "--size", "24"]) == 0
+    assert len(list((tmp_path / "out").glob("*.png"))) == 5
+    assert Image.open(tmp_path / "out" / "00000.png").size == (24, 24)
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "bad"), "--count", "0"])
