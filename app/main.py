@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from urllib.parse import parse_qsl
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,12 +22,19 @@ log = logging.getLogger("app")
 
 
 class HttpStats:
-    """Request counters for /metrics (pure ASGI middleware: no per-request task overhead)."""
+    """Request counters for /metrics."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self) -> None:
         self.counts: dict[tuple[str, str, int], int] = defaultdict(int)
         self.seconds: dict[tuple[str, str], float] = defaultdict(float)
+
+
+class GuardAndCount:
+    """Pure ASGI middleware (no per-request task overhead): rejects NUL in URLs, counts requests."""
+
+    def __init__(self, app: ASGIApp, stats: HttpStats) -> None:
+        self.app = app
+        self.counts, self.seconds = stats.counts, stats.seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -33,6 +42,15 @@ class HttpStats:
             return
         start = time.perf_counter()
         status = 500
+        bad = _nul_param(scope)
+        if bad is not None:  # PostgreSQL cannot store NUL; reject it here for every route
+            body = json.dumps(errors.error_body("invalid_value", "NUL characters are not allowed in the URL.",
+                                                bad or None)).encode()
+            await send({"type": "http.response.start", "status": 400,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": body})
+            self.counts[(scope["method"], "invalid", 400)] += 1
+            return
 
         async def _send(message: Message) -> None:
             nonlocal status
@@ -46,6 +64,19 @@ class HttpStats:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.counts[(scope["method"], route, status)] += 1
             self.seconds[(scope["method"], route)] += time.perf_counter() - start
+
+
+def _nul_param(scope: Scope) -> str | None:
+    """'' for a NUL in the path, the parameter name for one in the query, None when there is none."""
+    if "\x00" in scope.get("path", ""):
+        return ""
+    raw = scope.get("query_string", b"")
+    if b"%00" not in raw.lower() and b"\x00" not in raw:
+        return None
+    for key, value in parse_qsl(raw.decode("latin-1"), keep_blank_values=True):
+        if "\x00" in key or "\x00" in value:
+            return key.replace("\x00", "") or ""
+    return None
 
 
 def _startup() -> None:
@@ -87,19 +118,10 @@ def create_app() -> FastAPI:
     errors.install(app)
     for module in (images, openai_compat, training, models, datasets, system):
         app.include_router(module.router)
-    stats = HttpStats(app.router)  # placeholder replaced below; kept on state for /metrics
+    stats = HttpStats()
     app.state.http_stats = stats
-    app.add_middleware(_StatsMiddleware, stats=stats)
+    app.add_middleware(GuardAndCount, stats=stats)
     return app
-
-
-class _StatsMiddleware:
-    def __init__(self, app: ASGIApp, stats: HttpStats) -> None:
-        stats.app = app
-        self.stats = stats
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.stats(scope, receive, send)
 
 
 app = create_app()

@@ -6,6 +6,7 @@ a broker that lost its state (FLUSHALL) still routes. Embedded mode (``db://``):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -65,11 +66,9 @@ def broker_job_ids(settings: Settings) -> set[str] | None:
     """Job ids with a message waiting in (or reserved from) the Redis broker; None if it cannot be read."""
     if not settings.broker_url.startswith(("redis://", "rediss://")):
         return None
-    import redis
-
     ids: set[str] = set()
     try:
-        r = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
+        r = _redis(settings)
         raws: list[Any] = []
         for q in settings.all_queues:
             for key in r.scan_iter(match=f"{q}*", count=100):
@@ -91,6 +90,32 @@ def broker_job_ids(settings: Settings) -> set[str] | None:
         log.warning("broker scan failed: %s", exc)
         return None
     return ids
+
+
+def _redis(settings: Settings):  # type: ignore[no-untyped-def]
+    import redis
+
+    return redis.Redis.from_url(settings.broker_url, socket_timeout=5)
+
+
+def _marker(settings: Settings) -> str:
+    return f"{settings.queue_prefix}:broker-marker"
+
+
+def marker_present(settings: Settings) -> bool:
+    """False when the broker lost its state (FLUSHALL, a fresh Redis): time to reconcile with the DB."""
+    if not settings.broker_url.startswith(("redis://", "rediss://")):
+        return True
+    try:
+        return bool(_redis(settings).exists(_marker(settings)))
+    except Exception:
+        return True  # broker down: nothing to do until it is back
+
+
+def set_marker(settings: Settings) -> None:
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        with contextlib.suppress(Exception):
+            _redis(settings).set(_marker(settings), "1")
 
 
 def broker_ok(settings: Settings) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field, UrlConstraints, model_validator
 
 MAX_SEED = 2**63 - 1
 
@@ -18,12 +18,13 @@ def _no_nul(v: str) -> str:
 Text = Annotated[str, AfterValidator(_no_nul)]
 
 
-def _url(v: AnyHttpUrl | None) -> str | None:
-    return None if v is None else str(v)
+def _url(v: AnyHttpUrl) -> str:
+    return str(v)
 
 
-WebhookUrl = Annotated[AnyHttpUrl | None, AfterValidator(_url), Field(
-    None, max_length=2000, description="Called with the job object (signed) when the job reaches a final status.")]
+_HttpUrl = Annotated[AnyHttpUrl, UrlConstraints(max_length=2000), AfterValidator(_url)]
+WebhookUrl = Annotated[_HttpUrl | None, Field(
+    None, description="Called with the job object (signed) when the job reaches a final status.")]
 
 
 class Strict(BaseModel):

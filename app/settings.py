@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     maintenance_interval_s: float = 2.0
     maintenance_in_api: bool = True
     reenqueue_grace_s: float = 5.0
+    reconcile_interval_s: float = 60.0  # full broker-vs-DB scan; immediate when the broker lost its state
     force_cancel_after_s: float = 30.0
     visibility_timeout_s: int = 6 * 3600
     queue_prefix: str = "hdm"

@@ -39,6 +39,7 @@ def add_event(session: Session, job_id: str, type_: str, data: dict[str, Any]) -
 
 
 def find_idempotent(session: Session, owner: str, key: str | None, digest: str) -> Job | None:
+    key = (key or "").strip() or None
     if not key:
         return None
     job = session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
@@ -61,6 +62,7 @@ def create_job(session: Session, *, kind: str, owner: str, idempotency_key: str 
                dataset_id: str | None = None, webhook: str | None = None, status: str = "queued",
                publish: bool = True) -> tuple[Job, bool]:
     """Returns (job, created). Same key + same body returns the first job; different body raises 409."""
+    idempotency_key = (idempotency_key or "").strip() or None
     digest = request_hash(raw_body)
     existing = find_idempotent(session, owner, idempotency_key, digest)
     if existing is not None:

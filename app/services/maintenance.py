@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
@@ -59,18 +60,26 @@ def force_cancels(session: Session) -> int:
     return len(rows)
 
 
+_last_scan = 0.0
+
+
 def republish_lost(session: Session) -> int:
-    """Queued jobs with no message in the broker (e.g. after FLUSHALL) are published again."""
+    """Queued jobs with no message in the broker (e.g. after FLUSHALL) are published again.
+
+    The full scan runs when the broker's marker key is gone (its state was lost) or every reconcile_interval_s."""
+    global _last_scan
     settings = get_settings()
     if settings.embedded:
+        return 0
+    now = time.monotonic()
+    lost = not queue.marker_present(settings)
+    if not lost and now - _last_scan < settings.reconcile_interval_s:
         return 0
     grace = jobs.stale_before(settings.reenqueue_grace_s)
     candidates = list(session.scalars(select(Job).where(
         Job.status == "queued", Job.queue.is_not(None),
         or_(Job.enqueued_at.is_(None), Job.enqueued_at < grace))))
-    if not candidates:
-        return 0
-    present = queue.broker_job_ids(settings)
+    present = queue.broker_job_ids(settings) if candidates else set()
     if present is None:
         return 0
     n = 0
@@ -79,6 +88,8 @@ def republish_lost(session: Session) -> int:
             log.warning("job %s is queued but not in the broker; publishing it again", job.id)
             jobs.enqueue(session, job)
             n += 1
+    _last_scan = now
+    queue.set_marker(settings)
     return n
 
 

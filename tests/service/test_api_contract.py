@@ -175,6 +175,7 @@ def test_malformed_requests(stack: Stack) -> None:
                       400, code="invalid_json")
         _assert_error(c.post("/v1/images", content=b"[1,2]", headers={"Content-Type": "application/json"}), 422)
         _assert_error(c.get("/v1/images/img_nope"), 404, param="id")
+        assert c.post("/v1/images", json={"prompt": "null ok", "webhook": None, "seed": None, **SMALL}).status_code == 202
         _assert_error(c.get("/v1/images", params={"limit": 0}), 422, param="limit")
         _assert_error(c.get("/v1/images", params={"limit": 1000}), 422, param="limit")
         _assert_error(c.get("/v1/nowhere"), 404)

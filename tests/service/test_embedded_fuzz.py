@@ -1,0 +1,117 @@
+"""Embedded mode (`hdm serve`: SQLite, no Redis/PostgreSQL) end to end, and a bounded schemathesis fuzz of
+/openapi.json that must never see a 5xx."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from stack import ROOT, Stack, free_port
+
+
+def _serve(tmp: Path, assets: dict[str, Path], extra: dict[str, str], args: list[str]) -> tuple[
+        subprocess.Popen[bytes], str, Path]:
+    port = free_port()
+    env = {
+        "HDM_DATABASE_URL": f"sqlite:///{tmp / 'hdm.db'}", "HDM_DATA_ROOT": str(tmp / "data"),
+        "HDM_MODELS_DIR": str(assets["models"]), "HDM_OUTPUTS_DIR": str(tmp / "out"),
+        "HDM_RUNS_DIR": str(tmp / "runs"), "HDM_TEXT_ENCODER": str(assets["te"]), "HDM_IMAGE_MIN_SIZE": "32",
+        "HDM_MAINTENANCE_INTERVAL_S": "0.5", **extra,
+    }
+    s = Stack(env, tmp, None)
+    s.env.pop("HDM_BROKER_URL", None)
+    log = tmp / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), *args], cwd=ROOT,
+                            env=s.env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/readyz", timeout=1).status_code == 200:
+                return proc, base, log
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.2)
+    raise AssertionError("hdm serve did not become ready: " + log.read_text())
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_hdm_serve_embedded_end_to_end(tmp_path: Path, assets: dict[str, Path]) -> None:
+    proc, base, log = _serve(tmp_path, assets, {}, [])
+    try:
+        with httpx.Client(base_url=base, timeout=60) as c:  # open mode: no key configured
+            info = c.get("/v1/system").json()
+            assert info["mode"] == "embedded"
+            r = c.post("/v1/images", json={"prompt": "embedded", "width": 32, "height": 32, "steps": 2},
+                       headers={"Prefer": "wait=45"})
+            assert r.status_code == 200, r.text
+            assert r.json()["status"] == "succeeded"
+            assert c.get(r.json()["images"][0]["url"]).status_code == 200
+            slow = c.post("/v1/images", json={"prompt": "slow", "width": 64, "height": 64, "steps": 200}).json()
+            deadline = time.monotonic() + 30
+            while c.get(f"/v1/images/{slow['id']}").json()["progress"]["step"] < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            c.post(f"/v1/images/{slow['id']}/cancel")
+            r = c.get(f"/v1/images/{slow['id']}", headers={"Prefer": "wait=10"})
+            assert r.json()["status"] == "cancelled"
+        assert "API is OPEN" in log.read_text()
+        assert (tmp_path / "hdm.db").is_file()
+    finally:
+        _stop(proc)
+
+
+def _fuzz(base: str, key: str, cwd: Path) -> None:
+    exe = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
+    if not Path(exe).exists():
+        pytest.skip("schemathesis not installed")
+    out = subprocess.run(
+        [exe, "run", f"{base}/openapi.json", "--checks", "not_a_server_error", "--max-examples", "40",
+         "--workers", "2", "-H", f"Authorization: Bearer {key}", "--exclude-path", "/v1/images/generations",
+         "--request-timeout", "20", "--generation-deterministic",
+         "--suppress-health-check", "all"],
+        cwd=cwd, capture_output=True, text=True, timeout=240)
+    (cwd / "schemathesis.out").write_text(out.stdout + out.stderr)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
+    assert "passed" in out.stdout and "Server error" not in out.stdout
+
+
+def test_schemathesis_fuzz_sqlite_embedded(tmp_path: Path, assets: dict[str, Path]) -> None:
+    """No worker runs: generated jobs stay queued (a 2048 px, 200-step job would take hours on CPU)."""
+    key = "fuzz-key"
+    (tmp_path / "data" / "set").mkdir(parents=True)
+    proc, base, _ = _serve(tmp_path, assets, {"HDM_API_KEYS": key, "HDM_MAX_WAIT_S": "1", "HDM_QUEUE_LIMIT": "1000"},
+                           ["--no-worker"])
+    try:
+        _fuzz(base, key, tmp_path)
+    finally:
+        _stop(proc)
+
+
+def test_schemathesis_fuzz_postgres_redis(tmp_path: Path, assets: dict[str, Path], fresh_pg_url: str,
+                                          redis_url: str) -> None:
+    from conftest import stack_env
+
+    env = stack_env(tmp_path, assets, fresh_pg_url, redis_url, f"fuzz{tmp_path.name[-6:]}")
+    env.update({"HDM_MAX_WAIT_S": "1", "HDM_QUEUE_LIMIT": "1000"})
+    s = Stack(env, tmp_path, "fuzz-key")
+    s.env["HDM_API_KEYS"] = "fuzz-key"
+    s.migrate()
+    s.start_api()
+    try:
+        _fuzz(s.base_url, "fuzz-key", tmp_path)
+    finally:
+        s.stop()
