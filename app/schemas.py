@@ -150,7 +150,7 @@ class Event(BaseModel):
 
 
 class Stage(Strict):
-    resolution: int = Field(256, ge=32, le=4096)
+    resolution: int = Field(256, ge=16, le=4096)
     steps: int | None = Field(None, ge=1, le=10_000_000)
     epochs: int | None = Field(None, ge=1, le=100_000)
     batch_size: int = Field(8, ge=1, le=4096)

@@ -1,0 +1,109 @@
+"""Datasets and train jobs through the real stack: validation job, torchrun trainer subprocess group supervised by
+the worker (metrics -> events, checkpoints -> models), cancel frees the slot."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from stack import Stack
+
+COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 20)}
+
+
+def _make_dataset(root: Path, n: int = 16) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    names = list(COLORS)
+    for i in range(n):
+        name = names[i % len(names)]
+        Image.new("RGB", (32, 32), COLORS[name]).save(root / f"{i:03d}.png")
+        (root / f"{i:03d}.txt").write_text(f"a {name} square")
+    Image.new("RGB", (32, 32)).save(root / "nocaption.png")
+    (root / "broken.png").write_bytes(b"not a png")
+
+
+@pytest.fixture(scope="module")
+def dataset_id(stack: Stack) -> str:
+    data_root = Path(stack.env["HDM_DATA_ROOT"])
+    _make_dataset(data_root / "squares")
+    with stack.client() as c:
+        r = c.post("/v1/datasets", json={"name": "squares", "path": "squares"})
+        assert r.status_code == 202, r.text
+        ds = r.json()
+        assert ds["id"].startswith("ds_") and ds["status"] == "validating"
+        deadline = time.monotonic() + 60
+        while (ds := c.get(f"/v1/datasets/{ds['id']}").json())["status"] == "validating":
+            assert time.monotonic() < deadline, ds
+            time.sleep(0.2)
+    assert ds["status"] == "ready", ds
+    stats = ds["stats"]
+    assert stats["images"] == 18 and stats["captioned"] == 16
+    assert stats["unreadable"] == ["broken.png"] and "nocaption.png" in stats["missing_captions"]
+    return str(ds["id"])
+
+
+def _train_body(dataset: str, steps: int, **kw: object) -> dict:
+    return {"name": "squares", "arch": "xut-pixel-debug", "dataset": dataset, "precision": "fp32", "seed": 1,
+            "checkpoint_every": 4, "keep_last_n": 2,
+            "stages": [{"resolution": 16, "steps": steps, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0,
+                        "caption_dropout": 0.1}], **kw}
+
+
+def test_train_job_runs_trainer_and_registers_checkpoints(live_worker: Stack, dataset_id: str) -> None:
+    s = live_worker
+    with s.client() as c:
+        r = c.post("/v1/train-jobs", json=_train_body(dataset_id, 8))
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["id"].startswith("train_") and job["status"] == "queued" and job["total_steps"] == 8
+        done = s.wait_job(job["id"], timeout=240, path="/v1/train-jobs")
+        assert done["status"] == "succeeded", (done, s.logs())
+        assert done["step"] == 8 and done["gpus"] == [0]
+        assert done["metrics"]["loss"] is not None and done["metrics"]["lr"] is not None
+        metrics = [e for e in c.get(f"/v1/train-jobs/{job['id']}/events").json()["data"] if e["type"] == "metrics"]
+        assert [m["data"]["step"] for m in metrics][-1] == 8 and all("loss" in m["data"] for m in metrics)
+        ckpts = c.get(f"/v1/train-jobs/{job['id']}/checkpoints").json()["data"]
+        assert {k["step"] for k in ckpts} >= {8}
+        assert all(k["source"] == "train_job" and k["train_job"] == job["id"] for k in ckpts)
+        # a checkpoint the run wrote serves images right away
+        img = c.post("/v1/images", json={"prompt": "a red square", "model": ckpts[-1]["id"], "width": 32,
+                                         "height": 32, "steps": 2}, headers={"Prefer": "wait=60"})
+        assert img.status_code == 200 and img.json()["status"] == "succeeded", img.text
+
+
+def test_train_cancel_frees_the_slot(live_worker: Stack, dataset_id: str) -> None:
+    s = live_worker
+    with s.client() as c:
+        job = c.post("/v1/train-jobs", json=_train_body(dataset_id, 100000, checkpoint_every=100000)).json()
+        s.wait_job(job["id"], ("running",), timeout=120, path="/v1/train-jobs", pred=lambda j: j["step"] >= 1)
+        assert c.get("/v1/system").json()["gpus"][0]["job"] == job["id"]
+        t0 = time.monotonic()
+        c.post(f"/v1/train-jobs/{job['id']}/cancel")
+        done = s.wait_job(job["id"], timeout=60, path="/v1/train-jobs")
+        assert done["status"] == "cancelled" and time.monotonic() - t0 < 30
+        assert c.get("/v1/system").json()["gpus"][0]["job"] is None
+        nxt = c.post("/v1/images", json={"prompt": "after training", "width": 32, "height": 32, "steps": 2},
+                     headers={"Prefer": "wait=60"})
+        assert nxt.json()["status"] == "succeeded"
+        r = c.post(f"/v1/train-jobs/{job['id']}/resume")
+        assert r.status_code == 202 and r.json()["status"] == "queued"
+        c.post(f"/v1/train-jobs/{job['id']}/cancel")
+        assert s.wait_job(job["id"], timeout=60, path="/v1/train-jobs")["status"] == "cancelled"
+
+
+def test_train_job_validation(stack: Stack, dataset_id: str) -> None:
+    with stack.client() as c:
+        bad = [
+            ({**_train_body(dataset_id, 8), "dataset": "ds_missing"}, "dataset"),
+            ({**_train_body(dataset_id, 8), "gpus": 4}, "gpus"),
+            ({**_train_body(dataset_id, 8), "arch": "xut-huge"}, "arch"),
+            ({**_train_body(dataset_id, 8), "stages": []}, "stages"),
+            ({**_train_body(dataset_id, 8), "precision": "fp8"}, "precision"),
+        ]
+        for body, param in bad:
+            r = c.post("/v1/train-jobs", json=body)
+            assert r.status_code == 422 and r.json()["error"]["param"] == param, (param, r.text)
+        r = c.post("/v1/train-jobs", json={**_train_body(dataset_id, 8), "stages": [{"resolution": 16, "lr": 1e-3}]})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "stages.0", r.text
