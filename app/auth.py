@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import time
 
 from fastapi import Depends, Request
 from sqlalchemy import select
@@ -24,8 +25,17 @@ def key_owner(key: str) -> str:
     return "key_" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _db_keys(session: Session) -> list[ApiKey]:
-    return list(session.scalars(select(ApiKey).where(ApiKey.revoked_at.is_(None))))
+DB_KEYS_TTL_S = 5.0
+_cache: tuple[float, list[str]] = (-1e9, [])
+
+
+def _db_keys(session: Session) -> list[str]:
+    """SHA-256 of the active keys stored in the database, re-read every few seconds (revocation takes <= 5 s)."""
+    global _cache
+    now = time.monotonic()
+    if now - _cache[0] > DB_KEYS_TTL_S:
+        _cache = (now, list(session.scalars(select(ApiKey.key_sha256).where(ApiKey.revoked_at.is_(None)))))
+    return _cache[1]
 
 
 def auth_open(session: Session) -> bool:
@@ -50,8 +60,8 @@ def require_key(request: Request, session: Session = Depends(get_session)) -> st
     for candidate in configured:  # no early exit: time does not depend on which key matched
         ok |= hmac.compare_digest(candidate.encode(), token.encode())
     digest = hashlib.sha256(token.encode()).hexdigest()
-    for row in db_keys:
-        ok |= hmac.compare_digest(row.key_sha256, digest)
+    for stored in db_keys:
+        ok |= hmac.compare_digest(stored, digest)
     if not ok:
         raise Unauthorized("Invalid API key.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
     return key_owner(token)

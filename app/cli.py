@@ -114,6 +114,39 @@ def cmd_models_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    import hashlib
+    import secrets
+
+    from app.db import session_scope, utcnow
+    from app.ids import new_id
+    from app.models import ApiKey
+
+    _settings()
+    key = "hdm_" + secrets.token_urlsafe(32)
+    with session_scope() as session:
+        row = ApiKey(id=new_id("key"), name=args.name, key_sha256=hashlib.sha256(key.encode()).hexdigest(),
+                     created_at=utcnow())
+        session.add(row)
+        session.flush()
+        print(row.id, key)  # shown once; only its hash is stored
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from app.db import session_scope, utcnow
+    from app.models import ApiKey
+
+    _settings()
+    with session_scope() as session:
+        row = session.get(ApiKey, args.id)
+        if row is None:
+            log.error("no key %s", args.id)
+            return 1
+        row.revoked_at = utcnow()
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     argv = [sys.executable, "-m", "hdm_core.train", args.config, "--run-dir", args.run_dir]
     if args.resume:
@@ -164,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("path")
     imp.add_argument("--name", default=None)
     imp.set_defaults(func=cmd_models_import)
+    k = sub.add_parser("keys", help="API keys stored in the database (hashed)")
+    ks = k.add_subparsers(dest="keys_command", required=True)
+    kc = ks.add_parser("create", help="create a key and print it once")
+    kc.add_argument("name")
+    kc.set_defaults(func=cmd_keys_create)
+    kr = ks.add_parser("revoke", help="revoke a key by id")
+    kr.add_argument("id")
+    kr.set_defaults(func=cmd_keys_revoke)
     t = sub.add_parser("train", help="run the trainer (python -m hdm_core.train)")
     t.add_argument("config")
     t.add_argument("--run-dir", required=True)

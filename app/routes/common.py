@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.db import get_sessionmaker
 from app.models import Job
@@ -32,13 +35,25 @@ def prefer_wait(prefer: str | None) -> float:
     return float(min(int(m.group(1)), get_settings().max_wait_s)) if m else 0.0
 
 
-def wait_final(session: Session, job: Job, seconds: float) -> Job:
-    deadline = time.monotonic() + seconds
-    while job.status not in jobs.FINAL and time.monotonic() < deadline:
-        time.sleep(0.05 if seconds < 2 else 0.1)
-        session.rollback()  # end the read transaction so the next read sees other writers' commits
-        session.refresh(job)
+def _status(job_id: str) -> str | None:
+    with get_sessionmaker()() as session:
+        return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
+def _reload(session: Session, job: Job) -> Job:
+    session.rollback()  # end the read transaction so the next read sees other writers' commits
+    session.refresh(job)
     return job
+
+
+async def wait_final(session: Session, job: Job, seconds: float) -> Job:
+    """Holds the request (not a thread: the event loop sleeps) until the job is final or time runs out."""
+    deadline = time.monotonic() + seconds
+    status: str | None = job.status
+    while status not in jobs.FINAL and time.monotonic() < deadline:
+        await asyncio.sleep(0.05 if seconds < 2 else 0.1)
+        status = await run_in_threadpool(_status, job.id)
+    return await run_in_threadpool(_reload, session, job)
 
 
 def job_response(body: dict[str, Any], *, created: bool, final: bool, location: str) -> JSONResponse:
@@ -51,25 +66,28 @@ def _sse(ev_id: int, type_: str, data: Any) -> str:
     return f"id: {ev_id}\nevent: {type_}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def event_stream(job_id: str, after: int) -> Iterator[str]:
+def _poll_events(job_id: str, after: int) -> tuple[list[tuple[int, str, dict[str, Any]]], str]:
+    with get_sessionmaker()() as session:
+        events = [(e.id, e.type, e.data) for e in jobs.events_after(session, job_id, after)]
+        job = session.get(Job, job_id)
+        return events, (job.status if job else "failed")
+
+
+async def event_stream(job_id: str, after: int) -> AsyncIterator[str]:
     last = after
     idle = 0.0
     yield "retry: 1000\n\n"
     while True:
-        maker = get_sessionmaker()
-        with maker() as session:
-            events = jobs.events_after(session, job_id, last)
-            job = session.get(Job, job_id)
-            status = job.status if job else "failed"
-        for ev in events:
-            last = ev.id
-            yield _sse(ev.id, ev.type, {**ev.data, "job_id": job_id})
-            if ev.type == "done":
+        events, status = await run_in_threadpool(_poll_events, job_id, last)
+        for ev_id, type_, data in events:
+            last = ev_id
+            yield _sse(ev_id, type_, {**data, "job_id": job_id})
+            if type_ == "done":
                 return
         if not events and status in jobs.FINAL:
-            with maker() as session:  # the final events may have landed between the two reads
-                if not jobs.events_after(session, job_id, last):
-                    return
+            more, _ = await run_in_threadpool(_poll_events, job_id, last)
+            if not more:  # the final events may have landed between the two reads
+                return
             continue
         if events:
             idle = 0.0
@@ -78,7 +96,7 @@ def event_stream(job_id: str, after: int) -> Iterator[str]:
             if idle >= 15:
                 idle = 0.0
                 yield ": keep-alive\n\n"
-        time.sleep(SSE_POLL_S)
+        await asyncio.sleep(SSE_POLL_S)
 
 
 def events_response(request: Request, session: Session, job: Job, after: int | None) -> Any:

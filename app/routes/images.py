@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.auth import require_key
 from app.db import get_session
@@ -33,13 +34,15 @@ MEDIA = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 
 @router.post("", status_code=202, response_model=ImageJob,
              responses={200: {"model": ImageJob, "description": "finished within Prefer: wait"}})
-def create_image(req: ImageRequest, request: Request, idempotency_key: IdemKey = None, prefer: Prefer = None,
-                 owner: str = Depends(require_key), session: Session = Depends(get_session)) -> Any:
-    job, created = images.create(session, req, owner=owner, idempotency_key=idempotency_key)
+async def create_image(req: ImageRequest, request: Request, idempotency_key: IdemKey = None,
+                       prefer: Prefer = None, owner: str = Depends(require_key),
+                       session: Session = Depends(get_session)) -> Any:
+    job, created = await run_in_threadpool(images.create, session, req, owner=owner,
+                                           idempotency_key=idempotency_key)
     wait = prefer_wait(prefer)
     if wait:
-        job = wait_final(session, job, wait)
-    body = images.view(session, job, str(request.base_url))
+        job = await wait_final(session, job, wait)
+    body = await run_in_threadpool(images.view, session, job, str(request.base_url))
     return job_response(body, created=created, final=job.status in jobs.FINAL, location=f"/v1/images/{job.id}")
 
 
@@ -53,13 +56,18 @@ def list_images(request: Request, limit: Limit = 20, after: After = None,
 
 
 @router.get("/{job_id}", response_model=ImageJob)
-def get_image(job_id: JobId, request: Request, prefer: Prefer = None, owner: str = Depends(require_key),
-              session: Session = Depends(get_session)) -> Any:
-    job = jobs.get_job(session, job_id, "image", owner)
+async def get_image(job_id: JobId, request: Request, prefer: Prefer = None, owner: str = Depends(require_key),
+                    session: Session = Depends(get_session)) -> Any:
     wait = prefer_wait(prefer)
-    if wait:
-        job = wait_final(session, job, wait)
-    return images.view(session, job, str(request.base_url))
+    if not wait:  # the common case: one thread hop
+        return await run_in_threadpool(_get_view, session, job_id, owner, str(request.base_url))
+    job = await run_in_threadpool(jobs.get_job, session, job_id, "image", owner)
+    job = await wait_final(session, job, wait)
+    return await run_in_threadpool(images.view, session, job, str(request.base_url))
+
+
+def _get_view(session: Session, job_id: str, owner: str, base: str) -> dict[str, Any]:
+    return images.view(session, jobs.get_job(session, job_id, "image", owner), base)
 
 
 @router.post("/{job_id}/cancel", response_model=ImageJob)

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.auth import require_key
 from app.db import get_session
@@ -28,8 +29,8 @@ class GenerationFailed(ServiceError):
 
 
 @router.post("/v1/images/generations", response_model=OpenAIImagesResponse)
-def generations(req: OpenAIImageRequest, request: Request, idempotency_key: IdemKey = None,
-                owner: str = Depends(require_key), session: Session = Depends(get_session)) -> Any:
+async def generations(req: OpenAIImageRequest, request: Request, idempotency_key: IdemKey = None,
+                      owner: str = Depends(require_key), session: Session = Depends(get_session)) -> Any:
     m = re.fullmatch(r"(\d+)x(\d+)", req.size)
     if not m:
         raise Invalid("size must look like 1024x1024.", param="size")
@@ -41,17 +42,22 @@ def generations(req: OpenAIImageRequest, request: Request, idempotency_key: Idem
         ireq = ImageRequest(**fields, width=width, height=height)
     except ValueError as exc:
         raise Invalid(str(exc), param="size") from exc
-    job, _ = images.create(session, ireq, owner=owner, idempotency_key=idempotency_key, raw_body=raw)
-    job = wait_final(session, job, float(get_settings().sync_timeout_s))
+    job, _ = await run_in_threadpool(images.create, session, ireq, owner=owner, idempotency_key=idempotency_key,
+                                     raw_body=raw)
+    job = await wait_final(session, job, float(get_settings().sync_timeout_s))
+    return await run_in_threadpool(_respond, session, job, req.response_format, str(request.base_url))
+
+
+def _respond(session: Session, job: Any, response_format: str, base_url: str) -> dict[str, Any]:
     if job.status != "succeeded":
         err = job.error or {}
         raise GenerationFailed(f"Job {job.id} ended {job.status}: {err.get('message', 'timed out')}",
                                code="generation_" + ("timeout" if job.status not in jobs.FINAL else job.status))
     rows = list(session.scalars(select(Image).where(Image.job_id == job.id).order_by(Image.index)))
-    base = str(request.base_url).rstrip("/")
+    base = base_url.rstrip("/")
     data = []
     for im in rows:
-        if req.response_format == "url":
+        if response_format == "url":
             data.append({"url": f"{base}/v1/images/{job.id}/files/{im.index}", "revised_prompt": None})
         else:
             data.append({"b64_json": base64.b64encode(Path(im.path).read_bytes()).decode(), "revised_prompt": None})

@@ -75,10 +75,13 @@ def republish_lost(session: Session) -> int:
     lost = not queue.marker_present(settings)
     if not lost and now - _last_scan < settings.reconcile_interval_s:
         return 0
-    grace = jobs.stale_before(settings.reenqueue_grace_s)
-    candidates = list(session.scalars(select(Job).where(
-        Job.status == "queued", Job.queue.is_not(None),
-        or_(Job.enqueued_at.is_(None), Job.enqueued_at < grace))))
+    if lost:  # every queued job counts (a duplicate message is harmless: claiming is atomic)
+        queue.set_marker(settings)
+    cond = [Job.status == "queued", Job.queue.is_not(None)]
+    if not lost:
+        grace = jobs.stale_before(settings.reenqueue_grace_s)
+        cond.append(or_(Job.enqueued_at.is_(None), Job.enqueued_at < grace))
+    candidates = list(session.scalars(select(Job).where(*cond)))
     present = queue.broker_job_ids(settings) if candidates else set()
     if present is None:
         return 0
@@ -89,7 +92,6 @@ def republish_lost(session: Session) -> int:
             jobs.enqueue(session, job)
             n += 1
     _last_scan = now
-    queue.set_marker(settings)
     return n
 
 

@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -207,3 +208,20 @@ def test_system_endpoints(stack: Stack) -> None:
         for path in ("/v1/images", "/v1/images/generations", "/v1/train-jobs", "/v1/models", "/v1/datasets",
                      "/v1/system", "/healthz", "/readyz", "/metrics"):
             assert path in spec["paths"], path
+
+
+def test_database_api_keys_create_and_revoke(stack: Stack) -> None:
+    def cli(*args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=stack.env, capture_output=True,
+                             text=True, check=True)
+        return out.stdout.strip()
+
+    key_id, key = cli("keys", "create", "ci").split()
+    with stack.client(key=key) as c:
+        assert c.get("/v1/images").status_code == 200
+        cli("keys", "revoke", key_id)
+        deadline = time.monotonic() + 10  # the API re-reads stored keys every 5 s
+        while c.get("/v1/images").status_code == 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        _assert_error(c.get("/v1/images"), 401, code="invalid_api_key")

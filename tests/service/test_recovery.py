@@ -76,7 +76,9 @@ def test_broker_flush_loses_no_queued_job(stack: Stack, redis_url: str, queue_pr
         assert r.llen(f"{queue_prefix}.images") == 3
         r.flushdb()  # this session's Redis db only (FLUSHALL would hit parallel runs); same effect for us
         assert r.llen(f"{queue_prefix}.images") == 0
-        time.sleep(2.5)  # maintenance notices the queued jobs are missing from the broker and publishes again
+        deadline = time.monotonic() + 10  # maintenance notices the broker lost its state and publishes again
+        while r.llen(f"{queue_prefix}.images") < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert r.llen(f"{queue_prefix}.images") == 3
         stack.start_worker(0)
         for job_id in ids:

@@ -26,6 +26,8 @@ def _make_dataset(root: Path, n: int = 16) -> None:
 
 @pytest.fixture(scope="module")
 def dataset_id(stack: Stack) -> str:
+    if not any(p.poll() is None for p in stack.workers):
+        stack.start_worker(0)
     data_root = Path(stack.env["HDM_DATA_ROOT"])
     _make_dataset(data_root / "squares")
     with stack.client() as c:
