@@ -29,11 +29,11 @@ DB_KEYS_TTL_S = 5.0
 _cache: tuple[float, list[str]] = (-1e9, [])
 
 
-def _db_keys(session: Session) -> list[str]:
+def _db_keys(session: Session, max_age_s: float = DB_KEYS_TTL_S) -> list[str]:
     """SHA-256 of the active keys stored in the database, re-read every few seconds (revocation takes <= 5 s)."""
     global _cache
     now = time.monotonic()
-    if now - _cache[0] > DB_KEYS_TTL_S:
+    if now - _cache[0] > max_age_s:
         _cache = (now, list(session.scalars(select(ApiKey.key_sha256).where(ApiKey.revoked_at.is_(None)))))
     return _cache[1]
 
@@ -62,6 +62,9 @@ def require_key(request: Request, session: Session = Depends(get_session)) -> st
     digest = hashlib.sha256(token.encode()).hexdigest()
     for stored in db_keys:
         ok |= hmac.compare_digest(stored, digest)
+    if not ok:  # maybe a key created since the last read (re-read at most once a second)
+        for stored in _db_keys(session, max_age_s=1.0):
+            ok |= hmac.compare_digest(stored, digest)
     if not ok:
         raise Unauthorized("Invalid API key.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
     return key_owner(token)

@@ -116,7 +116,7 @@ class Job(Base):
     enqueue_count: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested_at: Mapped[datetime | None] = mapped_column(TS)
     worker: Mapped[str | None] = mapped_column(String(200))
-    slots: Mapped[list[int] | None] = mapped_column(JSON)
+    slots: Mapped[list[int] | None] = mapped_column(JSON(none_as_null=True))  # SQL NULL = not scheduled
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # timings, train metrics, run_dir, ...
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutting_down
 
 from app.queue import make_celery
 from app.settings import get_settings
@@ -23,3 +23,12 @@ def _recover_on_start(**_kw: object) -> None:
 
     log.info("worker ready: running recovery once")
     tick()
+
+
+@worker_shutting_down.connect
+def _preempt_training(sender: object = None, **_kw: object) -> None:
+    """Warm shutdown (SIGTERM): a training run under this worker stops and goes back to the queue; it resumes
+    from its newest checkpoint on the next free slot."""
+    from worker.training import request_preempt
+
+    request_preempt(str(sender))

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+
 from app.db import session_scope
 from app.models import Checkpoint, Job
 from app.services import checkpoints, jobs
@@ -165,6 +167,23 @@ class _Supervisor:
                 log.warning("registering %s failed: %s", src, exc)
 
 
+PREEMPT = "PREEMPT"
+
+
+def request_preempt(worker: str) -> int:
+    """Mark the train jobs this worker runs for preemption (a file the supervisor polls); returns how many."""
+    settings = get_settings()
+    with session_scope() as session:
+        rows = list(session.scalars(select(Job).where(Job.kind == "train", Job.status == "running",
+                                                      Job.worker == worker)))
+    for job in rows:
+        folder = settings.runs_dir / job.id
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / PREEMPT).write_text(worker)
+        log.warning("worker %s shutting down: preempting %s", worker, job.id)
+    return len(rows)
+
+
 def run_train_job(job_id: str, *, worker: str) -> str:
     settings = get_settings()
     with session_scope() as session:
@@ -188,6 +207,11 @@ def run_train_job(job_id: str, *, worker: str) -> str:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(s) for s in slots)
     log.info("job %s: %s", job_id, shlex.join(cmd))
     sup = _Supervisor(job_id, run_dir)
+    metrics_file = run_dir / "metrics.jsonl"
+    if resume and metrics_file.is_file():
+        sup.metrics_offset = metrics_file.stat().st_size  # earlier attempts' lines are already events
+    else:
+        metrics_file.unlink(missing_ok=True)
     with session_scope() as session:
         sup.registered = {c.name.removeprefix(f"{job_id}-") for c in
                           session.query(Checkpoint).filter_by(train_job_id=job_id)}
@@ -196,18 +220,32 @@ def run_train_job(job_id: str, *, worker: str) -> str:
         proc = subprocess.Popen(cmd, cwd=run_dir, stdout=logf, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True, preexec_fn=_die_with_parent)
         cancelled_at: float | None = None
+        preempted = False
+        (run_dir / PREEMPT).unlink(missing_ok=True)
         while proc.poll() is None:
             time.sleep(0.5)
             sup.poll()
             with session_scope() as session:
                 want_cancel = jobs.cancel_requested(session, job_id)
-            if want_cancel and cancelled_at is None:
+            if not preempted and cancelled_at is None and (run_dir / PREEMPT).exists():
+                preempted = True
+                cancelled_at = time.monotonic()
+                os.killpg(proc.pid, signal.SIGTERM)
+            elif want_cancel and cancelled_at is None:
                 cancelled_at = time.monotonic()
                 os.killpg(proc.pid, signal.SIGTERM)
             elif cancelled_at is not None and time.monotonic() - cancelled_at > KILL_GRACE_S:
                 os.killpg(proc.pid, signal.SIGKILL)
         sup.poll()
         rc = proc.returncode
+    if preempted:
+        (run_dir / PREEMPT).unlink(missing_ok=True)
+        with session_scope() as session:
+            leases.release(session, job_id)
+            job = session.get(Job, job_id)
+            if job is not None:
+                jobs.requeue(session, job, "worker_shutdown")
+        return "preempted"
     if cancelled_at is not None:
         outcome = "cancelled"
     elif rc == 0:

@@ -169,19 +169,25 @@ def finish(session: Session, job_id: str, status: str, *, error: dict[str, Any] 
 
 
 def requeue(session: Session, job: Job, reason: str, stale: datetime | None = None) -> None:
-    """running -> queued for a retry (worker lost), then published again."""
+    """running -> queued for a retry (worker lost, worker shutting down), then published again. A train job
+    gives its slots back and waits for the scheduler to place it again."""
     cond = [Job.id == job.id, Job.status == "running"]
     if stale is not None:
         cond.append(Job.heartbeat_at < stale)
-    res = session.execute(update(Job).where(*cond).values(
-        status="queued", worker=None, heartbeat_at=None, started_at=None, progress_step=0))
+    values: dict[str, Any] = {"status": "queued", "worker": None, "heartbeat_at": None, "started_at": None}
+    if job.kind == "train":
+        values.update(slots=None, queue=None)
+    else:
+        values["progress_step"] = 0
+    res = session.execute(update(Job).where(*cond).values(**values))
     if res.rowcount != 1:  # type: ignore[attr-defined]
         session.rollback()
         return
     add_event(session, job.id, "status", {"status": "queued", "reason": reason, "attempts": job.attempts})
     session.commit()
     session.refresh(job)
-    enqueue(session, job)
+    if job.kind != "train":
+        enqueue(session, job)
 
 
 def cancel(session: Session, job: Job) -> Job:

@@ -109,3 +109,40 @@ def test_train_job_validation(stack: Stack, dataset_id: str) -> None:
             assert r.status_code == 422 and r.json()["error"]["param"] == param, (param, r.text)
         r = c.post("/v1/train-jobs", json={**_train_body(dataset_id, 8), "stages": [{"resolution": 16, "lr": 1e-3}]})
         assert r.status_code == 422 and r.json()["error"]["param"] == "stages.0", r.text
+
+
+def test_worker_sigterm_preempts_training_which_resumes(live_worker: Stack, dataset_id: str) -> None:
+    """Warm shutdown (SIGTERM to the worker, as docker stop does): the run goes back to the queue and the next
+    worker resumes it from its newest checkpoint."""
+    import signal
+
+    s = live_worker
+    with s.client() as c:
+        job = c.post("/v1/train-jobs", json=_train_body(dataset_id, 100000, checkpoint_every=3)).json()
+        s.wait_job(job["id"], ("running",), timeout=120, path="/v1/train-jobs",
+                   pred=lambda j: len(j["checkpoints"]) >= 1 and j["step"] >= 4)
+        worker = next(p for p in s.workers if p.poll() is None)
+        worker.send_signal(signal.SIGTERM)  # the main process only, like tini/docker
+        worker.wait(timeout=60)
+        s.workers.remove(worker)
+        queued = c.get(f"/v1/train-jobs/{job['id']}").json()
+        assert queued["status"] == "queued", queued
+        reasons = [e["data"].get("reason") for e in c.get(f"/v1/train-jobs/{job['id']}/events").json()["data"]
+                   if e["type"] == "status"]
+        assert reasons[-1] == "worker_shutdown"
+        n_before = len(c.get(f"/v1/train-jobs/{job['id']}/events").json()["data"])
+        s.start_worker(0)
+        s.wait_job(job["id"], ("running",), timeout=120, path="/v1/train-jobs", pred=lambda j: j["attempts"] == 2)
+        deadline = time.monotonic() + 90
+        while True:
+            events = c.get(f"/v1/train-jobs/{job['id']}/events").json()["data"][n_before:]
+            resumed = [e["data"]["step"] for e in events if e["type"] == "metrics"]
+            if resumed:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        c.post(f"/v1/train-jobs/{job['id']}/cancel")
+        assert s.wait_job(job["id"], timeout=60, path="/v1/train-jobs")["status"] == "cancelled"
+        saved = {k["step"] for k in c.get(f"/v1/train-jobs/{job['id']}/checkpoints").json()["data"]}
+        # continued right after a checkpoint the first attempt wrote, not from step 1
+        assert resumed[0] > 1 and resumed[0] - 1 in saved, (resumed, saved)
