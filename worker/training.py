@@ -104,6 +104,8 @@ class _Supervisor:
     def __init__(self, job_id: str, run_dir: Path) -> None:
         self.job_id, self.run_dir = job_id, run_dir
         self.metrics_offset = 0
+        self.metrics_inode: int | None = None
+        self.skip_upto = -1  # after a resume the trainer rewrites the log up to its checkpoint: those lines are old
         self.registered: set[str] = set()
         self.latest: dict[str, Any] = {}
 
@@ -123,8 +125,14 @@ class _Supervisor:
 
     def _read_metrics(self) -> list[dict[str, Any]]:
         path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
+        try:
+            st = path.stat()
+        except FileNotFoundError:
             return []
+        if (self.metrics_inode is not None and st.st_ino != self.metrics_inode) or st.st_size < self.metrics_offset:
+            self.metrics_offset = 0  # replaced (truncated to the resume checkpoint): re-read, skip what was sent
+            self.skip_upto = self._newest_checkpoint_step()
+        self.metrics_inode = st.st_ino
         with path.open("rb") as f:
             f.seek(self.metrics_offset)
             data = f.read()
@@ -133,10 +141,19 @@ class _Supervisor:
         out = []
         for line in data[:end].splitlines():
             try:
-                out.append(json.loads(line))
+                rec = json.loads(line)
             except ValueError:
                 continue
+            if rec.get("step", 0) > self.skip_upto:
+                out.append(rec)
         return out
+
+    def _newest_checkpoint_step(self) -> int:
+        try:
+            entries = json.loads((self.run_dir / "checkpoints" / "manifest.json").read_text())["checkpoints"]
+            return max(int(e["step"]) for e in entries)
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
 
     def _register(self, session: Any) -> None:
         manifest = self.run_dir / "checkpoints" / "manifest.json"
@@ -209,7 +226,8 @@ def run_train_job(job_id: str, *, worker: str) -> str:
     sup = _Supervisor(job_id, run_dir)
     metrics_file = run_dir / "metrics.jsonl"
     if resume and metrics_file.is_file():
-        sup.metrics_offset = metrics_file.stat().st_size  # earlier attempts' lines are already events
+        st = metrics_file.stat()  # earlier attempts' lines are already events
+        sup.metrics_offset, sup.metrics_inode = st.st_size, st.st_ino
     else:
         metrics_file.unlink(missing_ok=True)
     with session_scope() as session:

@@ -28,7 +28,7 @@ def _assert_error(r: httpx.Response, status: int, param: str | None = None, code
 
 
 def test_api_process_never_imports_torch() -> None:
-    code = ("import sys, app.main, app.cli, app.queue, worker.celery_app; "
+    code = ("import sys, app.main, app.cli, app.queue, worker.celery_app, worker.tasks; "
             "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HDM_DATABASE_URL": "sqlite://"})

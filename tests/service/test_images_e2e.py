@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import time
+from pathlib import Path
 
 from PIL import Image
 from stack import Stack
@@ -60,3 +61,45 @@ def test_same_seed_reproduces_image(live_worker: Stack) -> None:
         pa = Image.open(io.BytesIO(c.get(f"/v1/images/{a.json()['id']}/files/1").content)).tobytes()
         pb = Image.open(io.BytesIO(c.get(f"/v1/images/{b.json()['id']}/files/0").content)).tobytes()
         assert pa == pb
+
+
+def test_webp_and_jpeg_carry_parameters_in_exif(live_worker: Stack) -> None:
+    with live_worker.client() as c:
+        for fmt, mime in (("webp", "image/webp"), ("jpeg", "image/jpeg")):
+            r = c.post("/v1/images", json={"prompt": f"exif {fmt}", "output_format": fmt, "seed": 9, **SMALL},
+                       headers={"Prefer": "wait=30"})
+            assert r.json()["status"] == "succeeded", r.text
+            f = c.get(f"/v1/images/{r.json()['id']}/files/0")
+            assert f.headers["content-type"] == mime
+            img = Image.open(io.BytesIO(f.content))
+            comment = img.getexif().get_ifd(0x8769)[0x9286]
+            text = comment[8:].decode("utf-16-be")
+            assert comment.startswith(b"UNICODE\x00") and text.startswith(f"exif {fmt}\n") and "Seed: 9" in text
+
+
+def test_model_import_and_delete_refused_while_in_use(stack: Stack, tmp_path: Path) -> None:
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    from stack import ROOT
+
+    src = Path(stack.env["HDM_MODELS_DIR"]) / "tiny.safetensors"
+    copy = tmp_path / "imported.safetensors"
+    shutil.copyfile(src, copy)
+    out = subprocess.run([sys.executable, "-m", "app.cli", "models", "import", str(copy), "--name", "imported"],
+                         cwd=ROOT, env=stack.env, capture_output=True, text=True, check=True)
+    model_id = out.stdout.split()[0]
+    for p in list(stack.workers):
+        stack.kill_worker(p, signal.SIGTERM)
+    with stack.client() as c:
+        m = c.get(f"/v1/models/{model_id}").json()
+        assert m["name"] == "imported" and m["path"] == str(copy)
+        job = c.post("/v1/images", json={"prompt": "uses it", "model": "imported", **SMALL}).json()
+        assert job["model"] == {"id": model_id, "name": "imported"}
+        r = c.delete(f"/v1/models/{model_id}")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "model_in_use"
+        c.post(f"/v1/images/{job['id']}/cancel")
+        assert c.delete(f"/v1/models/{model_id}").json()["deleted"] is True
+        assert c.get(f"/v1/models/{model_id}").status_code == 404

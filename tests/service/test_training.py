@@ -144,5 +144,6 @@ def test_worker_sigterm_preempts_training_which_resumes(live_worker: Stack, data
         c.post(f"/v1/train-jobs/{job['id']}/cancel")
         assert s.wait_job(job["id"], timeout=60, path="/v1/train-jobs")["status"] == "cancelled"
         saved = {k["step"] for k in c.get(f"/v1/train-jobs/{job['id']}/checkpoints").json()["data"]}
-        # continued right after a checkpoint the first attempt wrote, not from step 1
+        # continued right after a checkpoint the first attempt wrote, not from step 1; no step reported twice
         assert resumed[0] > 1 and resumed[0] - 1 in saved, (resumed, saved)
+        assert resumed == list(range(resumed[0], resumed[0] + len(resumed))), resumed
