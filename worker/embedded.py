@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def next_job(slot: int) -> tuple[str, str] | None:
     with session_scope() as session:
         row = session.execute(select(Job.id, Job.kind, Job.slots).where(Job.status == "queued")
-                              .order_by(Job.id)).all()
+                              .order_by(Job.id).limit(200)).all()
     for job_id, kind, slots in row:
         if kind == "train" and not (slots and slots[0] == slot):
             continue  # waits for the scheduler to give it this slot
