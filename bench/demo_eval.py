@@ -1,6 +1,6 @@
 """Score a demo run: does the model draw the prompted colour for captions it never saw?
 
-    python bench/demo_eval.py var/runs/demo [--size 64] [--steps 20] [--cfg 3.0] [--seeds 2]
+    python -m bench.demo_eval var/runs/demo [--size 32] [--steps 20] [--cfg 3.0] [--seeds 2]
 
 Method: for every held-out (colour, shape, position, background) prompt of `hdm_core.synthetic` (combinations kept
 out of the training set), generate `--seeds` images and classify each by `dominant_colour`: the palette hue that
@@ -87,7 +87,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--checkpoint", type=Path, default=None, help="default RUN_DIR/final.safetensors")
-    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=3.0)
     parser.add_argument("--seeds", type=int, default=2)

@@ -3,7 +3,7 @@
 `python -m hdm_core.synthetic OUT_DIR --count N --size S [--seed 0]` writes N images (`00000.png` + `00000.txt`),
 plus `heldout.json`: prompts for colour/shape/position combinations that never occur in the written set, so a model
 can be checked on captions it has not seen. `dominant_colour` classifies a generated image by the hue of its
-saturated pixels (backgrounds are achromatic), which is how `bench/demo_eval.py` scores colour accuracy.
+saturated pixels (backgrounds are achromatic), which is how `python -m bench.demo_eval` scores colour accuracy.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def render(spec: ShapeSpec, size: int, rng: random.Random) -> Image.Image:
     img = Image.new("RGB", (big, big), BACKGROUNDS[spec.background])
     draw = ImageDraw.Draw(img)
     _, cy, cx = next(p for p in POSITIONS if p[0] == spec.position)
-    half = big * rng.uniform(0.14, 0.2)
+    half = big * rng.uniform(0.18, 0.25)
     cy = (cy + rng.uniform(-0.04, 0.04)) * big
     cx = (cx + rng.uniform(-0.04, 0.04)) * big
     fill = COLOURS[spec.colour]
