@@ -10,8 +10,7 @@ import time
 
 import httpx
 import pytest
-from conftest import OTHER_KEY, ROOT
-from stack import Stack
+from service_stack import OTHER_KEY, ROOT, Stack
 
 SMALL = {"width": 32, "height": 32, "steps": 2}
 

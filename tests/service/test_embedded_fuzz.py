@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from stack import ROOT, Stack, free_port
+from service_stack import ROOT, Stack, free_port
 
 
 def _serve(tmp: Path, assets: dict[str, Path], extra: dict[str, str], args: list[str]) -> tuple[
@@ -103,7 +103,7 @@ def test_schemathesis_fuzz_sqlite_embedded(tmp_path: Path, assets: dict[str, Pat
 
 def test_schemathesis_fuzz_postgres_redis(tmp_path: Path, assets: dict[str, Path], fresh_pg_url: str,
                                           redis_url: str) -> None:
-    from conftest import stack_env
+    from service_stack import stack_env
 
     env = stack_env(tmp_path, assets, fresh_pg_url, redis_url, f"fuzz{tmp_path.name[-6:]}")
     env.update({"HDM_MAX_WAIT_S": "1", "HDM_QUEUE_LIMIT": "1000"})

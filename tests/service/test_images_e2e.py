@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from PIL import Image
-from stack import Stack
+from service_stack import Stack
 
 SMALL = {"width": 32, "height": 32, "steps": 2, "guidance_scale": 3.0}
 
@@ -83,7 +83,7 @@ def test_model_import_and_delete_refused_while_in_use(stack: Stack, tmp_path: Pa
     import subprocess
     import sys
 
-    from stack import ROOT
+    from service_stack import ROOT
 
     src = Path(stack.env["HDM_MODELS_DIR"]) / "tiny.safetensors"
     copy = tmp_path / "imported.safetensors"

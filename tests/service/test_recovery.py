@@ -6,7 +6,7 @@ import signal
 import time
 
 import redis
-from stack import Stack
+from service_stack import Stack
 
 SMALL = {"width": 32, "height": 32, "steps": 2}
 

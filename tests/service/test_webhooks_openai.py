@@ -15,7 +15,7 @@ from typing import Any
 import openai
 import pytest
 from PIL import Image
-from stack import Stack
+from service_stack import Stack
 
 SMALL = {"width": 32, "height": 32, "steps": 2}
 SECRET = "whsec-test"

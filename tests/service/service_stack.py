@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -16,6 +17,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 FINAL = ("succeeded", "failed", "cancelled")
+API_KEY = "test-key-" + secrets.token_hex(8)
+OTHER_KEY = "other-key-" + secrets.token_hex(8)
 
 
 def free_port() -> int:
@@ -117,3 +120,17 @@ class Stack:
         for p in sorted(self.workdir.glob("*.log")):
             out.append(f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:])
         return "\n".join(out)
+
+
+def stack_env(tmp: Path, assets: dict[str, Path], db_url: str, broker: str, prefix: str) -> dict[str, str]:
+    (tmp / "data").mkdir(exist_ok=True)
+    return {
+        "HDM_DATABASE_URL": db_url, "HDM_BROKER_URL": broker, "HDM_QUEUE_PREFIX": prefix,
+        "HDM_DATA_ROOT": str(tmp / "data"), "HDM_MODELS_DIR": str(assets["models"]),
+        "HDM_OUTPUTS_DIR": str(tmp / "outputs"), "HDM_RUNS_DIR": str(tmp / "runs"),
+        "HDM_TEXT_ENCODER": str(assets["te"]), "HDM_API_KEYS": f"{API_KEY},{OTHER_KEY}",
+        "HDM_IMAGE_MIN_SIZE": "32", "HDM_HEARTBEAT_S": "0.5", "HDM_STALE_AFTER_S": "4",
+        "HDM_MAINTENANCE_INTERVAL_S": "0.5", "HDM_REENQUEUE_GRACE_S": "1", "HDM_WEBHOOK_BACKOFF_S": "0.5",
+        "HDM_QUEUE_LIMIT": "40", "HDM_SLOTS": "0", "HDM_FORCE_CANCEL_AFTER_S": "20",
+        "HDM_WEBHOOK_SECRET": "whsec-test", "HDM_WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
+    }
