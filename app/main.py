@@ -19,6 +19,7 @@ from app.routes import datasets, images, models, openai_compat, system, training
 from app.settings import get_settings
 
 log = logging.getLogger("app")
+MAX_BODY_BYTES = 1_000_000  # the largest valid request (two 8000-char prompts and a train config) is far smaller
 
 
 class HttpStats:
@@ -44,12 +45,12 @@ class GuardAndCount:
         status = 500
         bad = _nul_param(scope)
         if bad is not None:  # PostgreSQL cannot store NUL; reject it here for every route
-            body = json.dumps(errors.error_body("invalid_value", "NUL characters are not allowed in the URL.",
-                                                bad or None)).encode()
-            await send({"type": "http.response.start", "status": 400,
-                        "headers": [(b"content-type", b"application/json")]})
-            await send({"type": "http.response.body", "body": body})
-            self.counts[(scope["method"], "invalid", 400)] += 1
+            await self._reject(scope, send, 400, "invalid_value", "NUL characters are not allowed in the URL.",
+                               bad or None)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            await self._reject(scope, send, 413, "too_large", f"Request body over {MAX_BODY_BYTES} bytes.", None)
             return
 
         async def _send(message: Message) -> None:
@@ -64,6 +65,15 @@ class GuardAndCount:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.counts[(scope["method"], route, status)] += 1
             self.seconds[(scope["method"], route)] += time.perf_counter() - start
+
+
+    async def _reject(self, scope: Scope, send: Send, status: int, code: str, message: str,
+                      param: str | None) -> None:
+        body = json.dumps(errors.error_body(code, message, param)).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+        self.counts[(scope["method"], "rejected", status)] += 1
 
 
 def _nul_param(scope: Scope) -> str | None:

@@ -184,6 +184,8 @@ def test_malformed_requests(stack: Stack) -> None:
         _assert_error(c.post("/v1/images/generations", json={"prompt": "x", "size": "30x30"}), 422, param="size")
         _assert_error(c.post("/v1/datasets", json={"name": "x", "path": "/etc"}), 403, param="path")
         _assert_error(c.post("/v1/datasets", json={"name": "x", "path": "../.."}), 403, param="path")
+        _assert_error(c.post("/v1/images", json={"prompt": "x" * 2_000_000}), 413, code="too_large")
+        _assert_error(c.get("/v1/images", params={"after": "img_\x00"}), 400, param="after")
 
 
 def test_system_endpoints(stack: Stack) -> None:
