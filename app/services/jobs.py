@@ -81,9 +81,12 @@ def create_job(session: Session, *, kind: str, owner: str, idempotency_key: str 
             raise
         return existing, False
     add_event(session, job.id, "status", {"status": status})
+    send = publish and status == "queued"
+    if send:  # one commit for row, event and enqueue bookkeeping; then the broker
+        job.enqueue_count, job.enqueued_at = 1, utcnow()
     session.commit()
-    if publish and status == "queued":
-        enqueue(session, job)
+    if send:
+        _publish(job, 1)
     return job, True
 
 
@@ -93,6 +96,10 @@ def enqueue(session: Session, job: Job, countdown: float | None = None) -> None:
     job.enqueued_at = utcnow()
     count = job.enqueue_count
     session.commit()
+    _publish(job, count, countdown)
+
+
+def _publish(job: Job, count: int, countdown: float | None = None) -> None:
     try:
         queue.publish(job.kind, job.id, job.queue or get_settings().image_queue, count, countdown)
     except Exception as exc:
