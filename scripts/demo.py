@@ -29,13 +29,16 @@ ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("demo")
 
 # Two progressive stages (32 px, then 64 px), TREAD on; sized to finish in a few minutes on 2 CPU cores.
+# lr is the muP-style base rate: each parameter gets lr / fan_in (spec §6), as in configs/demo-pixel.toml.
 STAGES = [
-    {"resolution": 32, "steps": 700, "batch_size": 32, "lr": 1e-3, "tread_rate": 0.5, "warmup_steps": 50,
+    {"resolution": 32, "steps": 600, "batch_size": 16, "lr": 0.5, "tread_rate": 0.5, "warmup_steps": 50,
      "caption_dropout": 0.1},
-    {"resolution": 64, "steps": 150, "batch_size": 16, "lr": 5e-4, "tread_rate": 0.5, "warmup_steps": 10,
+    {"resolution": 64, "steps": 150, "batch_size": 8, "lr": 0.2, "tread_rate": 0.5, "warmup_steps": 10,
      "caption_dropout": 0.1},
 ]
-ARCH = "xut-pixel-debug"
+# xut-pixel-debug with 4 x 4 patches: 64 tokens at 32 px and 256 at 64 px keep a CPU step short.
+ARCH = {"in_channels": 3, "patch_size": 4, "dim": 128, "heads": 4, "head_dim": 32, "mlp_dim": 320, "ctx_dim": 64,
+        "ctx_size": 16, "depth": 2, "enc_blocks": 1, "dec_blocks": 2, "tread_pre": 1, "tread_post": 1}
 DATASET_SIZE = 2000
 
 
@@ -115,30 +118,47 @@ def _check(resp: httpx.Response) -> dict:
     return resp.json()
 
 
+DONE = {"succeeded", "ready"}  # jobs end "succeeded"; a validated dataset is "ready"
+FINAL = DONE | {"failed", "cancelled", "invalid"}
+
+
 def wait_job(client: httpx.Client, url: str, *, label: str, show=None, timeout: float = 900) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = _check(client.get(url, headers={"Prefer": "wait=5"}))
         if show is not None:
             show(job)
-        if job["status"] in {"succeeded", "failed", "cancelled"}:
-            if job["status"] != "succeeded":
+        if job["status"] in FINAL:
+            if job["status"] not in DONE:
                 raise SystemExit(f"{label} ended {job['status']}: {job.get('error')}")
             return job
         time.sleep(0.5)
     raise SystemExit(f"{label} did not finish within {timeout:.0f} s")
 
 
-def _train_progress(job: dict) -> None:
-    m = job.get("metrics") or {}
-    step, total = job.get("step") or 0, job.get("total_steps") or 0
-    width = 30
-    done = int(width * step / total) if total else 0
-    loss = f"{m['loss']:.4f}" if m.get("loss") is not None else "-"
-    eta = f"{m['eta_s']:.0f}s" if m.get("eta_s") is not None else "-"
-    sys.stdout.write(f"\r  training [{'#' * done}{'.' * (width - done)}] step {step}/{total} stage "
-                     f"{job.get('stage')} loss {loss} eta {eta} ({job['status']})   ")
-    sys.stdout.flush()
+class TrainProgress:
+    """A progress bar on a terminal; one line per 10 % (or status change) when piped to a log."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stdout.isatty()
+        self.last: tuple | None = None
+
+    def __call__(self, job: dict) -> None:
+        m = job.get("metrics") or {}
+        step, total = job.get("step") or 0, job.get("total_steps") or 0
+        done = int(30 * step / total) if total else 0
+        loss = f"{m['loss']:.4f}" if m.get("loss") is not None else "-"
+        eta = f"{m['eta_s']:.0f}s" if m.get("eta_s") is not None else "-"
+        line = (f"  training [{'#' * done}{'.' * (30 - done)}] step {step}/{total} stage {job.get('stage')} "
+                f"loss {loss} eta {eta} ({job['status']})")
+        if self.tty:
+            sys.stdout.write("\r" + line + "   ")
+            sys.stdout.flush()
+            return
+        key = (job["status"], job.get("stage"), done // 3)
+        if key != self.last:
+            print(line, flush=True)
+            self.last = key
 
 
 def train(client: httpx.Client, dataset_id: str) -> dict:
@@ -147,7 +167,7 @@ def train(client: httpx.Client, dataset_id: str) -> dict:
     job = _check(client.post("/v1/train-jobs", json=body))
     print(f"  train job {job['id']} submitted ({len(STAGES)} stages: "
           f"{', '.join(str(s['resolution']) + ' px' for s in STAGES)}; TREAD 0.5)")
-    job = wait_job(client, f"/v1/train-jobs/{job['id']}", label="training", show=_train_progress, timeout=1200)
+    job = wait_job(client, f"/v1/train-jobs/{job['id']}", label="training", show=TrainProgress(), timeout=1200)
     print()
     return job
 
@@ -168,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny schedule (for the CI test)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     t0 = time.monotonic()
     from scripts.demo_report import contact_sheet, evaluate, loss_curve, pick_prompts
 
@@ -190,8 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"3/5 dataset {ds['id']} registered: {json.dumps(ds.get('stats') or {}, default=str)[:200]}")
         print("4/5 pretraining through /v1/train-jobs")
         job = train(client, ds["id"])
-        model_id = (job.get("checkpoints") or [{}])[-1].get("model_id") or (job.get("checkpoints") or [{}])[-1].get("id")
+        if not job.get("checkpoints"):
+            raise SystemExit(f"train job {job['id']} registered no checkpoint")
+        model_id = job["checkpoints"][-1]  # ordered by step: the final weights
         prompts = pick_prompts(paths["dataset"] / "heldout.json")
+        if args.quick:
+            prompts = prompts[::3]
         print(f"5/5 drawing {len(prompts)} held-out prompts through /v1/images with model {model_id}")
         images = []
         for i, spec in enumerate(prompts):
