@@ -17,7 +17,8 @@ from .conftest import REPO, read_metrics
 def test_demo_config_loss_drops(toy_te: Path, shapes_dir: Path, tmp_path: Path) -> None:
     raw = tomllib.loads((REPO / "configs" / "demo-pixel.toml").read_text())
     cfg = config_from_dict(raw, base_dir=REPO)  # the shipped file itself must validate
-    assert [s.resolution for s in cfg.stages] == [32, 64] and all(s.tread_rate > 0 for s in cfg.stages)
+    res = [s.resolution for s in cfg.stages]
+    assert len(res) == 2 and res[0] < res[1] and all(s.tread_rate > 0 for s in cfg.stages)
     # Same model, optimizer and recipe; the fixtures' data and text encoder, and far fewer, smaller steps.
     raw["text_encoder"] = {**raw["text_encoder"], "path": str(toy_te), "build_toy": False}
     raw["data"] = {k: v for k, v in raw["data"].items() if k != "synthetic"} | {"path": str(shapes_dir), "num_workers": 0}
