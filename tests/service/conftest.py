@@ -58,15 +58,19 @@ def fresh_pg_url(pg_admin: Any) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
+    """An empty Redis db number (1..14) for this session: the broker-loss test flushes it."""
     import redis
 
-    db = random.randint(1, 15)
-    url = f"redis://127.0.0.1:6379/{db}"
     try:
-        redis.Redis.from_url(url).ping()
+        redis.Redis.from_url("redis://127.0.0.1:6379/0").ping()
     except Exception as exc:  # pragma: no cover
         pytest.fail(f"Redis at 127.0.0.1:6379 is required (make services): {exc}")
+    candidates = random.sample(range(1, 15), 14)
+    db = next((n for n in candidates if redis.Redis.from_url(f"redis://127.0.0.1:6379/{n}").dbsize() == 0),
+              candidates[0])
+    url = f"redis://127.0.0.1:6379/{db}"
     yield url
+    redis.Redis.from_url(url).flushdb()
 
 
 @pytest.fixture(scope="session")
@@ -93,10 +97,8 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory, assets: dict[str, Path], pg_url: str, redis_url: str,
           queue_prefix: str) -> Iterator[Stack]:
-    import redis
 
     tmp = tmp_path_factory.mktemp("stack")
-    redis.Redis.from_url(redis_url).flushdb()
     s = Stack(stack_env(tmp, assets, pg_url, redis_url, queue_prefix), tmp, API_KEY)
     s.migrate()
     s.start_api()
@@ -105,7 +107,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory, assets: dict[str, Path], pg_
         yield s
     finally:
         s.stop()
-        redis.Redis.from_url(redis_url).flushdb()
 
 
 @pytest.fixture
