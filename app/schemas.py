@@ -123,6 +123,7 @@ class ImageJob(BaseModel):
     error: JobError | None
     timings: dict[str, float | None]
     attempts: int
+    model_cache_hit: bool | None = Field(None, description="The worker had this model loaded already.")
 
 
 class ImageJobList(BaseModel):

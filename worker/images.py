@@ -67,7 +67,8 @@ def run_image_job(job_id: str, *, worker: str, slot: int | None) -> str:
         with session_scope() as session:
             leases.release(session, job_id)
     with session_scope() as session:
-        result = {"timings": timings}
+        cache_hit = timings.pop("cache_hit", None)
+        result = {"timings": timings, "cache_hit": None if cache_hit is None else bool(cache_hit)}
         if not jobs.finish(session, job_id, outcome, error=error, result=result, attempt=attempt):
             log.warning("job %s: finishing as %s was refused (requeued or finished elsewhere)", job_id, outcome)
     log.info("job %s %s in %.2fs", job_id, outcome, sum(v or 0 for v in timings.values()))
@@ -86,7 +87,8 @@ def _generate(job_id: str, req: dict[str, Any], ckpt: tuple[str, str, str | None
             raise ValueError("the job's model is no longer registered")
         path, model_name, sha = ckpt
         t0 = time.perf_counter()
-        pipe, _ = model_cache.get_pipeline(path, settings.text_encoder, settings.device)
+        pipe, loaded_now = model_cache.get_pipeline(path, settings.text_encoder, settings.device)
+        timings["cache_hit"] = 0.0 if loaded_now else 1.0
         timings["load_s"] = round(time.perf_counter() - t0, 4)
         t1 = time.perf_counter()
         result = pipe.generate(

@@ -68,6 +68,7 @@ def view(session: Session, job: Job, base_url: str = "") -> dict[str, Any]:
         "images": [{"index": im.index, "seed": im.seed, "width": im.width, "height": im.height,
                     "url": f"{base}/v1/images/{job.id}/files/{im.index}"} for im in images],
         "error": job.error, "timings": timings, "attempts": job.attempts,
+        "model_cache_hit": result.get("cache_hit"),
     }
 
 

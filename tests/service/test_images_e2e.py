@@ -103,3 +103,24 @@ def test_model_import_and_delete_refused_while_in_use(stack: Stack, tmp_path: Pa
         c.post(f"/v1/images/{job['id']}/cancel")
         assert c.delete(f"/v1/models/{model_id}").json()["deleted"] is True
         assert c.get(f"/v1/models/{model_id}").status_code == 404
+
+
+def test_model_cache_hit_and_eviction(live_worker: Stack, tmp_path: Path) -> None:
+    """One pipeline per worker: the same model twice is a cache hit; another model evicts it."""
+    import shutil
+    import subprocess
+    import sys
+
+    from service_stack import ROOT
+
+    copy = tmp_path / "second.safetensors"
+    shutil.copyfile(Path(live_worker.env["HDM_MODELS_DIR"]) / "tiny.safetensors", copy)
+    subprocess.run([sys.executable, "-m", "app.cli", "models", "import", str(copy), "--name", "second"], cwd=ROOT,
+                   env=live_worker.env, capture_output=True, check=True)
+    hits = []
+    with live_worker.client() as c:
+        for model in ("tiny", "tiny", "second", "second", "tiny"):
+            r = c.post("/v1/images", json={"prompt": "cache", "model": model, **SMALL}, headers={"Prefer": "wait=60"})
+            assert r.json()["status"] == "succeeded", r.text
+            hits.append(r.json()["model_cache_hit"])
+    assert hits[1:] == [True, False, True, False], hits
