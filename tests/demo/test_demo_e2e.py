@@ -35,7 +35,7 @@ def test_demo_quick_twice(tmp_path):
     with Image.open(out / "contact_sheet.png") as sheet:
         assert sheet.size[0] >= 4 * 64
     with Image.open(out / "loss_curve.png") as curve:
-        assert len(set(curve.getdata())) > 2
+        assert len(curve.getcolors(maxcolors=1 << 16)) > 2
     assert "built a toy Qwen3" in first and "wrote 64 captioned images" in first
     assert "Stopping the service" in first
 
