@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     image_max_pixels: int = 4_200_000
     max_wait_s: int = 60
     sync_timeout_s: int = 600  # /v1/images/generations
+    train_kill_grace_s: float = 15.0  # SIGTERM to the trainer's process group, then SIGKILL after this
     train_command: str = ""  # override the trainer launcher (tests use a stand-in); default torchrun hdm_core.train
 
     @field_validator("data_root", "models_dir", "outputs_dir", "runs_dir")

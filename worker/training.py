@@ -27,7 +27,6 @@ from worker import leases
 from worker.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
-KILL_GRACE_S = 15.0
 
 
 def _toml_value(v: Any) -> str:
@@ -252,7 +251,7 @@ def run_train_job(job_id: str, *, worker: str) -> str:
             elif want_cancel and cancelled_at is None:
                 cancelled_at = time.monotonic()
                 os.killpg(proc.pid, signal.SIGTERM)
-            elif cancelled_at is not None and time.monotonic() - cancelled_at > KILL_GRACE_S:
+            elif cancelled_at is not None and time.monotonic() - cancelled_at > settings.train_kill_grace_s:
                 os.killpg(proc.pid, signal.SIGKILL)
         sup.poll()
         rc = proc.returncode

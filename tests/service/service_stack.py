@@ -65,8 +65,9 @@ class Stack:
             time.sleep(0.2)
         raise RuntimeError("API did not start")
 
-    def start_worker(self, slot: int = 0, embedded: bool = False) -> subprocess.Popen[bytes]:
-        env = {**self.env, "HDM_GPU_INDEX": str(slot)}
+    def start_worker(self, slot: int = 0, embedded: bool = False,
+                     extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        env = {**self.env, "HDM_GPU_INDEX": str(slot), **(extra_env or {})}
         if embedded:
             cmd = [sys.executable, "-m", "worker.embedded"]
         else:

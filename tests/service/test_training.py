@@ -147,3 +147,47 @@ def test_worker_sigterm_preempts_training_which_resumes(live_worker: Stack, data
         # continued right after a checkpoint the first attempt wrote, not from step 1; no step reported twice
         assert resumed[0] > 1 and resumed[0] - 1 in saved, (resumed, saved)
         assert resumed == list(range(resumed[0], resumed[0] + len(resumed))), resumed
+
+
+STUBBORN_TRAINER = """
+import json, signal, sys, time
+from pathlib import Path
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a trainer that ignores the polite stop
+run = Path(sys.argv[sys.argv.index("--run-dir") + 1])
+run.mkdir(parents=True, exist_ok=True)
+step = 0
+while True:
+    step += 1
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": step, "loss": 1.0 / step, "lr": 1e-3}) + "\\n")
+    time.sleep(0.2)
+"""
+
+
+def test_cancel_forces_a_trainer_that_ignores_sigterm(stack: Stack, dataset_id: str, tmp_path: Path) -> None:
+    """Stand-in trainer (HDM_TRAIN_COMMAND): cooperative SIGTERM first, then SIGKILL of the process group."""
+    import signal
+
+    script = tmp_path / "stubborn.py"
+    script.write_text(STUBBORN_TRAINER)
+    for p in list(stack.workers):
+        stack.kill_worker(p, signal.SIGTERM)
+    stack.start_worker(0, extra_env={"HDM_TRAIN_COMMAND": f"{{python}} {script} {{config}} --run-dir {{run_dir}}",
+                                     "HDM_TRAIN_KILL_GRACE_S": "2"})
+    try:
+        with stack.client() as c:
+            job = c.post("/v1/train-jobs", json=_train_body(dataset_id, 1000)).json()
+            stack.wait_job(job["id"], ("running",), timeout=60, path="/v1/train-jobs", pred=lambda j: j["step"] >= 2)
+            t0 = time.monotonic()
+            c.post(f"/v1/train-jobs/{job['id']}/cancel")
+            done = stack.wait_job(job["id"], timeout=30, path="/v1/train-jobs")
+            assert done["status"] == "cancelled"
+            assert 2 <= time.monotonic() - t0 < 15  # not before the grace period, not much after
+            assert c.get("/v1/system").json()["gpus"][0]["job"] is None
+            log = (Path(stack.env["HDM_RUNS_DIR"]) / job["id"] / "metrics.jsonl").read_text().splitlines()
+            time.sleep(1)  # the group is dead: nothing writes any more
+            assert (Path(stack.env["HDM_RUNS_DIR"]) / job["id"] / "metrics.jsonl").read_text().splitlines() == log
+    finally:
+        for p in list(stack.workers):
+            stack.kill_worker(p, signal.SIGTERM)
+        stack.start_worker(0)
