@@ -56,10 +56,9 @@ async def wait_final(session: Session, job: Job, seconds: float) -> Job:
     return await run_in_threadpool(_reload, session, job)
 
 
-def job_response(body: dict[str, Any], *, created: bool, final: bool, location: str) -> JSONResponse:
-    status = 200 if final else 202
-    del created
-    return JSONResponse(body, status_code=status, headers={"Location": location})
+def job_response(body: dict[str, Any], *, final: bool, location: str) -> JSONResponse:
+    """202 while the job is in progress, 200 once it is final (Prefer: wait, or an idempotent replay)."""
+    return JSONResponse(body, status_code=200 if final else 202, headers={"Location": location})
 
 
 def _sse(ev_id: int, type_: str, data: Any) -> str:

@@ -37,13 +37,13 @@ MEDIA = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 async def create_image(req: ImageRequest, request: Request, idempotency_key: IdemKey = None,
                        prefer: Prefer = None, owner: str = Depends(require_key),
                        session: Session = Depends(get_session)) -> Any:
-    job, created = await run_in_threadpool(images.create, session, req, owner=owner,
+    job, _ = await run_in_threadpool(images.create, session, req, owner=owner,
                                            idempotency_key=idempotency_key)
     wait = prefer_wait(prefer)
     if wait:
         job = await wait_final(session, job, wait)
     body = await run_in_threadpool(images.view, session, job, str(request.base_url))
-    return job_response(body, created=created, final=job.status in jobs.FINAL, location=f"/v1/images/{job.id}")
+    return job_response(body, final=job.status in jobs.FINAL, location=f"/v1/images/{job.id}")
 
 
 @router.get("", response_model=ImageJobList)

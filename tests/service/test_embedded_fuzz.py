@@ -78,13 +78,15 @@ def _fuzz(base: str, key: str, cwd: Path) -> None:
     exe = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
     if not Path(exe).exists():
         pytest.skip("schemathesis not installed")
-    out = subprocess.run(
-        [exe, "run", f"{base}/openapi.json", "--checks", "not_a_server_error", "--max-examples", "40",
-         "--workers", "2", "-H", f"Authorization: Bearer {key}", "--exclude-path", "/v1/images/generations",
-         "--request-timeout", "20", "--generation-deterministic",
-         "--suppress-health-check", "all"],
-        cwd=cwd, capture_output=True, text=True, timeout=240)
-    (cwd / "schemathesis.out").write_text(out.stdout + out.stderr)
+    cmd = [exe, "run", f"{base}/openapi.json", "--checks", "not_a_server_error", "--max-examples", "40",
+           "--workers", "1", "-H", f"Authorization: Bearer {key}", "--exclude-path", "/v1/images/generations",
+           "--request-timeout", "20", "--generation-deterministic", "--suppress-health-check", "all"]
+    for _ in range(2):
+        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+        (cwd / "schemathesis.out").write_text(out.stdout + out.stderr)
+        # a crash inside schemathesis itself (not a finding about the API) gets one more run
+        if out.returncode == 0 or "ST101" in out.stdout or "Runtime Error" not in out.stdout:
+            break
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert "passed" in out.stdout and "Server error" not in out.stdout
 
