@@ -35,7 +35,10 @@ def create(session: Session, req: TrainRequest, *, owner: str, idempotency_key: 
     if isinstance(req.arch, str) and req.arch not in PRESETS:
         raise Invalid(f"Unknown preset {req.arch!r}; one of {list(PRESETS)} or an architecture object.",
                       param="arch")
-    if req.gpus * req.nodes > len(settings.slot_list) and req.nodes == 1:
+    if req.nodes > 1:
+        raise Invalid("Multi-node runs are not scheduled by the service yet; launch hdm_core.train with torchrun "
+                      "rendezvous on each machine (docs/training.md).", param="nodes", code="unsupported")
+    if req.gpus > len(settings.slot_list):
         raise Invalid(f"This server has {len(settings.slot_list)} GPU slot(s); asked for {req.gpus}.", param="gpus")
     request = req.model_dump(mode="json")
     request["dataset_path"] = ds.path

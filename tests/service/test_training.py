@@ -100,6 +100,7 @@ def test_train_job_validation(stack: Stack, dataset_id: str) -> None:
         bad = [
             ({**_train_body(dataset_id, 8), "dataset": "ds_missing"}, "dataset"),
             ({**_train_body(dataset_id, 8), "gpus": 4}, "gpus"),
+            ({**_train_body(dataset_id, 8), "nodes": 2}, "nodes"),
             ({**_train_body(dataset_id, 8), "arch": "xut-huge"}, "arch"),
             ({**_train_body(dataset_id, 8), "stages": []}, "stages"),
             ({**_train_body(dataset_id, 8), "precision": "fp8"}, "precision"),
