@@ -172,7 +172,8 @@ class Stage(Strict):
 class TrainRequest(Strict):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={"examples": [{
         "name": "pixel-debug", "base_model": None, "arch": "xut-pixel-debug", "dataset": "ds_0192f3a1b2c3d4e5f6a7b8",
-        "stages": [{"resolution": 64, "steps": 100, "batch_size": 4, "lr": 3e-4}], "gpus": 1, "precision": "fp32"}]})
+        "stages": [{"resolution": 64, "steps": 100, "batch_size": 4, "lr": 3e-4}], "gpus": 1, "precision": "fp32",
+        "text_max_length": 64}]})
 
     name: Text = Field("", max_length=200)
     base_model: Text | None = Field(None, max_length=300)
@@ -187,6 +188,9 @@ class TrainRequest(Strict):
     keep_last_n: int = Field(3, ge=1, le=1000)
     sample_every: int = Field(0, ge=0, le=10_000_000)
     sample_prompts: list[Annotated[Text, Field(max_length=2000)]] = Field(default_factory=list, max_length=16)
+    text_max_length: int = Field(256, ge=1, le=1024, description=(
+        "Captions are padded/truncated to this many tokens in training ([text_encoder] max_length). Small values "
+        "make short-caption and CPU runs much faster."), examples=[64])
     webhook: WebhookUrl = None
 
     @model_validator(mode="after")

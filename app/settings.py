@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     max_wait_s: int = 60
     sync_timeout_s: int = 600  # /v1/images/generations
     train_kill_grace_s: float = 15.0  # SIGTERM to the trainer's process group, then SIGKILL after this
+    cpu_threads: int = 0  # torch intra-op threads per trainer process ([train] num_threads); 0 = torch's default
     train_command: str = ""  # override the trainer launcher (tests use a stand-in); default torchrun hdm_core.train
 
     @field_validator("data_root", "models_dir", "outputs_dir", "runs_dir")

@@ -69,15 +69,18 @@ def trainer_config(req: dict[str, Any], codec: str | None) -> dict[str, Any]:
         codec = "pixel" if pixel else "vae"
     stages = [{k: s.get(k) for k in ("resolution", "batch_size", "lr", "steps", "epochs", "grad_accum", "tread_rate",
                                      "caption_dropout", "warmup_steps")} for s in req["stages"]]
+    train: dict[str, Any] = {
+        "precision": req.get("precision", "fp32"), "checkpoint_every": req.get("checkpoint_every", 1000),
+        "keep_last_n": req.get("keep_last_n", 3), "device": "cpu" if settings.device.startswith("cpu") else "cuda"}
+    if settings.cpu_threads > 0:
+        train["num_threads"] = settings.cpu_threads
     return {
         "seed": req.get("seed", 0),
         "model": model,
-        "text_encoder": {"path": str(settings.text_encoder or "")},
+        "text_encoder": {"path": str(settings.text_encoder or ""), "max_length": int(req.get("text_max_length", 256))},
         "data": {"path": req["dataset_path"]},
         "codec": {"kind": codec},
-        "train": {"precision": req.get("precision", "fp32"), "checkpoint_every": req.get("checkpoint_every", 1000),
-                  "keep_last_n": req.get("keep_last_n", 3),
-                  "device": "cpu" if settings.device.startswith("cpu") else "cuda"},
+        "train": train,
         "sampling": {"every": req.get("sample_every", 0), "prompts": req.get("sample_prompts", [])},
         "stages": stages,
     }

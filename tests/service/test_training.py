@@ -56,13 +56,15 @@ def _train_body(dataset: str, steps: int, **kw: object) -> dict:
 def test_train_job_runs_trainer_and_registers_checkpoints(live_worker: Stack, dataset_id: str) -> None:
     s = live_worker
     with s.client() as c:
-        r = c.post("/v1/train-jobs", json=_train_body(dataset_id, 8))
+        r = c.post("/v1/train-jobs", json=_train_body(dataset_id, 8, text_max_length=16))
         assert r.status_code == 202, r.text
         job = r.json()
         assert job["id"].startswith("train_") and job["status"] == "queued" and job["total_steps"] == 8
         done = s.wait_job(job["id"], timeout=240, path="/v1/train-jobs")
         assert done["status"] == "succeeded", (done, s.logs())
         assert done["step"] == 8 and done["gpus"] == [0]
+        config = (Path(s.env["HDM_RUNS_DIR"]) / job["id"] / "config.toml").read_text()
+        assert "max_length = 16" in config, config
         assert done["metrics"]["loss"] is not None and done["metrics"]["lr"] is not None
         metrics = [e for e in c.get(f"/v1/train-jobs/{job['id']}/events").json()["data"] if e["type"] == "metrics"]
         assert [m["data"]["step"] for m in metrics][-1] == 8 and all("loss" in m["data"] for m in metrics)
@@ -104,6 +106,8 @@ def test_train_job_validation(stack: Stack, dataset_id: str) -> None:
             ({**_train_body(dataset_id, 8), "arch": "xut-huge"}, "arch"),
             ({**_train_body(dataset_id, 8), "stages": []}, "stages"),
             ({**_train_body(dataset_id, 8), "precision": "fp8"}, "precision"),
+            ({**_train_body(dataset_id, 8), "text_max_length": 0}, "text_max_length"),
+            ({**_train_body(dataset_id, 8), "text_max_length": 1025}, "text_max_length"),
         ]
         for body, param in bad:
             r = c.post("/v1/train-jobs", json=body)

@@ -1,0 +1,55 @@
+"""The TOML config the worker writes for hdm_core.train, parsed back by the trainer's own loader (no processes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.schemas import TrainRequest
+from app.settings import get_settings
+from hdm_core.train_config import load_config
+from worker.training import to_toml, trainer_config
+
+
+def _request(**kw: object) -> dict:
+    body = {"name": "t", "arch": "xut-pixel-debug", "dataset": "ds_x", "precision": "fp32",
+            "stages": [{"resolution": 16, "steps": 2, "batch_size": 2, "lr": 1e-3}], **kw}
+    req = TrainRequest.model_validate(body).model_dump(mode="json")
+    return {**req, "dataset_path": "/nonexistent/data", "base_model_path": None}
+
+
+@pytest.fixture
+def settings_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):  # type: ignore[no-untyped-def]
+    def apply(**env: str):  # type: ignore[no-untyped-def]
+        monkeypatch.setenv("HDM_TEXT_ENCODER", str(tmp_path / "te"))
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        get_settings.cache_clear()
+        return get_settings()
+
+    yield apply
+    get_settings.cache_clear()
+
+
+def _load(cfg: dict, tmp_path: Path):  # type: ignore[no-untyped-def]
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(cfg))
+    return load_config(path)
+
+
+def test_text_max_length_reaches_the_trainer(settings_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings_env()
+    assert _load(trainer_config(_request(text_max_length=32), None), tmp_path).text_encoder.max_length == 32
+    # default stays the spec's 256
+    assert _load(trainer_config(_request(), None), tmp_path).text_encoder.max_length == 256
+    assert TrainRequest.model_json_schema()["properties"]["text_max_length"]["maximum"] == 1024
+
+
+def test_cpu_threads_setting_reaches_the_trainer(settings_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings_env()
+    cfg = trainer_config(_request(), None)
+    assert "num_threads" not in cfg["train"]
+    assert _load(cfg, tmp_path).train.num_threads == 0
+    settings_env(HDM_CPU_THREADS="2")
+    assert _load(trainer_config(_request(), None), tmp_path).train.num_threads == 2
