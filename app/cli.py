@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -41,8 +42,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     upgrade(settings.database_url)
     worker = None
     if not args.no_worker:
+        from app.procutil import PARENT_PID_ENV, die_with_parent
+
         cmd = [sys.executable, "-m", "app.cli", "worker"]
-        worker = subprocess.Popen(cmd, env=os.environ.copy())
+        # the worker dies with this process even when it is SIGKILLed (PR_SET_PDEATHSIG; the embedded poll loop
+        # also checks its parent pid)
+        worker = subprocess.Popen(cmd, env={**os.environ, PARENT_PID_ENV: str(os.getpid())},
+                                  preexec_fn=die_with_parent(signal.SIGTERM))
         log.info("worker pid %d (%s)", worker.pid, "embedded" if settings.embedded else "celery")
     try:
         uvicorn.run("app.main:app", host=args.host, port=args.port, log_level="info")

@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from app.db import session_scope
 from app.models import Job
+from app.procutil import parent_gone
 from app.services import maintenance
 from app.settings import get_settings
 
@@ -41,7 +42,14 @@ def run_one(job_id: str, kind: str, worker: str, slot: int) -> str:
         return run_dataset_job(job_id, worker=worker)
     from worker.training import run_train_job
 
-    return run_train_job(job_id, worker=worker)
+    _running["train"] = job_id
+    try:
+        return run_train_job(job_id, worker=worker)
+    finally:
+        _running.pop("train", None)
+
+
+_running: dict[str, str] = {}  # the train job this process supervises (preempted on SIGTERM)
 
 
 def run_loop(stop: threading.Event, slot: int = 0, poll_s: float = 0.2) -> None:
@@ -51,6 +59,9 @@ def run_loop(stop: threading.Event, slot: int = 0, poll_s: float = 0.2) -> None:
     skipped: dict[str, float] = {}
     log.info("embedded worker %s polling the database", worker)
     while not stop.is_set():
+        if parent_gone():  # `hdm serve` died without stopping us (SIGKILL): do not poll forever as an orphan
+            log.warning("embedded worker %s: parent process gone, exiting", worker)
+            break
         now = time.monotonic()
         if now - last_maintenance >= settings.maintenance_interval_s:
             maintenance.tick()
@@ -67,9 +78,21 @@ def run_loop(stop: threading.Event, slot: int = 0, poll_s: float = 0.2) -> None:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    def _stop(signum: int, _frame: object) -> None:
+        stop.set()  # an idle loop sees it within one poll interval
+        job = _running.get("train")
+        if job:  # like the Celery worker's warm shutdown: the run is preempted, re-queued, resumed later
+            from worker.training import PREEMPT
+
+            folder = get_settings().runs_dir / job
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / PREEMPT).write_text(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     run_loop(stop, get_settings().gpu_index or 0)
+    log.info("embedded worker stopped")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,6 @@ group, supervise it (metrics -> events, checkpoints -> models, cancel -> SIGTERM
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -21,6 +19,7 @@ from sqlalchemy import select
 
 from app.db import session_scope
 from app.models import Checkpoint, Job
+from app.procutil import die_with_parent
 from app.services import checkpoints, jobs
 from app.settings import get_settings
 from worker import leases
@@ -95,11 +94,6 @@ def command(config: Path, run_dir: Path, nproc: int, resume: bool) -> list[str]:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "hdm_core.train", str(config), "--run-dir", str(run_dir)]
     return [*cmd, "--resume"] if resume else cmd
-
-
-def _die_with_parent() -> None:  # pragma: no cover (runs in the child)
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class _Supervisor:
@@ -238,7 +232,7 @@ def run_train_job(job_id: str, *, worker: str) -> str:
     outcome, error = "failed", None
     with Heartbeat(job_id), (run_dir / "train.log").open("ab") as logf:
         proc = subprocess.Popen(cmd, cwd=run_dir, stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+                                start_new_session=True, preexec_fn=die_with_parent(signal.SIGTERM))
         cancelled_at: float | None = None
         preempted = False
         (run_dir / PREEMPT).unlink(missing_ok=True)

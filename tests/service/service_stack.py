@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 
+from app.procutil import PARENT_PID_ENV, die_with_parent
+
 ROOT = Path(__file__).resolve().parents[2]
 FINAL = ("succeeded", "failed", "cancelled")
 API_KEY = "test-key-" + secrets.token_hex(8)
@@ -51,7 +53,8 @@ class Stack:
         self.api = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
              "--log-level", "warning"], env={**self.env, **(extra_env or {})}, cwd=ROOT,
-            stdout=self._log("api"), stderr=subprocess.STDOUT)
+            stdout=self._log("api"), stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGKILL))
         self.base_url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -70,14 +73,17 @@ class Stack:
         env = {**self.env, "HDM_GPU_INDEX": str(slot), **(extra_env or {})}
         if embedded:
             cmd = [sys.executable, "-m", "worker.embedded"]
+            env[PARENT_PID_ENV] = str(os.getpid())  # exits on its own if pytest dies
         else:
             prefix = env.get("HDM_QUEUE_PREFIX", "hdm")
             cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--concurrency", "1",
                    "--prefetch-multiplier", "1", "-Q", f"{prefix}.gpu.{slot},{prefix}.images", "--loglevel",
                    "INFO", "-n", f"slot{slot}-{self._n}@%h", "--without-gossip", "--without-mingle",
                    "--without-heartbeat"]
+        # own process group (killed as a group, trainer included); SIGTERM (warm shutdown) if pytest dies
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=self._log(f"worker{slot}"),
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=die_with_parent(signal.SIGTERM))
         self.workers.append(proc)
         return proc
 
@@ -85,18 +91,48 @@ class Stack:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
         proc.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever the group leader left behind (trainer processes)
         if proc in self.workers:
             self.workers.remove(proc)
 
     def stop(self) -> None:
         for proc in list(self.workers):
             self.kill_worker(proc, signal.SIGTERM if proc.poll() is None else signal.SIGKILL)
-        if self.api is not None and self.api.poll() is None:
-            self.api.terminate()
-            try:
-                self.api.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.api.kill()
+        if self.api is not None:
+            stop_group(self.api)
+
+
+def stop_group(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    """SIGTERM the process, then SIGKILL its whole process group (started with start_new_session=True), so no
+    child (an embedded worker, a trainer) outlives the test even when the leader ignored or outlived SIGTERM."""
+    if proc.poll() is None:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=timeout)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+def process_alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+    return out
 
     # -- HTTP --------------------------------------------------------------------------------------------------
     def client(self, key: str | None = "default", timeout: float = 30) -> httpx.Client:

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -11,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_stack import ROOT, Stack, free_port
+from service_stack import ROOT, Stack, children, free_port, process_alive, stop_group
 
 
 def _serve(tmp: Path, assets: dict[str, Path], extra: dict[str, str], args: list[str]) -> tuple[
@@ -36,17 +39,77 @@ def _serve(tmp: Path, assets: dict[str, Path], extra: dict[str, str], args: list
                 return proc, base, log
         except httpx.HTTPError:
             pass
-        assert proc.poll() is None, log.read_text()
+        if proc.poll() is not None:
+            break
         time.sleep(0.2)
+    stop_group(proc)  # do not leave a half-started server and its worker behind
     raise AssertionError("hdm serve did not become ready: " + log.read_text())
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
+    stop_group(proc, timeout=30)  # SIGTERM, then SIGKILL to the group: the embedded worker never outlives it
+
+
+def _worker_of(proc: subprocess.Popen[bytes]) -> int:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        kids = children(proc.pid)
+        if kids:
+            return kids[0]
+        time.sleep(0.1)
+    raise AssertionError("hdm serve started no worker")
+
+
+def _wait_gone(pid: int, timeout: float) -> float:
+    t0 = time.monotonic()
+    while process_alive(pid):
+        assert time.monotonic() - t0 < timeout, f"worker {pid} still running after {timeout}s"
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def test_embedded_worker_dies_with_sigkilled_serve(tmp_path: Path, assets: dict[str, Path]) -> None:
+    """`hdm serve` SIGKILLed (or its harness died): its worker must not be orphaned polling the DB forever."""
+    proc, _, log = _serve(tmp_path, assets, {}, [])
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        worker = _worker_of(proc)
+        deadline = time.monotonic() + 30
+        while "polling the database" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)  # the leader only; the worker is in the same group but gets no signal
+        proc.wait(timeout=10)
+        _wait_gone(worker, 5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_idle_embedded_worker_stops_on_sigterm_and_when_orphaned(tmp_path: Path, assets: dict[str, Path]) -> None:
+    proc, _, log = _serve(tmp_path, assets, {}, [])
+    try:
+        worker = _worker_of(proc)
+        deadline = time.monotonic() + 30
+        while "polling the database" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        os.kill(worker, signal.SIGTERM)
+        assert _wait_gone(worker, 3) < 1.0
+    finally:
+        _stop(proc)
+    # the portable fallback without PR_SET_PDEATHSIG: HDM_PARENT_PID no longer our parent -> exit
+    s = Stack({"HDM_DATABASE_URL": f"sqlite:///{tmp_path / 'orphan.db'}", "HDM_BROKER_URL": "db://",
+               "HDM_MAINTENANCE_INTERVAL_S": "3600"}, tmp_path, None)
+    s.migrate()
+    s.env["HDM_PARENT_PID"] = "1" if os.getpid() != 1 else "2"
+    out = tmp_path / "orphan.log"
+    orphan = subprocess.Popen([sys.executable, "-m", "worker.embedded"], env=s.env, cwd=ROOT,
+                              stdout=out.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert orphan.wait(timeout=30) == 0, out.read_text()
+        assert "parent process gone" in out.read_text()
+    finally:
+        stop_group(orphan, timeout=1)
 
 
 def test_hdm_serve_embedded_end_to_end(tmp_path: Path, assets: dict[str, Path]) -> None:
