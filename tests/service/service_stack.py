@@ -102,38 +102,6 @@ class Stack:
         if self.api is not None:
             stop_group(self.api)
 
-
-def stop_group(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
-    """SIGTERM the process, then SIGKILL its whole process group (started with start_new_session=True), so no
-    child (an embedded worker, a trainer) outlives the test even when the leader ignored or outlived SIGTERM."""
-    if proc.poll() is None:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=timeout)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
-
-
-def process_alive(pid: int) -> bool:
-    """Running (not gone, not a zombie waiting to be reaped)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(d.name))
-    return out
-
     # -- HTTP --------------------------------------------------------------------------------------------------
     def client(self, key: str | None = "default", timeout: float = 30) -> httpx.Client:
         k = self.api_key if key == "default" else key
@@ -171,3 +139,36 @@ def stack_env(tmp: Path, assets: dict[str, Path], db_url: str, broker: str, pref
         "HDM_QUEUE_LIMIT": "40", "HDM_SLOTS": "0", "HDM_FORCE_CANCEL_AFTER_S": "20",
         "HDM_WEBHOOK_SECRET": "whsec-test", "HDM_WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
     }
+
+
+def stop_group(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    """SIGTERM the process, then SIGKILL its whole process group (started with start_new_session=True), so no
+    child (an embedded worker, a trainer) outlives the test even when the leader ignored or outlived SIGTERM."""
+    if proc.poll() is None:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=timeout)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+def process_alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+    return out
+
