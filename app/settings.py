@@ -20,6 +20,8 @@ class Settings(BaseSettings):
     outputs_dir: Path = Path("var/outputs")
     runs_dir: Path = Path("var/runs")
     text_encoder: Path | None = None
+    # diffusers AutoencoderKL folder: latent (non-pixel) training, and image jobs whose checkpoint carries no VAE
+    vae: Path | None = None
     default_model: str | None = None
     device: str = "cpu"
 
@@ -57,6 +59,11 @@ class Settings(BaseSettings):
     train_kill_grace_s: float = 15.0  # SIGTERM to the trainer's process group, then SIGKILL after this
     cpu_threads: int = 0  # torch intra-op threads per trainer process ([train] num_threads); 0 = torch's default
     train_command: str = ""  # override the trainer launcher (tests use a stand-in); default torchrun hdm_core.train
+
+    @field_validator("text_encoder", "vae", mode="before")
+    @classmethod
+    def _unset(cls, v: object) -> object:
+        return None if v == "" else v  # `HDM_VAE=` (compose passes unset variables as empty) means none
 
     @field_validator("data_root", "models_dir", "outputs_dir", "runs_dir")
     @classmethod

@@ -59,7 +59,7 @@ def run_image_job(job_id: str, *, worker: str, slot: int | None) -> str:
         attempt = job.attempts
         req: dict[str, Any] = dict(job.request)
         ckpt = session.get(Checkpoint, job.model_id) if job.model_id else None
-        ckpt_info = (ckpt.path, ckpt.name, ckpt.sha256) if ckpt else None
+        ckpt_info = (ckpt.path, ckpt.name, ckpt.sha256, ckpt.codec) if ckpt else None
     try:
         with Heartbeat(job_id):
             outcome, error, timings = _generate(job_id, req, ckpt_info)
@@ -75,7 +75,7 @@ def run_image_job(job_id: str, *, worker: str, slot: int | None) -> str:
     return outcome
 
 
-def _generate(job_id: str, req: dict[str, Any], ckpt: tuple[str, str, str | None] | None,
+def _generate(job_id: str, req: dict[str, Any], ckpt: tuple[str, str, str | None, str | None] | None,
               ) -> tuple[str, dict[str, Any] | None, dict[str, float]]:
     from hdm_core.pipeline import Camera, TreadGuidance
     from hdm_core.sampler import SamplingCancelled
@@ -85,9 +85,11 @@ def _generate(job_id: str, req: dict[str, Any], ckpt: tuple[str, str, str | None
     try:
         if ckpt is None:
             raise ValueError("the job's model is no longer registered")
-        path, model_name, sha = ckpt
+        path, model_name, sha, codec = ckpt
+        # a checkpoint without its own VAE (and not pixel-space) decodes with the server's HDM_VAE
+        vae = settings.vae if codec not in ("vae", "pixel") else None
         t0 = time.perf_counter()
-        pipe, loaded_now = model_cache.get_pipeline(path, settings.text_encoder, settings.device)
+        pipe, loaded_now = model_cache.get_pipeline(path, settings.text_encoder, settings.device, vae=vae)
         timings["cache_hit"] = 0.0 if loaded_now else 1.0
         timings["load_s"] = round(time.perf_counter() - t0, 4)
         t1 = time.perf_counter()

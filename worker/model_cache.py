@@ -10,11 +10,12 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
-_current: tuple[tuple[str, str, str], Any] | None = None
+_current: tuple[tuple[str, str, str, str], Any] | None = None
 
 
-def get_pipeline(checkpoint: str, text_encoder: Path | None, device: str) -> tuple[Any, bool]:
-    """Returns (pipeline, loaded_now)."""
+def get_pipeline(checkpoint: str, text_encoder: Path | None, device: str,
+                 vae: Path | None = None) -> tuple[Any, bool]:
+    """Returns (pipeline, loaded_now). ``vae``: a diffusers folder for a checkpoint that carries no VAE."""
     global _current
     import torch
 
@@ -22,7 +23,7 @@ def get_pipeline(checkpoint: str, text_encoder: Path | None, device: str) -> tup
 
     if text_encoder is None:
         raise ValueError("no text encoder configured (HDM_TEXT_ENCODER)")
-    key = (checkpoint, str(text_encoder), device)
+    key = (checkpoint, str(text_encoder), device, str(vae or ""))
     with _lock:
         if _current is not None and _current[0] == key:
             return _current[1], False
@@ -33,7 +34,7 @@ def get_pipeline(checkpoint: str, text_encoder: Path | None, device: str) -> tup
             if torch.cuda.is_available() and device.startswith("cuda"):
                 torch.cuda.empty_cache()
         log.info("loading %s on %s", checkpoint, device)
-        pipe = HDMPipeline.from_paths(checkpoint, text_encoder, device=device, dtype=torch.float32)
+        pipe = HDMPipeline.from_paths(checkpoint, text_encoder, device=device, dtype=torch.float32, vae=vae)
         _current = (key, pipe)
         return pipe, True
 

@@ -63,9 +63,14 @@ def trainer_config(req: dict[str, Any], codec: str | None) -> dict[str, Any]:
         model["arch"] = req["arch"]
     else:
         model["preset"] = req.get("arch") or "xut-small"
-    if codec is None:
+    # codec: the base checkpoint's ("pixel" | "vae" | "none" | None), or the architecture's
+    if req.get("base_model_path"):
+        pixel = codec == "pixel" or (req.get("base_arch") or {}).get("in_channels") == 3
+    else:
         pixel = model.get("preset") == "xut-pixel-debug" or (model.get("arch") or {}).get("in_channels") == 3
-        codec = "pixel" if pixel else "vae"
+    codec_section: dict[str, Any] = {"kind": "pixel" if pixel else "vae"}
+    if not pixel and not (req.get("base_model_path") and codec == "vae") and settings.vae is not None:
+        codec_section["path"] = str(settings.vae)  # the base's own VAE wins: its latent space is what it learned
     stages = [{k: s.get(k) for k in ("resolution", "batch_size", "lr", "steps", "epochs", "grad_accum", "tread_rate",
                                      "caption_dropout", "warmup_steps")} for s in req["stages"]]
     train: dict[str, Any] = {
@@ -78,7 +83,7 @@ def trainer_config(req: dict[str, Any], codec: str | None) -> dict[str, Any]:
         "model": model,
         "text_encoder": {"path": str(settings.text_encoder or ""), "max_length": int(req.get("text_max_length", 256))},
         "data": {"path": req["dataset_path"]},
-        "codec": {"kind": codec},
+        "codec": codec_section,
         "train": train,
         "sampling": {"every": req.get("sample_every", 0), "prompts": req.get("sample_prompts", [])},
         "stages": stages,
@@ -209,6 +214,8 @@ def run_train_job(job_id: str, *, worker: str) -> str:
             leases.acquire(session, slot, job_id, worker)
         base = session.get(Checkpoint, job.model_id) if job.model_id else None
         codec = base.codec if base else None
+        if base is not None:
+            req["base_arch"] = base.arch
     run_dir = settings.runs_dir / job_id
     run_dir.mkdir(parents=True, exist_ok=True)
     config = run_dir / "config.toml"

@@ -38,6 +38,13 @@ def create(session: Session, req: TrainRequest, *, owner: str, idempotency_key: 
     if req.nodes > 1:
         raise Invalid("Multi-node runs are not scheduled by the service yet; launch hdm_core.train with torchrun "
                       "rendezvous on each machine (docs/training.md).", param="nodes", code="unsupported")
+    if not pixel_space(req.arch, base) and not carries_vae(base) and settings.vae is None:
+        what = (f"Base model {base.name!r} carries no VAE" if base else
+                f"Architecture {req.arch if isinstance(req.arch, str) else 'object'!r} is a latent (non-pixel) model")
+        raise Invalid(f"{what} and the server has no VAE configured: set HDM_VAE to a diffusers AutoencoderKL folder "
+                      "on the workers, fine-tune a checkpoint that carries its VAE, or train a pixel-space "
+                      "architecture (in_channels 3, e.g. xut-pixel-debug).",
+                      param="base_model" if base else "arch", code="vae_required")
     if req.gpus > len(settings.slot_list):
         raise Invalid(f"This server has {len(settings.slot_list)} GPU slot(s); asked for {req.gpus}.", param="gpus")
     request = req.model_dump(mode="json")
@@ -50,6 +57,20 @@ def create(session: Session, req: TrainRequest, *, owner: str, idempotency_key: 
         job.progress_total = sum(s.steps or 0 for s in req.stages)
         session.commit()
     return job, created
+
+
+def pixel_space(arch: str | dict[str, Any] | None, base: Checkpoint | None) -> bool:
+    """Pixel-space model (no VAE needed): a base checkpoint saved with the pixel codec, or a pixel preset / an
+    architecture object with 3 input channels."""
+    if base is not None:
+        return base.codec == "pixel" or (base.arch or {}).get("in_channels") == 3
+    if isinstance(arch, dict):
+        return arch.get("in_channels") == 3
+    return arch == "xut-pixel-debug"
+
+
+def carries_vae(base: Checkpoint | None) -> bool:
+    return base is not None and base.codec == "vae"
 
 
 def _free(session: Session) -> list[int]:

@@ -53,3 +53,18 @@ def test_cpu_threads_setting_reaches_the_trainer(settings_env, tmp_path: Path) -
     assert _load(cfg, tmp_path).train.num_threads == 0
     settings_env(HDM_CPU_THREADS="2")
     assert _load(trainer_config(_request(), None), tmp_path).train.num_threads == 2
+
+
+def test_latent_training_gets_the_server_vae(settings_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    vae = tmp_path / "vae"
+    settings_env(HDM_VAE=str(vae))
+    cfg = trainer_config(_request(arch="xut-debug"), None)
+    assert cfg["codec"] == {"kind": "vae", "path": str(vae)}
+    parsed = _load(cfg, tmp_path)
+    assert parsed.codec.kind == "vae" and parsed.codec.path == str(vae)
+    assert trainer_config(_request(), None)["codec"] == {"kind": "pixel"}  # pixel arch: no VAE
+    # fine-tuning: a base that carries its VAE keeps it; one saved without a codec ("none") uses HDM_VAE
+    base = {**_request(), "arch": None, "base_model": "b", "base_model_path": "/models/b.safetensors"}
+    assert trainer_config(base, "vae")["codec"] == {"kind": "vae"}
+    assert trainer_config(base, "none")["codec"] == {"kind": "vae", "path": str(vae)}
+    assert trainer_config(base, "pixel")["codec"] == {"kind": "pixel"}
