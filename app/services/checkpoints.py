@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -81,18 +82,44 @@ def register_file(session: Session, path: Path, *, name: str | None = None, sour
     return ckpt
 
 
+XUT_KEYS = tuple(f"{prefix}in_patch.proj.weight" for prefix in ("unet.model.", "model.", ""))
+
+
+def is_xut_checkpoint(path: Path) -> bool:
+    """Cheap: the safetensors header (no tensors) names an XUT input patch embedding, as hdm_core's loader needs."""
+    try:
+        header = read_header(path)
+    except (OSError, ValueError, struct.error):
+        return False
+    return any(key in header for key in XUT_KEYS)
+
+
 def scan_models_dir(session: Session) -> int:
+    """Register the XUT checkpoints below the models folder. Folders with a ``config.json`` (Hugging Face text
+    encoders, diffusers VAEs) are not entered; other ``*.safetensors`` that are not XUT checkpoints are skipped."""
     folder = get_settings().models_dir
     if not folder.is_dir():
         return 0
     n = 0
-    for path in sorted(folder.rglob("*.safetensors")):
-        try:
-            register_file(session, path)
-            n += 1
-        except Exception as exc:  # one unreadable file must not stop start-up
-            session.rollback()
-            log.warning("skipping %s: %s", path, exc)
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        if "config.json" in filenames:
+            log.info("models folder: skipping %s (has config.json: a Hugging Face/diffusers folder)", dirpath)
+            dirnames.clear()
+            continue
+        for name in sorted(filenames):
+            if not name.endswith(".safetensors"):
+                continue
+            path = Path(dirpath) / name
+            if not is_xut_checkpoint(path):
+                log.info("models folder: skipping %s (not an XUT checkpoint)", path)
+                continue
+            try:
+                register_file(session, path)
+                n += 1
+            except Exception as exc:  # one unreadable file must not stop start-up
+                session.rollback()
+                log.warning("skipping %s: %s", path, exc)
     return n
 
 
