@@ -112,7 +112,8 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, pos: Tensor) -> Tensor:
         """x [B, L, D], pos [B, L, 2] -> [B, L, D]."""
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b l h d", three=3, h=self.heads)
-        return self.out(_attention(self.rope(q, pos), self.rope(k, pos), v))
+        rot = self.rope.rotation(pos)  # once for q and k
+        return self.out(_attention(self.rope.apply(q, rot), self.rope.apply(k, rot), v))
 
 
 class CrossAttention(nn.Module):
@@ -130,7 +131,8 @@ class CrossAttention(nn.Module):
         """x [B, L, D], skip [B, L, D] (same tokens and positions), pos [B, L, 2] -> [B, L, D]."""
         q = rearrange(self.q(x), "b l (h d) -> b l h d", h=self.heads)
         k, v = rearrange(self.kv(skip), "b l (two h d) -> two b l h d", two=2, h=self.heads)
-        return self.out(_attention(self.rope(q, pos), self.rope(k, pos), v))
+        rot = self.rope.rotation(pos)
+        return self.out(_attention(self.rope.apply(q, rot), self.rope.apply(k, rot), v))
 
 
 class SwiGLU(nn.Module):

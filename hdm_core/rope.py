@@ -72,11 +72,18 @@ class AxialRoPE(nn.Module):
         theta = pos.to(dtype)[:, :, None, None, :] * freqs[None, None]  # (B, L, H, K, 2)
         return rearrange(theta, "b l h k two -> b l h (k two)")
 
+    def rotation(self, pos: Tensor) -> Tensor:
+        """Unit complex rotations [B, L, H, head_dim // 2] (fp32), shared by q and k of one attention."""
+        theta = self.angles(pos, torch.float32)
+        return torch.polar(torch.ones_like(theta), theta)
+
+    @staticmethod
+    def apply(x: Tensor, rotation: Tensor) -> Tensor:
+        """Interleaved pairs (x[2j], x[2j+1]) as complex numbers times e^(i theta):
+        out[2j] = x[2j] cos - x[2j+1] sin; out[2j+1] = x[2j+1] cos + x[2j] sin. Computed in fp32."""
+        pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
+        return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
+
     def forward(self, x: Tensor, pos: Tensor) -> Tensor:
         """x [B, L, H, Dh], pos [B, L, 2] -> x rotated, same shape."""
-        theta = self.angles(pos, x.dtype)
-        cos, sin = theta.cos(), theta.sin()
-        pairs = rearrange(x, "b l h (j two) -> b l h j two", two=2)
-        x0, x1 = pairs.unbind(-1)
-        out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
-        return rearrange(out, "b l h j two -> b l h (j two)")
+        return self.apply(x, self.rotation(pos))
