@@ -71,12 +71,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         main()
         return 0
-    slot = settings.gpu_index if settings.gpu_index is not None else settings.slot_list[0]
-    os.environ["HDM_GPU_INDEX"] = str(slot)
-    queues = args.queues or settings.worker_queues or f"{settings.slot_queue(slot)},{settings.image_queue}"
+    if args.trainer:
+        # the trainer service: sees every GPU of its machine, runs only train jobs (hdm.train.<slot> for the
+        # machine's slots) and gives torchrun CUDA_VISIBLE_DEVICES = the leased slots (worker/training.py)
+        if settings.gpu_index is not None:
+            log.error("hdm worker --trainer must not be pinned to one slot (unset HDM_GPU_INDEX)")
+            return 2
+        queues = args.queues or settings.worker_queues or ",".join(
+            settings.train_queue(s) for s in settings.local_slot_list)
+        name = args.name or "trainer@%h"
+    else:
+        slot = settings.gpu_index if settings.gpu_index is not None else settings.slot_list[0]
+        os.environ["HDM_GPU_INDEX"] = str(slot)
+        queues = args.queues or settings.worker_queues or ",".join(
+            [settings.slot_queue(slot), settings.image_queue, settings.train_queue(slot)])
+        name = args.name or f"slot{slot}@%h"
     argv = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--concurrency",
             str(args.concurrency), "--prefetch-multiplier", "1", "-Q", queues, "--loglevel", args.loglevel,
-            "-n", args.name or f"slot{slot}@%h", "--without-gossip", "--without-mingle"]
+            "-n", name, "--without-gossip", "--without-mingle"]
     os.execv(sys.executable, argv)
     return 0  # pragma: no cover
 
@@ -174,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--queues", default=None)
     w.add_argument("--name", default=None)
     w.add_argument("--loglevel", default="INFO")
+    w.add_argument("--trainer", action="store_true",
+                   help="train jobs only, for a process that sees all of its machine's GPUs (compose 'trainer')")
     w.set_defaults(func=cmd_worker)
     m = sub.add_parser("migrate", help="upgrade the database schema (alembic)")
     m.add_argument("--url", default=None)

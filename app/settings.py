@@ -38,7 +38,13 @@ class Settings(BaseSettings):
     retry_after_s: int = 5
     slots: str = "0"  # comma-separated GPU indices (or CPU slot numbers) of the whole cluster
     gpu_index: int | None = None  # the slot this worker process serves (worker processes only)
-    worker_queues: str = ""  # default: hdm.gpu.<gpu_index>,hdm.images
+    worker_queues: str = ""  # default: hdm.gpu.<gpu_index>,hdm.images,hdm.train.<gpu_index>
+    # Slots that share a machine, ";"-separated groups ("0,1,2,3;4,5,6,7"); a train job is leased within one group
+    # (torchrun --standalone is one machine). Default: all slots are one machine.
+    slot_groups: str = ""
+    # The trainer service (`hdm worker --trainer`, no HDM_GPU_INDEX): the slots of its machine in local GPU order
+    # (slot -> CUDA index = position here). Default: the group of HDM_SLOTS it belongs to / all slots.
+    local_slots: str = ""
     max_attempts: int = 3
     heartbeat_s: float = 5.0
     stale_after_s: float = 30.0
@@ -93,9 +99,25 @@ class Settings(BaseSettings):
     def slot_queue(self, slot: int) -> str:
         return f"{self.queue_prefix}.gpu.{slot}"
 
+    def train_queue(self, slot: int) -> str:
+        """Train jobs whose first leased slot is ``slot`` (consumed by the trainer service of that machine, or by
+        the slot's own worker where there is no trainer service)."""
+        return f"{self.queue_prefix}.train.{slot}"
+
+    @property
+    def slot_group_list(self) -> list[list[int]]:
+        groups = [[int(x) for x in g.split(",") if x.strip()] for g in self.slot_groups.split(";")]
+        groups = [g for g in groups if g]
+        return groups or [self.slot_list]
+
+    @property
+    def local_slot_list(self) -> list[int]:
+        return [int(s) for s in self.local_slots.split(",") if s.strip()] or self.slot_group_list[0]
+
     @property
     def all_queues(self) -> list[str]:
-        return [self.image_queue, *(self.slot_queue(s) for s in self.slot_list)]
+        return [self.image_queue, *(self.slot_queue(s) for s in self.slot_list),
+                *(self.train_queue(s) for s in self.slot_list)]
 
 
 

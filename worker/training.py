@@ -101,6 +101,33 @@ def command(config: Path, run_dir: Path, nproc: int, resume: bool) -> list[str]:
     return [*cmd, "--resume"] if resume else cmd
 
 
+def trainer_env(slots: list[int], environ: dict[str, str]) -> dict[str, str]:
+    """The trainer's environment, the one rule for every layout (docs/deployment.md):
+
+    - CPU slots (tests, CPU boxes): no CUDA variables; torchrun runs one process per leased slot.
+    - The trainer service (``hdm worker --trainer``, no ``HDM_GPU_INDEX``, sees all GPUs of its machine):
+      ``CUDA_VISIBLE_DEVICES`` = the leased slots' local GPU indices (position in ``HDM_LOCAL_SLOTS``), so torchrun's
+      ranks use exactly the GPUs leased to the job; image workers stay off them through the leases.
+    - A worker pinned to one GPU (``HDM_GPU_INDEX``; compose gives its container one device): it keeps the one
+      GPU it sees and can only run 1-slot jobs; a multi-GPU job there is a deployment error, reported as such."""
+    settings = get_settings()
+    env = dict(environ)
+    if not settings.device.startswith("cuda") or not slots:
+        return env
+    if settings.gpu_index is not None:
+        if len(slots) > 1:
+            raise RuntimeError(f"this worker sees one GPU (slot {settings.gpu_index}) but the job leased slots "
+                               f"{slots}: run the trainer service (hdm worker --trainer, all GPUs visible) for "
+                               "multi-GPU train jobs")
+        return env
+    local = settings.local_slot_list
+    missing = [s for s in slots if s not in local]
+    if missing:
+        raise RuntimeError(f"slots {missing} are not on this trainer's machine (HDM_LOCAL_SLOTS={local})")
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(local.index(s)) for s in slots)
+    return env
+
+
 class _Supervisor:
     def __init__(self, job_id: str, run_dir: Path) -> None:
         self.job_id, self.run_dir = job_id, run_dir
@@ -222,9 +249,14 @@ def run_train_job(job_id: str, *, worker: str) -> str:
     config.write_text(to_toml(trainer_config(req, codec)))
     resume = bool(req.get("resume")) or (attempt > 1 and (run_dir / "checkpoints" / "manifest.json").is_file())
     cmd = command(config, run_dir, max(1, len(slots)), resume)
-    env = os.environ.copy()
-    if settings.device.startswith("cuda") and slots and "HDM_GPU_INDEX" not in os.environ:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(s) for s in slots)
+    try:
+        env = trainer_env(slots, dict(os.environ))
+    except RuntimeError as exc:
+        with session_scope() as session:
+            leases.release(session, job_id)
+            jobs.finish(session, job_id, "failed", error={"code": "gpus_not_visible", "message": str(exc)},
+                        attempt=attempt)
+        return "failed"
     log.info("job %s: %s", job_id, shlex.join(cmd))
     sup = _Supervisor(job_id, run_dir)
     metrics_file = run_dir / "metrics.jsonl"

@@ -47,6 +47,10 @@ def create(session: Session, req: TrainRequest, *, owner: str, idempotency_key: 
                       param="base_model" if base else "arch", code="vae_required")
     if req.gpus > len(settings.slot_list):
         raise Invalid(f"This server has {len(settings.slot_list)} GPU slot(s); asked for {req.gpus}.", param="gpus")
+    biggest = max(len(g) for g in settings.slot_group_list)
+    if req.gpus > biggest:
+        raise Invalid(f"One machine of this server has at most {biggest} GPU slot(s); asked for {req.gpus} "
+                      "(multi-node runs are not scheduled).", param="gpus")
     request = req.model_dump(mode="json")
     request["dataset_path"] = ds.path
     request["base_model_path"] = base.path if base else None
@@ -101,7 +105,9 @@ def schedule(session: Session) -> int:
     n = 0
     for job in pending:
         need = int(job.request.get("gpus", 1))
-        free = _free(session)
+        free_all = _free(session)
+        # one machine: torchrun --standalone cannot span the slot groups (HDM_SLOT_GROUPS)
+        free = next((f for g in settings.slot_group_list if len(f := [s for s in free_all if s in g]) >= need), [])
         if len(free) < need:
             break  # FIFO: do not let smaller jobs overtake
         stale = jobs.stale_before(settings.stale_after_s)
@@ -117,7 +123,7 @@ def schedule(session: Session) -> int:
             session.commit()
             break
         res = session.execute(update(Job).where(Job.id == job.id, Job.status == "queued", Job.slots.is_(None))
-                              .values(slots=got, queue=settings.slot_queue(got[0])))
+                              .values(slots=got, queue=settings.train_queue(got[0])))
         session.commit()
         if res.rowcount != 1:  # type: ignore[attr-defined]
             session.execute(update(GpuLease).where(GpuLease.job_id == job.id).values(job_id=None))

@@ -25,6 +25,8 @@ CONSTRAINTS = ROOT / "docker" / "constraints.txt"
 
 REQUIRED = ["POSTGRES_PASSWORD", "REDIS_PASSWORD", "HDM_API_KEYS", "HDM_WEBHOOK_SECRET"]
 WORKERS = [f"worker-{i}" for i in range(4)]
+TRAINER = "trainer"  # train jobs (multi-GPU): sees all GPUs, consumes the hdm.train.<slot> queues
+GPU_SERVICES = [*WORKERS, TRAINER]
 SHARED_MOUNTS = ["/data/models", "/data/datasets", "/data/outputs", "/data/runs"]
 
 
@@ -318,7 +320,7 @@ def test_required_variables_have_no_defaults():
 
 
 def test_services_present(rendered):
-    assert set(rendered["services"]) == {"postgres", "redis", "migrate", "api", *WORKERS}
+    assert set(rendered["services"]) == {"postgres", "redis", "migrate", "api", *WORKERS, TRAINER}
 
 
 def test_four_workers_pinned_to_distinct_gpus(rendered):
@@ -358,6 +360,28 @@ def test_workers_have_distinct_queues_and_share_images(rendered):
     assert sorted(api_slots) == sorted(slots), "the API must know every worker slot"
 
 
+def test_trainer_sees_all_gpus_and_consumes_the_train_queues(rendered):
+    """Multi-GPU train jobs: the pinned workers see one GPU each, so the trainer service, which sees all of them,
+    runs every train job (torchrun gets CUDA_VISIBLE_DEVICES = the leased slots)."""
+    svc = rendered["services"][TRAINER]
+    cmd = command_of(svc)
+    assert "worker" in cmd and "--trainer" in cmd, cmd
+    devices = svc["deploy"]["resources"]["reservations"]["devices"]
+    assert len(devices) == 1 and devices[0].get("driver") == "nvidia" and "gpu" in devices[0]["capabilities"]
+    assert devices[0].get("count") == "all" and "device_ids" not in devices[0], devices
+    env = env_of(svc)
+    assert "HDM_GPU_INDEX" not in env, "the trainer is not pinned to a slot"
+    assert env["HDM_DEVICE"].startswith("cuda")
+    slots = [env_of(rendered["services"][w])["HDM_GPU_INDEX"] for w in WORKERS]
+    assert env["HDM_LOCAL_SLOTS"].split(",") == slots, "local GPU i is worker-i's slot"
+    assert sorted(worker_queues(svc)) == sorted(f"hdm.train.{s}" for s in slots)
+    assert to_bytes(svc["shm_size"]) >= 8 * 1024**3 and svc.get("init") is True
+    assert to_seconds(svc["stop_grace_period"]) >= 120, "a run checkpoints and re-queues itself on SIGTERM"
+    # nobody else takes train jobs: a pinned worker would start torchrun seeing a single GPU
+    for name in WORKERS:
+        assert not [q for q in worker_queues(rendered["services"][name]) if q.startswith("hdm.train")], name
+
+
 def test_worker_slots_can_be_moved_for_a_second_machine(compose, secrets):
     env = {**secrets, "HDM_SLOTS": "0,1,2,3,4,5,6,7", **{f"HDM_WORKER{i}_SLOT": str(4 + i) for i in range(4)}}
     r = compose(env, "config")
@@ -367,6 +391,9 @@ def test_worker_slots_can_be_moved_for_a_second_machine(compose, secrets):
         svc = cfg["services"][name]
         assert worker_queues(svc)[0] == f"hdm.gpu.{4 + i}" or f"hdm.gpu.{4 + i}" in worker_queues(svc)
         assert svc["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == [str(i)]
+    trainer = env_of(cfg["services"][TRAINER])
+    assert trainer["HDM_LOCAL_SLOTS"] == "4,5,6,7"
+    assert worker_queues(cfg["services"][TRAINER]) == [f"hdm.train.{4 + i}" for i in range(4)]
 
 
 def test_healthchecks(rendered):
@@ -382,7 +409,7 @@ def test_migrate_is_a_one_shot_dependency(rendered):
     assert "migrate" in command_of(mig)
     assert str(mig.get("restart", "no")) in ("no", "False", "false"), "migrate must run once, not restart"
     assert depends_of(mig).get("postgres") == "service_healthy"
-    for name in ["api", *WORKERS]:
+    for name in ["api", *GPU_SERVICES]:
         deps = depends_of(s[name])
         assert deps.get("migrate") == "service_completed_successfully", f"{name}: {deps}"
         assert deps.get("postgres") == "service_healthy" and deps.get("redis") == "service_healthy", name
@@ -390,15 +417,15 @@ def test_migrate_is_a_one_shot_dependency(rendered):
 
 def test_restart_policies_and_grace(rendered):
     s = rendered["services"]
-    for name in ["postgres", "redis", "api", *WORKERS]:
+    for name in ["postgres", "redis", "api", *GPU_SERVICES]:
         assert s[name].get("restart") in ("unless-stopped", "always"), name
-    for name in WORKERS:
+    for name in GPU_SERVICES:
         assert to_seconds(s[name]["stop_grace_period"]) >= 120, "workers need time to checkpoint on SIGTERM"
         assert s[name].get("init") is True
 
 
 def test_worker_shm_size(rendered):
-    for name in WORKERS:
+    for name in GPU_SERVICES:
         assert to_bytes(rendered["services"][name]["shm_size"]) >= 8 * 1024**3, name
 
 
@@ -407,7 +434,7 @@ def test_shared_storage_is_the_same_for_api_and_workers(rendered):
     ref = mounts_of(s["api"])
     for target in SHARED_MOUNTS:
         assert target in ref, f"api lacks {target}"
-    for name in WORKERS:
+    for name in GPU_SERVICES:
         m = mounts_of(s[name])
         for target in SHARED_MOUNTS:
             assert m.get(target) == ref[target], (
@@ -442,13 +469,13 @@ def test_secrets_reach_the_right_places(rendered, secrets):
         assert ports[name] and all(p.startswith("127.0.0.1:") or "'127.0.0.1'" in p for p in ports[name]), (
             ports
         )
-    for name in ["migrate", *WORKERS]:
+    for name in ["migrate", *GPU_SERVICES]:
         assert not ports[name], f"{name} should publish no port"
 
 
 def test_encoders_are_outside_the_scanned_models_dir(rendered):
     """Every *.safetensors under HDM_MODELS_DIR is registered as a model: the text encoder must live elsewhere."""
-    for name in ["api", *WORKERS]:
+    for name in ["api", *GPU_SERVICES]:
         env = env_of(rendered["services"][name])
         models_dir, te = env["HDM_MODELS_DIR"].rstrip("/"), env["HDM_TEXT_ENCODER"].rstrip("/")
         assert not (te + "/").startswith(models_dir + "/"), f"{name}: {te} is inside {models_dir}"
@@ -458,7 +485,7 @@ def test_encoders_are_outside_the_scanned_models_dir(rendered):
 def test_compose_uses_anchors_for_workers(raw_compose):
     assert "x-worker" in raw_compose, "workers should share an x-worker extension field"
     text = COMPOSE_FILE.read_text()
-    assert text.count("<<: *worker") == 4
+    assert text.count("<<: *worker") == 5  # four pinned workers + the trainer
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -68,16 +68,22 @@ class Stack:
             time.sleep(0.2)
         raise RuntimeError("API did not start")
 
-    def start_worker(self, slot: int = 0, embedded: bool = False,
-                     extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start_worker(self, slot: int = 0, embedded: bool = False, extra_env: dict[str, str] | None = None,
+                     trainer: bool = False) -> subprocess.Popen[bytes]:
+        """A pinned worker for ``slot`` with `hdm worker`'s default queues (its slot, images, train jobs whose first
+        slot it is), or with ``trainer`` the trainer service (`hdm worker --trainer`: train queues of all slots)."""
         env = {**self.env, "HDM_GPU_INDEX": str(slot), **(extra_env or {})}
-        if embedded:
+        if trainer:
+            env.pop("HDM_GPU_INDEX")
+            cmd = [sys.executable, "-m", "app.cli", "worker", "--trainer", "--name", f"trainer-{self._n}@%h"]
+        elif embedded:
             cmd = [sys.executable, "-m", "worker.embedded"]
             env[PARENT_PID_ENV] = str(os.getpid())  # exits on its own if pytest dies
         else:
             prefix = env.get("HDM_QUEUE_PREFIX", "hdm")
             cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--concurrency", "1",
-                   "--prefetch-multiplier", "1", "-Q", f"{prefix}.gpu.{slot},{prefix}.images", "--loglevel",
+                   "--prefetch-multiplier", "1", "-Q", f"{prefix}.gpu.{slot},{prefix}.images,{prefix}.train.{slot}",
+                   "--loglevel",
                    "INFO", "-n", f"slot{slot}-{self._n}@%h", "--without-gossip", "--without-mingle",
                    "--without-heartbeat"]
         # own process group (killed as a group, trainer included); SIGTERM (warm shutdown) if pytest dies

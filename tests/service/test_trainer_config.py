@@ -21,10 +21,13 @@ def _request(**kw: object) -> dict:
 
 @pytest.fixture
 def settings_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):  # type: ignore[no-untyped-def]
-    def apply(**env: str):  # type: ignore[no-untyped-def]
+    def apply(**env: str | None):  # type: ignore[no-untyped-def]
         monkeypatch.setenv("HDM_TEXT_ENCODER", str(tmp_path / "te"))
         for k, v in env.items():
-            monkeypatch.setenv(k, v)
+            if v is None:
+                monkeypatch.delenv(k, raising=False)
+            else:
+                monkeypatch.setenv(k, v)
         get_settings.cache_clear()
         return get_settings()
 
@@ -68,3 +71,28 @@ def test_latent_training_gets_the_server_vae(settings_env, tmp_path: Path) -> No
     assert trainer_config(base, "vae")["codec"] == {"kind": "vae"}
     assert trainer_config(base, "none")["codec"] == {"kind": "vae", "path": str(vae)}
     assert trainer_config(base, "pixel")["codec"] == {"kind": "pixel"}
+
+
+def test_trainer_env_one_rule_for_every_layout(settings_env) -> None:  # type: ignore[no-untyped-def]
+    from worker.training import trainer_env
+
+    base = {"PATH": "/bin"}
+    settings_env(HDM_DEVICE="cpu", HDM_SLOTS="0,1", HDM_GPU_INDEX="0")  # CPU slots (tests): nothing to pin
+    assert trainer_env([0, 1], base) == base
+    # the compose trainer service: all GPUs visible, the leased slots' local indices
+    settings_env(HDM_DEVICE="cuda", HDM_SLOTS="0,1,2,3,4,5,6,7", HDM_SLOT_GROUPS="0,1,2,3;4,5,6,7",
+                 HDM_LOCAL_SLOTS="4,5,6,7", HDM_GPU_INDEX=None)
+    assert trainer_env([5, 7], base)["CUDA_VISIBLE_DEVICES"] == "1,3"
+    with pytest.raises(RuntimeError, match="not on this trainer"):
+        trainer_env([2, 3], base)
+    # a worker pinned to one GPU keeps it for a 1-slot run and refuses a multi-GPU one
+    settings_env(HDM_DEVICE="cuda:0", HDM_SLOTS="0,1,2,3", HDM_SLOT_GROUPS="", HDM_LOCAL_SLOTS="", HDM_GPU_INDEX="2")
+    assert "CUDA_VISIBLE_DEVICES" not in trainer_env([2], base)
+    with pytest.raises(RuntimeError, match="trainer service"):
+        trainer_env([2, 3], base)
+
+
+def test_train_queue_is_part_of_every_queue_list(settings_env) -> None:  # type: ignore[no-untyped-def]
+    s = settings_env(HDM_SLOTS="0,1", HDM_QUEUE_PREFIX="hdm", HDM_SLOT_GROUPS="")
+    assert s.train_queue(1) == "hdm.train.1" and {"hdm.train.0", "hdm.train.1"} <= set(s.all_queues)
+    assert s.slot_group_list == [[0, 1]] and s.local_slot_list == [0, 1]

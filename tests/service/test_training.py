@@ -3,6 +3,7 @@ the worker (metrics -> events, checkpoints -> models), cancel frees the slot."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -152,6 +153,43 @@ def test_worker_sigterm_preempts_training_which_resumes(live_worker: Stack, data
         # continued right after a checkpoint the first attempt wrote, not from step 1; no step reported twice
         assert resumed[0] > 1 and resumed[0] - 1 in saved, (resumed, saved)
         assert resumed == list(range(resumed[0], resumed[0] + len(resumed))), resumed
+
+
+ENV_TRAINER = """
+import json, os, sys
+from pathlib import Path
+run = Path(sys.argv[sys.argv.index("--run-dir") + 1])
+(run / "env.json").write_text(json.dumps({"cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "nproc": sys.argv[1]}))
+with (run / "metrics.jsonl").open("a") as f:
+    f.write(json.dumps({"step": 1, "loss": 0.5, "lr": 1e-3}) + "\\n")
+"""
+
+
+def test_trainer_service_runs_train_jobs_on_the_leased_gpus(stack: Stack, dataset_id: str, tmp_path: Path) -> None:
+    """The compose layout's code path on CPU: `hdm worker --trainer` (no HDM_GPU_INDEX, all GPUs visible) consumes
+    hdm.train.<slot> and gives torchrun CUDA_VISIBLE_DEVICES = the leased slots. A stand-in trainer records its
+    environment (HDM_DEVICE=cuda only decides the variables here; nothing touches a GPU)."""
+    import signal
+
+    script = tmp_path / "env_trainer.py"
+    script.write_text(ENV_TRAINER)
+    for p in list(stack.workers):
+        stack.kill_worker(p, signal.SIGTERM)
+    stack.start_worker(trainer=True, extra_env={
+        "HDM_TRAIN_COMMAND": f"{{python}} {script} {{nproc}} {{config}} --run-dir {{run_dir}}", "HDM_DEVICE": "cuda"})
+    try:
+        with stack.client() as c:
+            job = c.post("/v1/train-jobs", json=_train_body(dataset_id, 1)).json()
+            done = stack.wait_job(job["id"], timeout=60, path="/v1/train-jobs")
+            assert done["status"] == "succeeded", (done, stack.logs())
+            env = json.loads((Path(stack.env["HDM_RUNS_DIR"]) / job["id"] / "env.json").read_text())
+            assert env == {"cuda": "0", "nproc": "1"}, env
+            assert done["gpus"] == [0]
+            assert c.get("/v1/system").json()["gpus"][0]["job"] is None
+    finally:
+        for p in list(stack.workers):
+            stack.kill_worker(p, signal.SIGTERM)
+        stack.start_worker(0)
 
 
 STUBBORN_TRAINER = """
