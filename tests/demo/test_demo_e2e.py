@@ -30,7 +30,7 @@ def test_demo_quick_twice(tmp_path):
     assert len(summary["images"]) == 4
     for f in summary["images"]:
         with Image.open(f) as img:
-            assert img.size == (64, 64)
+            assert img.size == (32, 32)
             assert "a " in img.info["parameters"]  # the A1111-style parameters chunk carries the prompt
     with Image.open(out / "contact_sheet.png") as sheet:
         assert sheet.size[0] >= 4 * 64
