@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # A SIGTERM (e.g. a timeout) must still stop the service it started, through the same cleanup as Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.monotonic()
     from scripts.demo_report import contact_sheet, evaluate, loss_curve, pick_prompts
 
