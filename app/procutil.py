@@ -10,6 +10,7 @@ import ctypes
 import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
 PARENT_PID_ENV = "HDM_PARENT_PID"  # an embedded worker exits when its parent is no longer this pid
@@ -35,3 +36,49 @@ def parent_gone() -> bool:
     """True when ``HDM_PARENT_PID`` is set and the process is no longer its child (orphaned: re-parented)."""
     want = os.environ.get(PARENT_PID_ENV, "")
     return want.isdigit() and os.getppid() != int(want)
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time in clock ticks) from /proc, or None if the process is gone or a zombie."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()  # the command name may contain spaces and parentheses
+    if fields[0] == "Z":
+        return None
+    return int(fields[1]), int(fields[19])
+
+
+def process_tree(root: int) -> dict[int, int]:
+    """``root`` and every descendant, pid -> start time. torchrun starts each rank in a session of its own, so
+    signalling torchrun's process group does not reach the ranks; the parent links do."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (st := _stat(int(entry.name))) is not None:
+            table[int(entry.name)] = st
+    tree, frontier = {}, [root]
+    while frontier:
+        pid = frontier.pop()
+        if pid in table and pid not in tree:
+            tree[pid] = table[pid][1]
+            frontier.extend(child for child, (ppid, _) in table.items() if ppid == pid)
+    return tree
+
+
+def kill_tree(tree: dict[int, int], sig: int) -> None:
+    """Send ``sig`` to every process of a snapshot from ``process_tree`` that is still the same process (start time
+    unchanged, so a recycled pid is never hit), and to its process group."""
+    for pid, started in tree.items():
+        st = _stat(pid)
+        if st is None or st[1] != started:
+            continue
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(pid) == pid:  # a group leader (torchrun, or a rank in its own session): its whole group
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
+
+
+def alive(tree: dict[int, int]) -> list[int]:
+    return [pid for pid, started in tree.items() if (st := _stat(pid)) is not None and st[1] == started]

@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from app.db import session_scope
 from app.models import Checkpoint, Job
-from app.procutil import die_with_parent
+from app.procutil import alive, die_with_parent, kill_tree, process_tree
 from app.services import checkpoints, jobs
 from app.settings import get_settings
 from worker import leases
@@ -275,8 +275,10 @@ def run_train_job(job_id: str, *, worker: str) -> str:
         cancelled_at: float | None = None
         preempted = False
         (run_dir / PREEMPT).unlink(missing_ok=True)
+        tree: dict[int, int] = {}  # every trainer process ever seen (ranks run in sessions of their own)
         while proc.poll() is None:
             time.sleep(0.5)
+            tree |= process_tree(proc.pid)
             sup.poll()
             with session_scope() as session:
                 want_cancel = jobs.cancel_requested(session, job_id)
@@ -288,7 +290,12 @@ def run_train_job(job_id: str, *, worker: str) -> str:
                 cancelled_at = time.monotonic()
                 os.killpg(proc.pid, signal.SIGTERM)
             elif cancelled_at is not None and time.monotonic() - cancelled_at > settings.train_kill_grace_s:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(tree | process_tree(proc.pid), signal.SIGKILL)
+        # Ranks that outlive torchrun (e.g. stuck in a collective, or ignoring SIGTERM) must not keep the GPU.
+        deadline = time.monotonic() + (settings.train_kill_grace_s if cancelled_at is not None else 5.0)
+        while alive(tree) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        kill_tree(tree, signal.SIGKILL)
         sup.poll()
         rc = proc.returncode
     if preempted:

@@ -5,6 +5,7 @@ on slot 1 only."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -329,3 +330,65 @@ def test_image_jobs_run_on_the_other_slot_while_training_holds_one(two_workers: 
         c.post(f"/v1/train-jobs/{job['id']}/cancel")
         assert s.wait_job(job["id"], timeout=90, path="/v1/train-jobs")["status"] == "cancelled"
         assert [g["job"] for g in c.get("/v1/system").json()["gpus"]] == [None, None]
+
+
+STUBBORN_RANK = """
+import json, os, signal, sys, time
+from pathlib import Path
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a rank that does not stop on SIGTERM (e.g. hung in a collective)
+run = Path(sys.argv[sys.argv.index("--run-dir") + 1])
+step = 0
+while True:
+    step += 1
+    if os.environ.get("RANK") == "0":
+        with (run / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, "loss": 1.0 / step, "lr": 1e-3}) + "\\n")
+    time.sleep(0.2)
+"""
+
+
+def test_cancel_sigkills_ranks_that_ignore_sigterm(two_workers: Stack, dataset: str, tmp_path: Path) -> None:
+    """torchrun (torch >= 2) starts every rank in a session of its own: the SIGKILL after the grace period must
+    reach the ranks too, not only the launcher's process group."""
+    import signal
+
+    s = two_workers
+    script = tmp_path / "stubborn_rank.py"
+    script.write_text(STUBBORN_RANK)
+    old = next(p for p in s.workers if p.poll() is None and "slot0-" in " ".join(map(str, p.args)))
+    s.kill_worker(old, signal.SIGTERM)
+    w0 = s.start_worker(0, extra_env={
+        "HDM_TRAIN_COMMAND": f"{{python}} -m torch.distributed.run --standalone --nproc_per_node={{nproc}} {script} "
+                             "{config} --run-dir {run_dir}", "HDM_TRAIN_KILL_GRACE_S": "2"})
+    group: dict[int, str] = {}
+    try:
+        with s.client() as c:
+            job = c.post("/v1/train-jobs", json=_train_body(dataset, 1000, gpus=2)).json()
+            s.wait_job(job["id"], ("running",), timeout=150, path="/v1/train-jobs", pred=lambda j: j["step"] >= 2)
+            deadline = time.monotonic() + 30
+            while len(group) < 3:
+                assert time.monotonic() < deadline, group
+                launcher = next((pid for pid in _all_pids() if "torch.distributed.run" in _cmdline(pid)
+                                 and _descends_from(pid, w0.pid)), None)
+                group = _tree(launcher) if launcher else {}
+                time.sleep(0.1)
+            c.post(f"/v1/train-jobs/{job['id']}/cancel")
+            done = s.wait_job(job["id"], timeout=60, path="/v1/train-jobs")
+            assert done["status"] == "cancelled", done
+            deadline = time.monotonic() + 10  # grace 2 s, then SIGKILL: nothing may be left well after that
+            while alive := {pid: (_stat(pid), _cmdline(pid)) for pid in group
+                            if (st := _stat(pid)) is not None and st[0] != "Z"}:
+                assert time.monotonic() < deadline, (
+                    f"trainer processes survived the cancel (job {done['status']}, leases "
+                    f"{c.get('/v1/system').json()['gpus']}): {alive}")
+                time.sleep(0.2)
+            assert [g["job"] for g in c.get("/v1/system").json()["gpus"]] == [None, None]
+    finally:
+        for pid in group:  # processes this test started: never leave orphans behind
+            st = _stat(pid)
+            cmd = _cmdline(pid)
+            if st is not None and st[0] != "Z" and ("stubborn_rank" in cmd or "torch.distributed.run" in cmd):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        s.kill_worker(w0, signal.SIGTERM)
+        s.start_worker(0)
