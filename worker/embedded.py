@@ -49,7 +49,7 @@ def run_one(job_id: str, kind: str, worker: str, slot: int) -> str:
         _running.pop("train", None)
 
 
-_running: dict[str, str] = {}  # the train job this process supervises (preempted on SIGTERM)
+_running: dict[str, str] = {}  # "busy": the job being run; "train": the run it supervises (preempted on SIGTERM)
 
 
 def run_loop(stop: threading.Event, slot: int = 0, poll_s: float = 0.2) -> None:
@@ -70,7 +70,11 @@ def run_loop(stop: threading.Event, slot: int = 0, poll_s: float = 0.2) -> None:
         if found is None or skipped.get(found[0], 0) > now:
             stop.wait(poll_s)
             continue
-        outcome = run_one(found[0], found[1], worker, slot)
+        _running["busy"] = found[0]
+        try:
+            outcome = run_one(found[0], found[1], worker, slot)
+        finally:
+            _running.pop("busy", None)
         if outcome == "bounced":
             skipped[found[0]] = now + 2.0
 
@@ -80,7 +84,9 @@ def main() -> None:
     stop = threading.Event()
 
     def _stop(signum: int, _frame: object) -> None:
-        stop.set()  # an idle loop sees it within one poll interval
+        stop.set()
+        if "busy" not in _running:  # idle (polling, maintenance): nothing to finish, leave now
+            raise SystemExit(0)
         job = _running.get("train")
         if job:  # like the Celery worker's warm shutdown: the run is preempted, re-queued, resumed later
             from worker.training import PREEMPT

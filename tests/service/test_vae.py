@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from service_stack import ROOT, Stack
 
 
 @pytest.fixture(scope="module")
-def latent_checkpoint(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+def latent_checkpoint(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """A tiny latent (4-channel) XUT saved without a codec, registered through `hdm models import`, and a tiny
     diffusers AutoencoderKL folder."""
     import torch
@@ -31,7 +32,10 @@ def latent_checkpoint(stack: Stack, tmp_path_factory: pytest.TempPathFactory) ->
     out = subprocess.run([sys.executable, "-m", "app.cli", "models", "import", str(path), "--name", "latent-novae"],
                          cwd=ROOT, env=stack.env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    return out.stdout.split()[0], base / "vae"
+    model_id = out.stdout.split()[0]
+    yield model_id, base / "vae"
+    with stack.client() as c:  # the newest model is the session stack's default: later tests expect the pixel one
+        assert c.delete(f"/v1/models/{model_id}").status_code in (200, 204)
 
 
 def test_latent_train_job_without_vae_is_refused(stack: Stack, latent_checkpoint: tuple[str, Path]) -> None:
