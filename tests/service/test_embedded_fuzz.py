@@ -85,26 +85,33 @@ def test_embedded_worker_dies_with_sigkilled_serve(tmp_path: Path, assets: dict[
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_idle_embedded_worker_stops_on_sigterm_and_when_orphaned(tmp_path: Path, assets: dict[str, Path]) -> None:
-    proc, _, log = _serve(tmp_path, assets, {}, [])
-    try:
-        worker = _worker_of(proc)
-        deadline = time.monotonic() + 30
-        while "polling the database" not in log.read_text():
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        os.kill(worker, signal.SIGTERM)
-        assert _wait_gone(worker, 3) < 1.0
-    finally:
-        _stop(proc)
-    # the portable fallback without PR_SET_PDEATHSIG: HDM_PARENT_PID no longer our parent -> exit
-    s = Stack({"HDM_DATABASE_URL": f"sqlite:///{tmp_path / 'orphan.db'}", "HDM_BROKER_URL": "db://",
-               "HDM_MAINTENANCE_INTERVAL_S": "3600"}, tmp_path, None)
+def test_idle_embedded_worker_stops_on_sigterm_and_when_orphaned(tmp_path: Path) -> None:
+    """Standalone `python -m worker.embedded` on a migrated SQLite file (no server start needed)."""
+    s = Stack({"HDM_DATABASE_URL": f"sqlite:///{tmp_path / 'worker.db'}", "HDM_BROKER_URL": "db://",
+               "HDM_MAINTENANCE_INTERVAL_S": "0.5", "HDM_MODELS_DIR": str(tmp_path / "models")}, tmp_path, None)
     s.migrate()
-    s.env["HDM_PARENT_PID"] = "1" if os.getpid() != 1 else "2"
-    out = tmp_path / "orphan.log"
-    orphan = subprocess.Popen([sys.executable, "-m", "worker.embedded"], env=s.env, cwd=ROOT,
-                              stdout=out.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start(extra: dict[str, str], name: str) -> tuple[subprocess.Popen[bytes], Path]:
+        out = tmp_path / name
+        proc = subprocess.Popen([sys.executable, "-m", "worker.embedded"], env={**s.env, **extra}, cwd=ROOT,
+                                stdout=out.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        return proc, out
+
+    idle, out = start({}, "idle.log")
+    try:
+        deadline = time.monotonic() + 30
+        while "polling the database" not in out.read_text():
+            assert time.monotonic() < deadline and idle.poll() is None, out.read_text()
+            time.sleep(0.1)
+        time.sleep(1.0)  # maintenance ticks run every 0.5 s: the signal may land in one
+        t0 = time.monotonic()
+        idle.send_signal(signal.SIGTERM)
+        assert idle.wait(timeout=5) == 0, out.read_text()
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        stop_group(idle, timeout=1)
+    # the portable fallback without PR_SET_PDEATHSIG: HDM_PARENT_PID no longer our parent -> exit
+    orphan, out = start({"HDM_PARENT_PID": "1" if os.getpid() != 1 else "2"}, "orphan.log")
     try:
         assert orphan.wait(timeout=30) == 0, out.read_text()
         assert "parent process gone" in out.read_text()
