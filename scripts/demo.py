@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             "colour_accuracy": colour_acc, "shape_accuracy": shape_acc, "images": [str(f) for f in files],
             "train_job": job["id"], "model": model_id, "seconds": time.monotonic() - t0}, indent=1))
         if not args.keep_serving:
-            print("Stopping the service (run with --keep-serving, or `make demo-serve`, to keep it).")
+            print("Stopping the service (`make demo DEMO_ARGS=--keep-serving` keeps it running).")
     return 0
 
 
