@@ -171,7 +171,8 @@ def load_checkpoint(
     return LoadedCheckpoint(model=model, codec=codec, config=config, metadata=metadata)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -189,7 +190,7 @@ def atomic_save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str,
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -28,20 +28,14 @@ from typing import Any
 
 import torch
 
+from .checkpoint import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "model_ema.safetensors"
 STATE_FILE = "training_state.pt"
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_file(path: Path) -> None:
