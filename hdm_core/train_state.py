@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import fsync_dir
+from .checkpoint import atomic_write, fsync_dir, fsync_file
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +36,6 @@ MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "model_ema.safetensors"
 STATE_FILE = "training_state.pt"
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
 
 
 def sha256_file(path: Path) -> str:
@@ -52,17 +47,7 @@ def sha256_file(path: Path) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 @dataclass(frozen=True)
