@@ -753,7 +753,12 @@ def run_training(
             trainer = _Trainer(cfg, run_dir, info, stop_check, max_steps)
             if resume:
                 trainer.resume()
-            return trainer.run()
+            result = trainer.run()
+        if created_pg and dist.is_initialized():
+            # Every rank finished normally: wait for rank 0's last writes before tearing gloo/NCCL down, so no rank
+            # destroys the group while another still uses it (seen as a rank aborting at exit).
+            dist.barrier()
+        return result
     finally:
         if created_pg and dist.is_initialized():
             dist.destroy_process_group()
