@@ -1,12 +1,13 @@
-"""Score a demo run: does the model draw the prompted colour for captions it never saw?
+"""Score a demo run: does the model draw the prompted colour and shape for captions it never saw?
 
     python -m bench.demo_eval var/runs/demo [--size 32] [--steps 20] [--cfg 3.0] [--seeds 2]
 
 Method: for every held-out (colour, shape, position, background) prompt of `hdm_core.synthetic` (combinations kept
 out of the training set), generate `--seeds` images and classify each by `dominant_colour`: the palette hue that
-most saturated pixels are nearest to (the backgrounds are achromatic, so saturated pixels are the shape). Accuracy =
-fraction of images whose dominant colour is the prompted one; chance is 1/6. A control scores the same images
-against a wrong colour (the prompt's colour rotated by one palette step), which must stay near chance.
+most saturated pixels are nearest to (the backgrounds are achromatic, so saturated pixels are the shape), and by
+`dominant_shape`: the circle/square/triangle template that best overlaps those pixels. Accuracy = fraction of images
+whose colour (shape, both) is the prompted one; chance is 1/6 (1/3, 1/18). A control scores the same images against
+a wrong colour (the prompt's colour rotated by one palette step), which must stay near chance.
 Writes RUN_DIR/eval.json and RUN_DIR/eval_heldout.png (one row per seed).
 """
 
@@ -23,7 +24,7 @@ import torch
 from PIL import Image
 
 from hdm_core.pipeline import HDMPipeline
-from hdm_core.synthetic import COLOURS, all_specs, dominant_colour
+from hdm_core.synthetic import COLOURS, all_specs, dominant_colour, dominant_shape
 
 logger = logging.getLogger("demo_eval")
 
@@ -43,7 +44,7 @@ def evaluate(
     pipe = HDMPipeline.from_paths(ckpt, config["text_encoder"]["path"])
     specs = all_specs(heldout=heldout)
     names = list(COLOURS)
-    rows, verdicts, predicted, control = [], [], Counter(), 0
+    rows, verdicts, shapes, both, predicted, confusion, control = [], [], [], [], Counter(), Counter(), 0
     t0 = time.perf_counter()
     for s in range(seeds):
         result = pipe.generate(
@@ -58,7 +59,11 @@ def evaluate(
         for sp, img in zip(specs, result.images, strict=True):
             got = dominant_colour(img)
             predicted[got or "none"] += 1
+            got_shape = dominant_shape(img)
+            confusion[f"{sp.shape}->{got_shape}"] += 1
             verdicts.append(got == sp.colour)
+            shapes.append(got_shape == sp.shape)
+            both.append(verdicts[-1] and shapes[-1])
             wrong = names[(names.index(sp.colour) + 1) % len(names)]
             control += got == wrong
     n = len(verdicts)
@@ -73,6 +78,9 @@ def evaluate(
         "images": n,
         "heldout": heldout,
         "accuracy": sum(verdicts) / n,
+        "shape_accuracy": sum(shapes) / n,
+        "both_accuracy": sum(both) / n,
+        "shape_confusion": dict(sorted(confusion.items())),
         "control_wrong_colour_accuracy": control / n,
         "chance": 1 / len(COLOURS),
         "predicted_colours": dict(predicted),

@@ -2,8 +2,9 @@
 
 Scoring method (stated in the demo's output and the README): the synthetic backgrounds are achromatic, so the
 saturated pixels of a generated image are the drawn shape. Colour = the palette colour most of those pixels are
-nearest to in hue (`hdm_core.synthetic.dominant_colour`). Shape = the fill ratio of those pixels inside their
-bounding box: a square fills ~1.0, a circle pi/4 ~ 0.79, a triangle ~0.5.
+nearest to in hue (`hdm_core.synthetic.dominant_colour`). Shape = the circle, square or triangle template (drawn
+like the data set draws it, fitted to the pixels' bounding box) that overlaps them best
+(`hdm_core.synthetic.dominant_shape`). Both recognise 100 % of the data set's own images at 32 and 64 px.
 """
 
 from __future__ import annotations
@@ -14,56 +15,42 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from hdm_core.synthetic import COLOURS, dominant_colour
-
-SHAPE_FILL = {"triangle": 0.5, "circle": 0.785, "square": 1.0}
+from hdm_core.synthetic import BACKGROUNDS, COLOURS, dominant_colour, dominant_shape
 
 
 def pick_prompts(heldout_json: Path, per_colour: int = 2) -> list[dict]:
-    """A fixed selection of held-out combinations: `per_colour` for every palette colour, varied shapes."""
+    """A fixed selection of held-out combinations: `per_colour` for every palette colour, with varied shapes and
+    the backgrounds taken in turn."""
     specs = json.loads(Path(heldout_json).read_text())
+    backgrounds = list(BACKGROUNDS)
     chosen: list[dict] = []
-    for colour in COLOURS:
+    for ci, colour in enumerate(COLOURS):
         mine = [s for s in specs if s["colour"] == colour]
-        seen_shapes: set[str] = set()
-        for s in mine:
-            if len([c for c in chosen if c["colour"] == colour]) == per_colour:
+        for k in range(per_colour):
+            shapes = {c["shape"] for c in chosen if c["colour"] == colour}
+            options = [s for s in mine if s["shape"] not in shapes and s not in chosen] or [
+                s for s in mine if s not in chosen
+            ]
+            if not options:
                 break
-            if s["shape"] not in seen_shapes:
-                chosen.append(s)
-                seen_shapes.add(s["shape"])
+            want = backgrounds[(ci * per_colour + k) % len(backgrounds)]
+            chosen.append(next((s for s in options if s["background"] == want), options[0]))
     return chosen
 
 
-def _shape_mask(img: Image.Image, min_saturation: float = 0.35, min_value: float = 0.2) -> list[tuple[int, int]]:
-    hsv = img.convert("HSV")
-    w, h = hsv.size
-    px = hsv.load()
-    return [(x, y) for y in range(h) for x in range(w)
-            if px[x, y][1] / 255 >= min_saturation and px[x, y][2] / 255 >= min_value]
-
-
-def dominant_shape(img: Image.Image) -> str | None:
-    pts = _shape_mask(img)
-    if len(pts) < 0.01 * img.size[0] * img.size[1]:
-        return None
-    xs = sorted(p[0] for p in pts)
-    ys = sorted(p[1] for p in pts)
-    lo, hi = int(0.01 * len(pts)), int(0.99 * len(pts)) - 1  # ignore stray pixels
-    box = (xs[hi] - xs[lo] + 1) * (ys[hi] - ys[lo] + 1)
-    fill = min(1.0, len(pts) / max(box, 1))
-    return min(SHAPE_FILL, key=lambda s: abs(SHAPE_FILL[s] - fill))
-
-
-def evaluate(files: Sequence[Path], specs: Sequence[dict]) -> tuple[float, float]:
-    """(colour accuracy, shape accuracy) of generated images against their prompts."""
-    colour = shape = 0
+def evaluate(files: Sequence[Path], specs: Sequence[dict]) -> dict[str, float]:
+    """Fractions of generated images with the prompted colour, the prompted shape, and both."""
+    colour = shape = both = 0
     for path, spec in zip(files, specs, strict=True):
         with Image.open(path) as img:
             img = img.convert("RGB")
-            colour += dominant_colour(img) == spec["colour"]
-            shape += dominant_shape(img) == spec["shape"]
-    return colour / len(files), shape / len(files)
+            ok_colour = dominant_colour(img) == spec["colour"]
+            ok_shape = dominant_shape(img) == spec["shape"]
+        colour += ok_colour
+        shape += ok_shape
+        both += ok_colour and ok_shape
+    n = len(files)
+    return {"colour": colour / n, "shape": shape / n, "both": both / n}
 
 
 def contact_sheet(files: Sequence[Path], labels: Sequence[str], out: Path, *, cell: int = 192,

@@ -17,13 +17,12 @@ def test_scorer_recognises_rendered_shapes(tmp_path):
     for i, s in enumerate(specs):
         files.append(tmp_path / f"{i}.png")
         render(s, 64, rng).save(files[-1])
-    colour, shape = evaluate(files, [{"colour": s.colour, "shape": s.shape} for s in specs])
-    assert colour == 1.0
-    assert shape >= 0.95
+    scores = evaluate(files, [{"colour": s.colour, "shape": s.shape} for s in specs])
+    assert scores == {"colour": 1.0, "shape": 1.0, "both": 1.0}
     # A grey image has no shape and no colour: the scorer must not credit it.
     blank = tmp_path / "blank.png"
     Image.new("RGB", (64, 64), (128, 128, 128)).save(blank)
-    assert evaluate([blank], [{"colour": "red", "shape": "square"}]) == (0.0, 0.0)
+    assert evaluate([blank], [{"colour": "red", "shape": "square"}]) == {"colour": 0.0, "shape": 0.0, "both": 0.0}
     assert dominant_shape(Image.open(blank)) is None
 
 
@@ -35,6 +34,8 @@ def test_prompts_sheet_and_curve(tmp_path):
     heldout.write_text(json.dumps([asdict(s) | {"caption": s.caption} for s in all_specs(heldout=True)]))
     prompts = pick_prompts(heldout)
     assert len({p["colour"] for p in prompts}) == 6 and len(prompts) == 12
+    assert {p["background"] for p in prompts} == {"white", "gray", "black"}
+    assert all(len({p["shape"] for p in prompts if p["colour"] == c}) == 2 for c in {p["colour"] for p in prompts})
     assert all(p in json.loads(heldout.read_text()) for p in prompts)
     files = []
     for i, _p in enumerate(prompts[:5]):

@@ -22,7 +22,17 @@ from hdm_core.data import (
     scan_image_folder,
     shifted_square_crop,
 )
-from hdm_core.synthetic import COLOURS, all_specs, dominant_colour, generate_dataset, is_heldout
+from hdm_core.synthetic import (
+    COLOURS,
+    all_specs,
+    dominant_colour,
+    dominant_shape,
+    generate_dataset,
+    is_generated,
+    is_heldout,
+    render,
+    shape_scores,
+)
 
 NO_DROP = CaptionConfig(tag_separator="$$", caption_dropout=0.0, shuffle_tags=False, shuffle_groups=False)
 
@@ -244,9 +254,33 @@ def test_synthetic_dataset_and_colour_metric(tmp_path: Path) -> None:
         assert colour in COLOURS and not is_heldout(colour, shape, position)
         correct += dominant_colour(Image.open(path)) == colour
     assert correct == 40
+    # The recipe is recorded: the same call is recognised as done, another recipe is not, and regenerating
+    # replaces the earlier images instead of mixing the two sets.
+    assert is_generated(out, count=40, size=48, seed=3)
+    assert not is_generated(out, count=40, size=48, seed=4) and not is_generated(tmp_path / "none", count=40)
+    generate_dataset(out, count=10, size=48, seed=4)
+    assert len(list(out.glob("*.png"))) == 10 and is_generated(out, count=10, size=48, seed=4)
     # An achromatic image has no dominant colour; a wrong hue is not accepted.
     assert dominant_colour(Image.new("RGB", (32, 32), (128, 128, 128))) is None
     assert dominant_colour(Image.new("RGB", (32, 32), COLOURS["blue"])) == "blue"
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_shape_metric_recognises_every_rendered_shape(size: int) -> None:
+    """The demo's shape score is only meaningful if it names the drawn shape, also blurred and downscaled."""
+    from PIL import ImageFilter
+
+    rng = random.Random(size)
+    for spec in all_specs(heldout=False)[::3] + all_specs(heldout=True):
+        img = render(spec, 64, rng).resize((size, size), Image.Resampling.BICUBIC)
+        blurred = img.filter(ImageFilter.GaussianBlur(size / 32))
+        for candidate in (img, blurred):
+            assert dominant_shape(candidate) == spec.shape, (spec, shape_scores(candidate))
+    # No saturated pixels: no shape; a square patch is a square, not a circle.
+    assert dominant_shape(Image.new("RGB", (32, 32), (240, 240, 240))) is None
+    square = Image.new("RGB", (32, 32), (15, 15, 15))
+    square.paste(COLOURS["red"], (8, 8, 22, 22))
+    assert dominant_shape(square) == "square"
 
 
 def test_synthetic_cli(tmp_path: Path) -> None:
