@@ -202,6 +202,21 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+# Metadata key: the caption length (tokens) a model was trained with. Models trained here always saw captions padded
+# to it (spec §4), so inference pads to it too; released weights lack it and keep the reference's padding.
+TEXT_LENGTH_KEY = "hdm_text_max_length"
+
+
+def trained_text_length(metadata: dict[str, str]) -> int | None:
+    """The training caption length recorded in a checkpoint's metadata, or None."""
+    raw = metadata.get(TEXT_LENGTH_KEY)
+    try:
+        value = int(raw) if raw is not None else None
+    except ValueError:
+        raise CheckpointError(f"metadata {TEXT_LENGTH_KEY}={raw!r} is not an integer") from None
+    return value if value is not None and value > 0 else None
+
+
 def atomic_save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, trained_text_length
 from .codec import Codec
 from .model import XUT
 from .rope import position_map
@@ -100,7 +100,15 @@ class HDMPipeline:
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        text_length: int | None = None,
     ) -> None:
+        """`text_length`: pad (and truncate) the prompt and the negative prompt to this many tokens, as the model was
+        trained (spec §4: training pads every caption to max_length, and pad states enter XUT unmasked, so a model
+        trained on short captions reads them). None: the reference's inference padding (to the longest prompt; no
+        padding for one prompt), right for the released weights."""
+        if text_length is not None and text_length < 1:
+            raise ValueError(f"text_length must be >= 1 or None, got {text_length}")
+        self.text_length = text_length
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = model.to(device=self.device, dtype=dtype).eval()
@@ -131,7 +139,19 @@ class HDMPipeline:
         if isinstance(codec, VaeCodec) and dtype != torch.float32:
             codec.vae.to(dtype)
         te = TextEncoder.from_pretrained(text_encoder, device=device, dtype=dtype)
-        return cls(loaded.model, codec, te, device=device, dtype=dtype)
+        return cls(
+            loaded.model,
+            codec,
+            te,
+            device=device,
+            dtype=dtype,
+            text_length=trained_text_length(loaded.metadata),
+        )
+
+    def _encode(self, prompts: list[str]) -> Tensor:
+        if self.text_length is None:
+            return self.text_encoder.encode(prompts)
+        return self.text_encoder.encode(prompts, padding="max_length", max_length=self.text_length)
 
     @property
     def downsample(self) -> int:
@@ -184,7 +204,7 @@ class HDMPipeline:
         seeds = [seed + i for i in range(b)]
         h, w = height // self.downsample, width // self.downsample
 
-        cond_ctx = self.text_encoder.encode(prompts).repeat_interleave(n, dim=0)
+        cond_ctx = self._encode(prompts).repeat_interleave(n, dim=0)
         pos = position_map(
             h, w, x_shift=camera.x_shift, y_shift=camera.y_shift, zoom=camera.zoom, device=self.device
         ).expand(b, -1, -1)
@@ -193,7 +213,7 @@ class HDMPipeline:
         uncond = None
         if guidance_scale != 1.0:
             uncond = self._conditioning(
-                self.text_encoder.encode([negative_prompt]), b, pos, addon, tread.uncond_rate, seeds
+                self._encode([negative_prompt]), b, pos, addon, tread.uncond_rate, seeds
             )
 
         noise = initial_noise(seeds, (self.model.config.in_channels, h, w), self.device)

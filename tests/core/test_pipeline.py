@@ -66,3 +66,31 @@ def test_bf16_runs(pixel_checkpoint, toy_text_encoder):
         "a red circle", width=16, height=16, steps=2, seed=3)
     assert {p.dtype for p in pipe.model.parameters()} == {torch.bfloat16}
     assert (out.latents - fp32.latents).abs().mean() < 0.05  # bf16 rounding, not a different computation
+
+
+def test_models_trained_here_are_prompted_with_their_training_caption_length(
+    pixel_checkpoint, toy_text_encoder, tmp_path
+):
+    """A checkpoint recording its training caption length pads prompt and negative to it (the unconditional branch
+    is then the trained empty caption); one without it keeps the reference's padding."""
+    from hdm_core.checkpoint import TEXT_LENGTH_KEY, CheckpointError, load_checkpoint, save_checkpoint
+    from hdm_core.codec import PixelCodec
+
+    loaded = load_checkpoint(pixel_checkpoint)
+    trained = save_checkpoint(tmp_path / "t.safetensors", loaded.model, codec=PixelCodec(),
+                              metadata={TEXT_LENGTH_KEY: "16"})
+    reference = HDMPipeline.from_paths(pixel_checkpoint, toy_text_encoder)
+    padded = HDMPipeline.from_paths(trained, toy_text_encoder)
+    assert reference.text_length is None and padded.text_length == 16
+    seen: list[int] = []
+    encode = padded.text_encoder.encode
+    padded.text_encoder.encode = lambda prompts, **kw: seen.append(kw.get("max_length")) or encode(prompts, **kw)
+    kw = dict(width=16, height=16, steps=2, guidance_scale=3.0, seed=5)
+    out = padded.generate("a red circle", **kw).latents
+    assert seen == [16, 16]  # prompt and negative
+    manual = HDMPipeline(loaded.model, PixelCodec(), reference.text_encoder, text_length=16)
+    torch.testing.assert_close(out, manual.generate("a red circle", **kw).latents)
+    assert (out - reference.generate("a red circle", **kw).latents).abs().max() > 1e-4
+    bad = save_checkpoint(tmp_path / "b.safetensors", loaded.model, codec=PixelCodec(), metadata={TEXT_LENGTH_KEY: "x"})
+    with pytest.raises(CheckpointError, match=TEXT_LENGTH_KEY):
+        HDMPipeline.from_paths(bad, toy_text_encoder)
