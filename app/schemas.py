@@ -191,6 +191,10 @@ class TrainRequest(Strict):
     text_max_length: int = Field(256, ge=1, le=1024, description=(
         "Captions are padded/truncated to this many tokens in training ([text_encoder] max_length). Small values "
         "make short-caption and CPU runs much faster."), examples=[64])
+    t_logit_mean: float = Field(0.0, ge=-4, le=4, description=(
+        "Flow-matching times are drawn as sigmoid(N(t_logit_mean, t_logit_std)); the reference uses (0, 1). A "
+        "positive mean trains more at high noise, where composition is decided."))
+    t_logit_std: float = Field(1.0, gt=0, le=4)
     webhook: WebhookUrl = None
 
     @model_validator(mode="after")

@@ -39,11 +39,12 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from hdm_core.checkpoint import MODEL_PREFIX, load_checkpoint, save_checkpoint
+from hdm_core.checkpoint import MODEL_PREFIX, TEXT_LENGTH_KEY, load_checkpoint, save_checkpoint
 from hdm_core.codec import Codec, PixelCodec, VaeCodec
 from hdm_core.data import CaptionedImageDataset, StageSampler, StreamLayout, make_loader, mix_seed
-from hdm_core.flow import flow_loss
+from hdm_core.flow import flow_loss, sample_t
 from hdm_core.model import XUT
+from hdm_core.synthetic import generate_dataset, is_generated
 from hdm_core.text import TextEncoder, build_toy_text_encoder
 from hdm_core.train_config import StageSection, TrainConfig, TrainConfigError, load_config
 from hdm_core.train_state import (
@@ -124,9 +125,7 @@ def _prepare_assets(cfg: TrainConfig, info: DistInfo) -> None:
     """Rank 0 creates the synthetic data set / toy text encoder if the config asks and they are missing."""
     if info.is_main:
         syn = cfg.data.synthetic
-        if syn is not None and not Path(cfg.data.path).is_dir():
-            from hdm_core.synthetic import generate_dataset
-
+        if syn is not None and not is_generated(cfg.data.path, count=syn.count, size=syn.size, seed=syn.seed):
             logger.info("generating the synthetic data set in %s", cfg.data.path)
             generate_dataset(cfg.data.path, count=syn.count, size=syn.size, seed=syn.seed)
         te = cfg.text_encoder
@@ -407,7 +406,7 @@ class _Trainer:
             "world_size": self.info.world_size,
             "rng": rng,
         }
-        meta = {"step": str(self.step), "stage": self.cfg.stage_name(self.stage)}
+        meta = {"step": str(self.step), "stage": self.cfg.stage_name(self.stage), **self._model_metadata()}
 
         def write(folder: Path) -> None:
             save_checkpoint(folder / MODEL_FILE, self.model, codec=self.codec, metadata=meta)
@@ -426,6 +425,10 @@ class _Trainer:
         self.last_checkpoint = self.ckpt.save(self.step, write, info)
 
     # -- helpers -------------------------------------------------------------------------------------------------
+    def _model_metadata(self) -> dict[str, str]:
+        """What inference needs to condition the model as it was trained (see HDMPipeline.text_length)."""
+        return {TEXT_LENGTH_KEY: str(self.cfg.text_encoder.max_length)}
+
     def _layout(self, stage: StageSection) -> StreamLayout:
         return StreamLayout(stage.batch_size, stage.grad_accum, self.info.world_size)
 
@@ -468,7 +471,14 @@ class _Trainer:
 
         s = self.cfg.sampling
         res = self.cfg.stages[self.stage].resolution
-        pipe = HDMPipeline(self.model, self.codec, self.text_encoder, device=self.device, dtype=torch.float32)
+        pipe = HDMPipeline(
+            self.model,
+            self.codec,
+            self.text_encoder,
+            device=self.device,
+            dtype=torch.float32,
+            text_length=self.cfg.text_encoder.max_length,
+        )
         try:
             result = pipe.generate(
                 list(s.prompts),
@@ -533,6 +543,8 @@ class _Trainer:
                 batch["captions"], padding="max_length", max_length=self.cfg.text_encoder.max_length
             ).float()
         noise_gen = torch.Generator().manual_seed(mix_seed(self.cfg.seed, stage_idx, "noise", slot))
+        obj = self.cfg.objective
+        t = sample_t(x0.shape[0], generator=noise_gen, mean=obj.t_logit_mean, std=obj.t_logit_std).to(dev)
         route_gens = None
         if stage.tread_rate > 0:
             route_gens = [
@@ -551,6 +563,7 @@ class _Trainer:
                     addon_info=batch["addon"].to(dev),
                     tread_rate=stage.tread_rate,
                     generator=noise_gen,
+                    t=t,
                     route_generators=route_gens,
                 )
             self.scaler.scale(loss / stage.grad_accum).backward()
@@ -684,7 +697,7 @@ class _Trainer:
                 self.run_dir / "final.safetensors",
                 self.model,
                 codec=self.codec,
-                metadata={"step": str(self.step)},
+                metadata={"step": str(self.step), **self._model_metadata()},
             )
         return TrainingResult(
             self.run_dir,

@@ -99,6 +99,18 @@ class ScheduleSection:
 
 
 @dataclass(frozen=True)
+class ObjectiveSection:
+    """Flow-matching time sampling: t = sigmoid(N(t_logit_mean, t_logit_std)) (spec §6; SD3's logit-normal).
+
+    The reference trains with (0, 1). A positive mean spends more steps at high noise, where composition is decided;
+    small images of flat shapes (the CPU demo) need it, as large images do in SD3's resolution shift.
+    """
+
+    t_logit_mean: float = 0.0
+    t_logit_std: float = 1.0
+
+
+@dataclass(frozen=True)
 class SamplingSection:
     every: int = 0  # optimizer steps between preview grids; 0 = never
     prompts: tuple[str, ...] = ()
@@ -149,6 +161,7 @@ class TrainConfig:
     codec: CodecSection = field(default_factory=CodecSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
     train: TrainSection = field(default_factory=TrainSection)
     seed: int = 20090220  # the reference's seed_everything value (spec §6)
@@ -295,6 +308,8 @@ def _validate(cfg: TrainConfig) -> None:
     _check(all(0.0 <= b < 1.0 for b in opt.betas), "optimizer.betas", "each must be in [0, 1)")
     _check(opt.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
     _check(opt.eps > 0, "optimizer.eps", "must be > 0")
+    _check(-4.0 <= cfg.objective.t_logit_mean <= 4.0, "objective.t_logit_mean", "must be in [-4, 4]")
+    _check(0.0 < cfg.objective.t_logit_std <= 4.0, "objective.t_logit_std", "must be in (0, 4]")
     _check(cfg.schedule.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
     _check(0.0 <= cfg.schedule.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", "must be in [0, 1]")
     t = cfg.train

@@ -84,6 +84,7 @@ def trainer_config(req: dict[str, Any], codec: str | None) -> dict[str, Any]:
         "text_encoder": {"path": str(settings.text_encoder or ""), "max_length": int(req.get("text_max_length", 256))},
         "data": {"path": req["dataset_path"]},
         "codec": codec_section,
+        "objective": {"t_logit_mean": req.get("t_logit_mean", 0.0), "t_logit_std": req.get("t_logit_std", 1.0)},
         "train": train,
         "sampling": {"every": req.get("sample_every", 0), "prompts": req.get("sample_prompts", [])},
         "stages": stages,

@@ -96,3 +96,11 @@ def test_train_queue_is_part_of_every_queue_list(settings_env) -> None:  # type:
     s = settings_env(HDM_SLOTS="0,1", HDM_QUEUE_PREFIX="hdm", HDM_SLOT_GROUPS="")
     assert s.train_queue(1) == "hdm.train.1" and {"hdm.train.0", "hdm.train.1"} <= set(s.all_queues)
     assert s.slot_group_list == [[0, 1]] and s.local_slot_list == [0, 1]
+
+
+def test_time_distribution_reaches_the_trainer(settings_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings_env()
+    cfg = _load(trainer_config(_request(t_logit_mean=1.0, t_logit_std=0.5), None), tmp_path)
+    assert (cfg.objective.t_logit_mean, cfg.objective.t_logit_std) == (1.0, 0.5)
+    default = _load(trainer_config(_request(), None), tmp_path).objective
+    assert (default.t_logit_mean, default.t_logit_std) == (0.0, 1.0)  # spec §6

@@ -109,6 +109,8 @@ def test_train_job_validation(stack: Stack, dataset_id: str) -> None:
             ({**_train_body(dataset_id, 8), "precision": "fp8"}, "precision"),
             ({**_train_body(dataset_id, 8), "text_max_length": 0}, "text_max_length"),
             ({**_train_body(dataset_id, 8), "text_max_length": 1025}, "text_max_length"),
+            ({**_train_body(dataset_id, 8), "t_logit_std": 0}, "t_logit_std"),
+            ({**_train_body(dataset_id, 8), "t_logit_mean": 9}, "t_logit_mean"),
         ]
         for body, param in bad:
             r = c.post("/v1/train-jobs", json=body)

@@ -212,6 +212,25 @@ def test_config_errors_name_the_field(make_config: Callable[..., Path]) -> None:
         load_config(make_config(model={**TINY_MODEL, "init_from": "x.safetensors"}))
     with pytest.raises(TrainConfigError, match=r"train\.precision"):
         load_config(make_config(train={"precision": "fp8"}))
+    with pytest.raises(TrainConfigError, match=r"objective\.t_logit_std"):
+        load_config(make_config(objective={"t_logit_std": 0.0}))
+
+
+def test_objective_time_distribution_changes_training(make_config: Callable[..., Path], tmp_path: Path) -> None:
+    """t_logit_mean moves the sampled times; the default stays the reference's logit-normal(0, 1)."""
+    stages = [{"resolution": 16, "batch_size": 2, "lr": 0.5, "steps": 2}]
+    default = run_training(load_config(make_config(stages=stages)), tmp_path / "a").last_loss
+    explicit = run_training(
+        load_config(make_config(stages=stages, objective={"t_logit_mean": 0.0, "t_logit_std": 1.0})), tmp_path / "b"
+    ).last_loss
+    shifted = run_training(load_config(make_config(stages=stages, objective={"t_logit_mean": 3.0})), tmp_path / "c").last_loss
+    assert default == explicit  # same draws: the section only names the reference's values
+    assert shifted != default
+    # The caption length the run padded to is recorded for inference (HDMPipeline.text_length).
+    from hdm_core.checkpoint import TEXT_LENGTH_KEY, load_checkpoint
+
+    for path in (tmp_path / "a" / "final.safetensors", *(tmp_path / "a" / "checkpoints").glob("step-*/model.safetensors")):
+        assert load_checkpoint(path).metadata[TEXT_LENGTH_KEY] == "8", path
 
 
 def test_fresh_run_refuses_a_run_dir_with_checkpoints(make_config: Callable[..., Path], tmp_path: Path) -> None:
