@@ -1,18 +1,31 @@
-"""hdm_core: the HDM model library (XUT, flow matching, samplers, checkpoints). No web, no database."""
+"""hdm_core: the HDM model library (XUT, flow matching, samplers, checkpoints). No web, no database.
 
-from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint, save_checkpoint
-from .config import PRESETS, XUTConfig
-from .model import XUT, count_parameters
-from .rope import position_map
+Exports resolve lazily, so `hdm_core.config` (presets, architecture validation) can be used by processes that never
+import torch (the API validates architecture objects with it).
+"""
 
-__all__ = [
-    "PRESETS",
-    "XUT",
-    "CheckpointError",
-    "LoadedCheckpoint",
-    "XUTConfig",
-    "count_parameters",
-    "load_checkpoint",
-    "position_map",
-    "save_checkpoint",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CheckpointError": "checkpoint",
+    "LoadedCheckpoint": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "PRESETS": "config",
+    "XUTConfig": "config",
+    "XUT": "model",
+    "count_parameters": "model",
+    "position_map": "rope",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hdm_core' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)

@@ -14,9 +14,9 @@ from app.models import Checkpoint, Dataset, GpuLease, Job
 from app.schemas import TrainRequest
 from app.services import checkpoints, jobs, webhooks
 from app.settings import get_settings
+from hdm_core.config import PRESETS, XUTConfig
 
 log = logging.getLogger(__name__)
-PRESETS = ("xut-small", "xut-base", "xut-large", "xut-debug", "xut-pixel-debug")
 
 
 def create(session: Session, req: TrainRequest, *, owner: str, idempotency_key: str | None) -> tuple[Job, bool]:
@@ -35,6 +35,11 @@ def create(session: Session, req: TrainRequest, *, owner: str, idempotency_key: 
     if isinstance(req.arch, str) and req.arch not in PRESETS:
         raise Invalid(f"Unknown preset {req.arch!r}; one of {list(PRESETS)} or an architecture object.",
                       param="arch")
+    if isinstance(req.arch, dict):
+        try:  # the trainer's own validation, so a bad object is a 422 now rather than a failed job later
+            XUTConfig.from_dict(req.arch)
+        except (TypeError, ValueError) as exc:
+            raise Invalid(f"Invalid architecture object: {exc}", param="arch") from None
     if req.nodes > 1:
         raise Invalid("Multi-node runs are not scheduled by the service yet; launch hdm_core.train with torchrun "
                       "rendezvous on each machine (docs/training.md).", param="nodes", code="unsupported")
@@ -70,7 +75,7 @@ def pixel_space(arch: str | dict[str, Any] | None, base: Checkpoint | None) -> b
         return base.codec == "pixel" or (base.arch or {}).get("in_channels") == 3
     if isinstance(arch, dict):
         return arch.get("in_channels") == 3
-    return arch == "xut-pixel-debug"
+    return arch in PRESETS and PRESETS[arch].in_channels == 3
 
 
 def carries_vae(base: Checkpoint | None) -> bool:
