@@ -227,7 +227,10 @@ def shape_scores(
     Every shape of `render` fills a 2*half square, so the box of the mask (1st-99th percentile, ignoring strays)
     gives the centre and size; a small search (+-1 px, +-20 % size) absorbs blur and antialiasing.
     """
-    mask = _shape_mask(img, min_saturation, min_value).astype(np.float32)
+    return _template_scores(_shape_mask(img, min_saturation, min_value).astype(np.float32))
+
+
+def _template_scores(mask: np.ndarray) -> dict[str, float]:
     ys, xs = np.nonzero(mask)
     if len(ys) == 0:
         return dict.fromkeys(SHAPES, 0.0)
@@ -256,7 +259,7 @@ def dominant_shape(
     mask = _shape_mask(img, min_saturation, min_value)
     if mask.sum() < min_fraction * mask.size:
         return None
-    scores = shape_scores(img, min_saturation=min_saturation, min_value=min_value)
+    scores = _template_scores(mask.astype(np.float32))
     return max(scores, key=lambda k: scores[k])
 
 
