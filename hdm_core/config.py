@@ -150,3 +150,10 @@ def resolve_preset(name: str) -> XUTConfig:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}") from None
+
+
+def is_pixel_space(arch: str | dict[str, Any] | None) -> bool:
+    """A preset name or an architecture dict whose network reads RGB pixels (in_channels 3), so it needs no VAE."""
+    if isinstance(arch, dict):
+        return arch.get("in_channels") == 3
+    return arch in PRESETS and PRESETS[arch].in_channels == 3

@@ -22,7 +22,7 @@ from app.models import Checkpoint, Job
 from app.procutil import alive, die_with_parent, kill_tree, process_tree
 from app.services import checkpoints, jobs
 from app.settings import get_settings
-from hdm_core.config import PRESETS
+from hdm_core.config import is_pixel_space
 from worker import leases
 from worker.heartbeat import Heartbeat
 
@@ -68,8 +68,7 @@ def trainer_config(req: dict[str, Any], codec: str | None) -> dict[str, Any]:
     if req.get("base_model_path"):
         pixel = codec == "pixel" or (req.get("base_arch") or {}).get("in_channels") == 3
     else:
-        preset = PRESETS.get(model.get("preset", ""))
-        pixel = (preset is not None and preset.in_channels == 3) or (model.get("arch") or {}).get("in_channels") == 3
+        pixel = is_pixel_space(model.get("arch") or model.get("preset"))
     codec_section: dict[str, Any] = {"kind": "pixel" if pixel else "vae"}
     if not pixel and not (req.get("base_model_path") and codec == "vae") and settings.vae is not None:
         codec_section["path"] = str(settings.vae)  # the base's own VAE wins: its latent space is what it learned

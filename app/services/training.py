@@ -14,7 +14,7 @@ from app.models import Checkpoint, Dataset, GpuLease, Job
 from app.schemas import TrainRequest
 from app.services import checkpoints, jobs, webhooks
 from app.settings import get_settings
-from hdm_core.config import PRESETS, XUTConfig
+from hdm_core.config import PRESETS, XUTConfig, is_pixel_space
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,7 @@ def pixel_space(arch: str | dict[str, Any] | None, base: Checkpoint | None) -> b
     architecture object with 3 input channels."""
     if base is not None:
         return base.codec == "pixel" or (base.arch or {}).get("in_channels") == 3
-    if isinstance(arch, dict):
-        return arch.get("in_channels") == 3
-    return arch in PRESETS and PRESETS[arch].in_channels == 3
+    return is_pixel_space(arch)
 
 
 def carries_vae(base: Checkpoint | None) -> bool:
