@@ -6,17 +6,17 @@
 #
 # Build args:
 #   CUDA_IMAGE       base image. The torch wheel brings its own CUDA libraries (cuBLAS, cuDNN, NCCL), so the small
-#                    "base" flavour is enough; its CUDA major version should match the wheel's (torch 2.13 on PyPI
-#                    is built for CUDA 13, which needs an NVIDIA driver >= 580).
+#                    "base" flavour is enough; its CUDA major version should match the wheel's (torch 2.13 from pip's
+#                    default index is built for CUDA 13, which needs an NVIDIA driver >= 580).
 #   TORCH_VERSION    the torch release the image installs.
-#   TORCH_INDEX_URL  where torch comes from. Default: PyPI (CUDA 13 wheels). For older drivers use PyTorch's cu128
-#                    index together with CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04.
+#   TORCH_INDEX_URL  optional index torch comes from; no default (empty = pip's default index). For older drivers
+#                    pass PyTorch's cu128 wheel index together with CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
 
 # --------------------------------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS builder
 ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX_URL=https://pypi.org/simple
+ARG TORCH_INDEX_URL
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -37,8 +37,8 @@ WORKDIR /app
 # The heavy, rarely changing layer first: torch (several GB with its CUDA libraries).
 COPY docker/constraints.txt docker/constraints.txt
 RUN pip install --constraint docker/constraints.txt pip setuptools wheel \
-    && pip install --constraint docker/constraints.txt --index-url "${TORCH_INDEX_URL}" \
-        --extra-index-url https://pypi.org/simple "torch==${TORCH_VERSION}"
+    && pip install --constraint docker/constraints.txt \
+        ${TORCH_INDEX_URL:+--index-url "${TORCH_INDEX_URL}"} "torch==${TORCH_VERSION}"
 
 # Then the project and its pinned dependencies. Installed in place (editable) at /app, the same path as in the
 # runtime stage, so the code that runs is the tree that also holds alembic.ini, migrations/ and configs/.
