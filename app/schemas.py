@@ -1,4 +1,4 @@
-"""Request/response schemas (pydantic v2) with limits and examples; these are the OpenAPI contract."""
+"""Request schemas (pydantic v2) with limits and examples: what the API accepts (responses: app/responses.py)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,10 @@ def _url(v: AnyHttpUrl) -> str:
 
 
 _HttpUrl = Annotated[AnyHttpUrl, UrlConstraints(max_length=2000), AfterValidator(_url)]
-WebhookUrl = Annotated[_HttpUrl | None, Field(
-    None, description="Called with the job object (signed) when the job reaches a final status.")]
+WebhookUrl = Annotated[
+    _HttpUrl | None,
+    Field(None, description="Called with the job object (signed) when the job reaches a final status."),
+]
 
 
 class Strict(BaseModel):
@@ -65,89 +67,49 @@ class ImageParams(Strict):
 
 
 class ImageRequest(ImageParams):
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "prompt": "a watercolor fox in a misty forest", "negative_prompt": "blurry", "width": 1024, "height": 1024,
-        "steps": 24, "guidance_scale": 3.0, "seed": 42, "n": 1, "output_format": "png"}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "a watercolor fox in a misty forest",
+                    "negative_prompt": "blurry",
+                    "width": 1024,
+                    "height": 1024,
+                    "steps": 24,
+                    "guidance_scale": 3.0,
+                    "seed": 42,
+                    "n": 1,
+                    "output_format": "png",
+                }
+            ]
+        }
+    )
 
     prompt: Text = Field(min_length=1, max_length=8000)
-    width: int = Field(1024, ge=16, le=8192, description="Multiple of 16; 256..2048 by default (server setting).")
-    height: int = Field(1024, ge=16, le=8192, description="Multiple of 16; 256..2048 by default (server setting).")
+    width: int = Field(
+        1024, ge=16, le=8192, description="Multiple of 16; 256..2048 by default (server setting)."
+    )
+    height: int = Field(
+        1024, ge=16, le=8192, description="Multiple of 16; 256..2048 by default (server setting)."
+    )
 
 
 class OpenAIImageRequest(ImageParams):
     """OpenAI ``images.generate`` body plus the extension fields; unknown OpenAI options are ignored."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, json_schema_extra={"examples": [
-        {"prompt": "a lighthouse at dusk", "size": "1024x1024", "n": 1, "response_format": "b64_json"}]})
+    model_config = ConfigDict(
+        extra="ignore",
+        allow_inf_nan=False,
+        json_schema_extra={
+            "examples": [
+                {"prompt": "a lighthouse at dusk", "size": "1024x1024", "n": 1, "response_format": "b64_json"}
+            ]
+        },
+    )
 
     prompt: Text = Field(min_length=1, max_length=8000)
     size: Text = Field("1024x1024", max_length=20, pattern=r"^\d{1,5}x\d{1,5}$", description="WxH")
     response_format: Literal["b64_json", "url"] = "b64_json"
-
-
-class Progress(BaseModel):
-    step: int
-    total: int
-
-
-class ModelRef(BaseModel):
-    id: str | None
-    name: str | None
-
-
-class ImageOut(BaseModel):
-    index: int
-    seed: int
-    width: int
-    height: int
-    url: str
-
-
-class JobError(BaseModel):
-    code: str
-    message: str
-
-
-class ImageJob(BaseModel):
-    id: str = Field(examples=["img_0192f3a1b2c3d4e5f6a7b8"])
-    object: Literal["image_job"] = "image_job"
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
-    created_at: str
-    started_at: str | None
-    finished_at: str | None
-    queue_position: int | None
-    progress: Progress
-    request: dict[str, Any]
-    model: ModelRef
-    images: list[ImageOut]
-    error: JobError | None
-    timings: dict[str, float | None]
-    attempts: int
-    model_cache_hit: bool | None = Field(None, description="The worker had this model loaded already.")
-
-
-class ImageJobList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ImageJob]
-    has_more: bool
-
-
-class OpenAIImage(BaseModel):
-    b64_json: str | None = None
-    url: str | None = None
-    revised_prompt: str | None = None
-
-
-class OpenAIImagesResponse(BaseModel):
-    created: int
-    data: list[OpenAIImage]
-
-
-class Event(BaseModel):
-    id: int
-    type: str
-    data: dict[str, Any]
-    created_at: str
 
 
 class Stage(Strict):
@@ -170,10 +132,24 @@ class Stage(Strict):
 
 
 class TrainRequest(Strict):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={"examples": [{
-        "name": "pixel-debug", "base_model": None, "arch": "xut-pixel-debug", "dataset": "ds_0192f3a1b2c3d4e5f6a7b8",
-        "stages": [{"resolution": 64, "steps": 100, "batch_size": 4, "lr": 3e-4}], "gpus": 1, "precision": "fp32",
-        "text_max_length": 64}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "pixel-debug",
+                    "base_model": None,
+                    "arch": "xut-pixel-debug",
+                    "dataset": "ds_0192f3a1b2c3d4e5f6a7b8",
+                    "stages": [{"resolution": 64, "steps": 100, "batch_size": 4, "lr": 3e-4}],
+                    "gpus": 1,
+                    "precision": "fp32",
+                    "text_max_length": 64,
+                }
+            ]
+        },
+    )
 
     name: Text = Field("", max_length=200)
     base_model: Text | None = Field(None, max_length=300)
@@ -188,12 +164,25 @@ class TrainRequest(Strict):
     keep_last_n: int = Field(3, ge=1, le=1000)
     sample_every: int = Field(0, ge=0, le=10_000_000)
     sample_prompts: list[Annotated[Text, Field(max_length=2000)]] = Field(default_factory=list, max_length=16)
-    text_max_length: int = Field(256, ge=1, le=1024, description=(
-        "Captions are padded/truncated to this many tokens in training ([text_encoder] max_length). Small values "
-        "make short-caption and CPU runs much faster."), examples=[64])
-    t_logit_mean: float = Field(0.0, ge=-4, le=4, description=(
-        "Flow-matching times are drawn as sigmoid(N(t_logit_mean, t_logit_std)); the reference uses (0, 1). A "
-        "positive mean trains more at high noise, where composition is decided."))
+    text_max_length: int = Field(
+        256,
+        ge=1,
+        le=1024,
+        description=(
+            "Captions are padded/truncated to this many tokens in training ([text_encoder] max_length). Small values "
+            "make short-caption and CPU runs much faster."
+        ),
+        examples=[64],
+    )
+    t_logit_mean: float = Field(
+        0.0,
+        ge=-4,
+        le=4,
+        description=(
+            "Flow-matching times are drawn as sigmoid(N(t_logit_mean, t_logit_std)); the reference uses (0, 1). A "
+            "positive mean trains more at high noise, where composition is decided."
+        ),
+    )
     t_logit_std: float = Field(1.0, gt=0, le=4)
     webhook: WebhookUrl = None
 
@@ -207,7 +196,9 @@ class TrainRequest(Strict):
 
 
 class DatasetRequest(Strict):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "cats", "path": "cats"}]})
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"name": "cats", "path": "cats"}]}
+    )
     name: Text = Field(min_length=1, max_length=300)
     path: Text = Field(min_length=1, max_length=1000, description="Folder under the server's data root.")
     webhook: WebhookUrl = None

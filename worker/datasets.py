@@ -6,21 +6,19 @@ import logging
 from pathlib import Path
 
 from app.db import session_scope, utcnow
-from app.models import Dataset, Job
+from app.models import Dataset
 from app.services import datasets, jobs
+from worker.claim import claim
 
 log = logging.getLogger(__name__)
 
 
 def run_dataset_job(job_id: str, *, worker: str) -> str:
-    with session_scope() as session:
-        job = session.get(Job, job_id)
-        if job is None or job.status != "queued" or not jobs.claim(session, job_id, worker):
-            return "skipped"
-        session.refresh(job)
-        attempt, ds_id = job.attempts, job.dataset_id
-        ds = session.get(Dataset, ds_id)
-        folder = Path(ds.path) if ds else None
+    c = claim(job_id, worker)
+    if isinstance(c, str):
+        return c
+    attempt, ds_id = c.attempt, c.dataset_id
+    folder = Path(c.dataset_path) if c.dataset_path else None
     stats, error = None, None
     try:
         if folder is None:
