@@ -8,7 +8,7 @@ import pytest
 
 from app.schemas import TrainRequest
 from app.settings import get_settings
-from hdm_core.train_config import load_config
+from hdm_core.train.config import load_config
 from worker.training import to_toml, trainer_config
 
 
