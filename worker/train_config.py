@@ -1,5 +1,5 @@
-"""What the trainer is given: the train-job request as the trainer's TOML config (written with tomli-w), the
-``torchrun -m hdm_core.train`` command line and its environment. No database, no processes here."""
+"""What the trainer is given: the train-job request as the trainer's config (hdm_core/train/config.py writes it
+as TOML), the ``torchrun -m hdm_core.train`` command line and its environment. No database, no processes here."""
 
 from __future__ import annotations
 
@@ -8,31 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
 from app.settings import get_settings
 from hdm_core.config import is_pixel_space
-
-
-def to_toml(cfg: dict[str, Any]) -> str:
-    """TOML has no null: a section's unset (None) keys are left out, so the trainer applies its defaults."""
-
-    def table(d: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in d.items() if v is not None}
-
-    doc = {
-        k: table(v) if isinstance(v, dict) else [table(x) for x in v] if _tables(v) else v
-        for k, v in cfg.items()
-    }
-    return tomli_w.dumps(doc)
-
-
-def _tables(v: Any) -> bool:
-    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
-
-
-def write_config(path: Path, req: dict[str, Any], codec: str | None) -> None:
-    path.write_text(to_toml(trainer_config(req, codec)))
 
 
 def trainer_config(req: dict[str, Any], codec: str | None) -> dict[str, Any]:

@@ -22,9 +22,10 @@ from app.models import Checkpoint, Job
 from app.procutil import alive, die_with_parent, kill_tree, process_tree
 from app.services import jobs, leases, models
 from app.settings import get_settings
+from hdm_core.train.config import write_config
 from worker.claim import claim
 from worker.heartbeat import Heartbeat
-from worker.train_config import command, trainer_env, write_config
+from worker.train_config import command, trainer_config, trainer_env
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def run_train_job(job_id: str, *, worker: str) -> str:
     run_dir = settings.runs_dir / job_id
     run_dir.mkdir(parents=True, exist_ok=True)
     config = run_dir / "config.toml"
-    write_config(config, req, codec)
+    write_config(trainer_config(req, codec), config)
     resume = bool(req.get("resume")) or (
         attempt > 1 and (run_dir / "checkpoints" / "manifest.json").is_file()
     )

@@ -8,8 +8,8 @@ import pytest
 
 from app.schemas import TrainRequest
 from app.settings import get_settings
-from hdm_core.train_config import load_config
-from worker.train_config import to_toml, trainer_config
+from hdm_core.train.config import dump_toml, load_config
+from worker.train_config import trainer_config
 
 
 def _request(**kw: object) -> dict:
@@ -43,7 +43,7 @@ def settings_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):  # type: igno
 
 def _load(cfg: dict, tmp_path: Path):  # type: ignore[no-untyped-def]
     path = tmp_path / "config.toml"
-    path.write_text(to_toml(cfg))
+    path.write_text(dump_toml(cfg))
     return load_config(path)
 
 
