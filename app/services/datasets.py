@@ -1,9 +1,9 @@
-"""Datasets: a folder under the data root of images with same-stem .txt captions, validated by a worker job."""
+"""Datasets: a folder under the data root of images with same-stem .txt captions, validated by a worker job
+(worker/datasets.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -15,8 +15,6 @@ from app.models import Dataset, Job
 from app.schemas import DatasetRequest
 from app.services import jobs, webhooks
 from app.settings import get_settings
-
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 def resolve_path(raw: str) -> Path:
@@ -83,40 +81,3 @@ def list_(session: Session, owner: str, limit: int, after: str | None) -> tuple[
         q = q.where(Dataset.id < after)
     rows = list(session.scalars(q.order_by(Dataset.id.desc()).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
-
-
-def scan(folder: Path, max_pixels: int = 64_000_000) -> dict[str, Any]:
-    """Counts, unreadable/oversized images, missing captions, size histogram (runs in the worker)."""
-    from PIL import Image as PILImage
-
-    stats: dict[str, Any] = {
-        "images": 0,
-        "captioned": 0,
-        "missing_captions": [],
-        "unreadable": [],
-        "oversized": [],
-        "size_histogram": {},
-    }
-    hist: dict[str, int] = {}
-    for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() not in IMAGE_EXTS or not path.is_file():
-            continue
-        stats["images"] += 1
-        rel = str(path.relative_to(folder))
-        if path.with_suffix(".txt").is_file():
-            stats["captioned"] += 1
-        elif len(stats["missing_captions"]) < 100:
-            stats["missing_captions"].append(rel)
-        try:
-            with PILImage.open(path) as im:
-                w, h = im.size
-                im.verify()
-        except Exception:
-            stats["unreadable"].append(rel)
-            continue
-        if w * h > max_pixels:
-            stats["oversized"].append(rel)
-        bucket = f"{(max(w, h) // 256) * 256}+"
-        hist[bucket] = hist.get(bucket, 0) + 1
-    stats["size_histogram"] = dict(sorted(hist.items(), key=lambda kv: int(kv[0][:-1])))
-    return stats
