@@ -20,7 +20,6 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -28,7 +27,8 @@ from hdm_core import PRESETS, XUT, XUTConfig
 from hdm_core.captions import CaptionConfig
 from hdm_core.data import CaptionedImageDataset, StageSampler, StreamLayout, make_loader
 from hdm_core.flow import flow_loss
-from hdm_core.train import build_optimizer
+from hdm_core.train.config import OptimizerSection
+from hdm_core.train.optim import build_optimizer
 from hdm_core.tread import kept_image_tokens
 
 
@@ -98,7 +98,7 @@ def cmd_step(args: argparse.Namespace) -> None:
         cfg = cfg.replace(patch_size=args.patch)
     device = torch.device(args.device)
     model = XUT(cfg).to(device).train()
-    opt = build_optimizer(model, _opt_cfg())
+    opt = build_optimizer(model, OptimizerSection())
     latent = args.res // args.downsample
     x0, ctx = _inputs(cfg, args.batch, latent, args.ctx, device)
     n_img = (latent // cfg.patch_size) ** 2
@@ -141,19 +141,6 @@ def cmd_step(args: argparse.Namespace) -> None:
                 "text_tokens": args.ctx,
             }
         )
-    )
-
-
-def _opt_cfg() -> Any:
-    from hdm_core.train.config import config_from_dict
-
-    return config_from_dict(
-        {
-            "model": {"preset": "xut-debug"},
-            "text_encoder": {"path": "unused"},
-            "data": {"path": "unused"},
-            "stages": [{"resolution": 32, "batch_size": 1, "lr": 0.5, "steps": 1}],
-        }
     )
 
 
@@ -213,7 +200,7 @@ def _fits(
     try:
         model = XUT(cfg).cuda().train()
         model.set_gradient_checkpointing(grad_ckpt)
-        opt = build_optimizer(model, _opt_cfg())
+        opt = build_optimizer(model, OptimizerSection())
         x0, ctx = _inputs(cfg, batch, latent, ctx_len, torch.device("cuda"))
         return statistics.median(time_steps(model, opt, x0, ctx, rate, 3, amp))
     except torch.OutOfMemoryError:

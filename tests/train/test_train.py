@@ -19,7 +19,7 @@ from hdm_core import XUT, load_checkpoint, save_checkpoint
 from hdm_core.codec import PixelCodec
 from hdm_core.train import fan_in, lr_factor, run_training
 from hdm_core.train.config import TrainConfigError, load_config
-from hdm_core.train_state import STATE_FILE, CheckpointManager, load_training_state
+from hdm_core.train.run_dir import STATE_FILE, RunDir, load_training_state
 
 from .conftest import REPO, TINY_MODEL, final_weights, read_metrics, train_cli
 
@@ -118,7 +118,7 @@ def test_half_written_checkpoint_is_never_loaded(make_config: Callable[..., Path
     result = run_training(load_config(cfg), run, max_steps=3)
     assert result.step == 3 and not result.finished
     ckpt_dir = run / "checkpoints"
-    manager = CheckpointManager(run)
+    manager = RunDir(run)
     assert [e["step"] for e in manager.read_manifest()] == [1, 2, 3]
     # Damage the newest checkpoint (as a crash inside a non-atomic write would) and leave debris of a save that
     # never finished: a temp folder and a step folder the manifest does not list.
@@ -127,7 +127,7 @@ def test_half_written_checkpoint_is_never_loaded(make_config: Callable[..., Path
     (ckpt_dir / ".tmp-step-00000004-x").mkdir()
     (ckpt_dir / ".tmp-step-00000004-x" / STATE_FILE).write_bytes(b"partial")
     (ckpt_dir / "step-00000009").mkdir()
-    latest = manager.latest_valid()
+    latest = manager.latest_snapshot()
     assert latest is not None and latest.step == 2
     resumed = run_training(load_config(cfg), run, resume=True)
     assert resumed.finished and resumed.step == 4
@@ -135,7 +135,7 @@ def test_half_written_checkpoint_is_never_loaded(make_config: Callable[..., Path
     assert not (ckpt_dir / ".tmp-step-00000004-x").exists() and not (ckpt_dir / "step-00000009").exists()
     # A manifest that is garbage (never produced by the atomic writer, but possible on a broken disk) is ignored.
     (ckpt_dir / "manifest.json").write_text("{not json")
-    assert manager.latest_valid() is None
+    assert manager.latest_snapshot() is None
 
 
 def test_progressive_stages_change_resolution_and_keep_optimizer_state(
@@ -152,7 +152,7 @@ def test_progressive_stages_change_resolution_and_keep_optimizer_state(
     log = read_metrics(tmp_path / "run")
     assert [(r["stage_name"], r["resolution"]) for r in log] == [("low", 16)] * 3 + [("high", 32)] * 2
     assert log[3]["lr"] == pytest.approx(0.2)  # no warmup in stage 2: the cosine starts at the stage's lr
-    manifest = CheckpointManager(tmp_path / "run").read_manifest()
+    manifest = RunDir(tmp_path / "run").read_manifest()
     assert [e["step"] for e in manifest] == [3, 5]  # a checkpoint at every stage end
     state = load_training_state(tmp_path / "run" / "checkpoints" / "step-00000005" / STATE_FILE)
     # Adam's per-parameter step count and moments carried over from stage 1 (5 steps, not 2).
