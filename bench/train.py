@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from hdm_core import PRESETS, XUT, XUTConfig
-from hdm_core.captions import CaptionConfig
 from hdm_core.data import CaptionedImageDataset, StageSampler, StreamLayout, make_loader
+from hdm_core.data.captions import CaptionConfig
 from hdm_core.flow import flow_loss
 from hdm_core.train.config import OptimizerSection
 from hdm_core.train.optim import build_optimizer

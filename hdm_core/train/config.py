@@ -25,8 +25,8 @@ from pydantic import (
     model_validator,
 )
 
-from hdm_core.captions import CaptionConfig, Probability
 from hdm_core.config import PRESETS, XUTConfig
+from hdm_core.data.captions import CaptionConfig, Probability
 
 Precision = Literal["fp32", "bf16", "fp16"]
 LrScaling = Literal["fan_in", "none"]
