@@ -147,7 +147,7 @@ def cmd_step(args: argparse.Namespace) -> None:
 def cmd_data(args: argparse.Namespace) -> None:
     from PIL import Image
 
-    from hdm_core.synthetic import generate_dataset
+    from hdm_demo.shapes import generate_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         root = generate_dataset(Path(tmp) / "shapes", count=args.images, size=args.src_size)

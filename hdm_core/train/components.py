@@ -3,33 +3,16 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 
 from hdm_core.checkpoint import load_checkpoint
 from hdm_core.codec import Codec, PixelCodec, VaeCodec
 from hdm_core.model import XUT
-from hdm_core.synthetic import generate_dataset, is_generated
-from hdm_core.text import TextEncoder, build_toy_text_encoder
+from hdm_core.text import TextEncoder
 from hdm_core.train.config import TrainConfig, TrainConfigError
-from hdm_core.train.distributed import DistInfo, barrier
 
 logger = logging.getLogger(__name__)
-
-
-def prepare_assets(cfg: TrainConfig, info: DistInfo) -> None:
-    """Rank 0 creates the synthetic data set / toy text encoder if the config asks and they are missing."""
-    if info.is_main:
-        syn = cfg.data.synthetic
-        if syn is not None and not is_generated(cfg.data.path, count=syn.count, size=syn.size, seed=syn.seed):
-            logger.info("generating the synthetic data set in %s", cfg.data.path)
-            generate_dataset(cfg.data.path, count=syn.count, size=syn.size, seed=syn.seed)
-        te = cfg.text_encoder
-        if te.build_toy and not (Path(te.path) / "config.json").is_file():
-            logger.info("building the toy text encoder in %s", te.path)
-            build_toy_text_encoder(te.path, hidden_size=te.toy_hidden_size, num_layers=te.toy_layers)
-    barrier(info)  # multi-node runs need these paths on a shared file system (docs/training.md)
 
 
 def build_model(cfg: TrainConfig) -> XUT:

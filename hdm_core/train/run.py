@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from hdm_core.train import components
+from hdm_core.train import distributed
 from hdm_core.train.config import TrainConfig, load_config
-from hdm_core.train.distributed import setup_distributed
 from hdm_core.train.loop import Trainer, TrainingResult
 from hdm_core.train.run_dir import RunDir
 
@@ -62,14 +61,14 @@ def run_training(
     """
     cfg = config if isinstance(config, TrainConfig) else load_config(config)
     folder = RunDir(run_dir, keep_last_n=cfg.train.keep_last_n)
-    info, created_pg = setup_distributed(cfg.train.device)
+    info, created_pg = distributed.setup_distributed(cfg.train.device)
     try:
         torch.set_float32_matmul_precision(cfg.train.matmul_precision)
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
         if info.is_main:
             folder.start(cfg, resume=resume)
-        components.prepare_assets(cfg, info)
+        distributed.barrier(info)  # rank 0 has checked and prepared the run folder
         with _sigterm_raises():
             trainer = Trainer(cfg, folder, info, stop_check, max_steps)
             if resume:

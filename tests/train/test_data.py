@@ -25,17 +25,7 @@ from hdm_core.data import (
     shifted_square_crop,
 )
 from hdm_core.data.captions import CaptionConfig, parse_caption, process_caption
-from hdm_core.synthetic import (
-    COLOURS,
-    all_specs,
-    dominant_colour,
-    dominant_shape,
-    generate_dataset,
-    is_generated,
-    is_heldout,
-    render,
-    shape_scores,
-)
+from hdm_demo.shapes import generate_dataset
 
 NO_DROP = CaptionConfig(tag_separator="$$", caption_dropout=0.0, shuffle_tags=False, shuffle_groups=False)
 
@@ -254,62 +244,6 @@ def test_dataset_is_deterministic_per_sample_seed(tmp_path: Path) -> None:
     batch = collate([ds[(i, i)] for i in range(3)])
     assert batch["pixels"].shape == (3, 3, 32, 32) and batch["pos_map"].shape == (3, 32 * 32, 2)
     assert batch["addon"].shape == (3,) and len(batch["captions"]) == 3
-
-
-# --- synthetic set ----------------------------------------------------------------------------------------------
-
-
-def test_synthetic_dataset_and_colour_metric(tmp_path: Path) -> None:
-    out = generate_dataset(tmp_path / "syn", count=40, size=48, seed=3)
-    images = sorted(out.glob("*.png"))
-    assert len(images) == 40
-    heldout = {s.caption for s in all_specs(heldout=True)}
-    correct = 0
-    for path in images:
-        caption = path.with_suffix(".txt").read_text().strip()
-        assert caption not in heldout
-        words = caption.split()
-        colour, shape, position = words[1], words[2], " ".join(words[5:-4])
-        assert colour in COLOURS and not is_heldout(colour, shape, position)
-        correct += dominant_colour(Image.open(path)) == colour
-    assert correct == 40
-    # The recipe is recorded: the same call is recognised as done, another recipe is not, and regenerating
-    # replaces the earlier images instead of mixing the two sets.
-    assert is_generated(out, count=40, size=48, seed=3)
-    assert not is_generated(out, count=40, size=48, seed=4) and not is_generated(tmp_path / "none", count=40)
-    generate_dataset(out, count=10, size=48, seed=4)
-    assert len(list(out.glob("*.png"))) == 10 and is_generated(out, count=10, size=48, seed=4)
-    # An achromatic image has no dominant colour; a wrong hue is not accepted.
-    assert dominant_colour(Image.new("RGB", (32, 32), (128, 128, 128))) is None
-    assert dominant_colour(Image.new("RGB", (32, 32), COLOURS["blue"])) == "blue"
-
-
-@pytest.mark.parametrize("size", [32, 64])
-def test_shape_metric_recognises_every_rendered_shape(size: int) -> None:
-    """The demo's shape score is only meaningful if it names the drawn shape, also blurred and downscaled."""
-    from PIL import ImageFilter
-
-    rng = random.Random(size)
-    for spec in all_specs(heldout=False)[::3] + all_specs(heldout=True):
-        img = render(spec, 64, rng).resize((size, size), Image.Resampling.BICUBIC)
-        blurred = img.filter(ImageFilter.GaussianBlur(size / 32))
-        for candidate in (img, blurred):
-            assert dominant_shape(candidate) == spec.shape, (spec, shape_scores(candidate))
-    # No saturated pixels: no shape; a square patch is a square, not a circle.
-    assert dominant_shape(Image.new("RGB", (32, 32), (240, 240, 240))) is None
-    square = Image.new("RGB", (32, 32), (15, 15, 15))
-    square.paste(COLOURS["red"], (8, 8, 22, 22))
-    assert dominant_shape(square) == "square"
-
-
-def test_synthetic_cli(tmp_path: Path) -> None:
-    from hdm_core.synthetic import main
-
-    assert main([str(tmp_path / "out"), "--count", "5", "--size", "24"]) == 0
-    assert len(list((tmp_path / "out").glob("*.png"))) == 5
-    assert Image.open(tmp_path / "out" / "00000.png").size == (24, 24)
-    with pytest.raises(SystemExit):
-        main([str(tmp_path / "bad"), "--count", "0"])
 
 
 def test_dataset_stats_count_what_the_trainer_reads(tmp_path: Path) -> None:
