@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field, UrlConstraints, model_validator
 
-MAX_SEED = 2**63 - 1
+from hdm_core.config import MAX_SEED
 
 
 def _no_nul(v: str) -> str:

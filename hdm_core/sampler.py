@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .config import SamplerName
+
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 StepCallback = Callable[[int, int], None]
 
@@ -67,7 +69,7 @@ def heun(velocity: VelocityFn, x: Tensor, ts: Tensor, *, callback: StepCallback 
     return x
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {"euler": euler, "heun": heun}
+SAMPLERS: dict[SamplerName, Callable[..., Tensor]] = {"euler": euler, "heun": heun}  # keys: config.SAMPLER_NAMES
 
 
 def model_evaluations(sampler: str, steps: int) -> int:
