@@ -69,7 +69,10 @@ def heun(velocity: VelocityFn, x: Tensor, ts: Tensor, *, callback: StepCallback 
     return x
 
 
-SAMPLERS: dict[SamplerName, Callable[..., Tensor]] = {"euler": euler, "heun": heun}  # keys: config.SAMPLER_NAMES
+SAMPLERS: dict[SamplerName, Callable[..., Tensor]] = {
+    "euler": euler,
+    "heun": heun,
+}  # keys: config.SAMPLER_NAMES
 
 
 def model_evaluations(sampler: str, steps: int) -> int:
