@@ -12,9 +12,8 @@ from typing import Any, Literal, get_args
 SkipSource = Literal["last", "mirrored"]
 SamplerName = Literal["euler", "heun"]
 SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)  # hdm_core.sampler.SAMPLERS maps each to its function
-MAX_SEED = (
-    2**63 - 1
-)  # largest image seed: torch.Generator takes 64-bit seeds; image i of a request uses seed + i
+# Largest image seed: torch.Generator takes 64-bit seeds; image i of a request uses seed + i.
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)

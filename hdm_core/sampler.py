@@ -69,10 +69,8 @@ def heun(velocity: VelocityFn, x: Tensor, ts: Tensor, *, callback: StepCallback 
     return x
 
 
-SAMPLERS: dict[SamplerName, Callable[..., Tensor]] = {
-    "euler": euler,
-    "heun": heun,
-}  # keys: config.SAMPLER_NAMES
+# The names are hdm_core.config.SAMPLER_NAMES (the API validates requests with them, without torch).
+SAMPLERS: dict[SamplerName, Callable[..., Tensor]] = {"euler": euler, "heun": heun}
 
 
 def model_evaluations(sampler: str, steps: int) -> int:
