@@ -2,10 +2,11 @@
 
 Library: `lycoris-lora`, not `peft`. HDM's own fine-tuning recipe is LyCORIS LoKr (factor 4, full matrix, norms
 trained; spec §6 "finetune"), so adapters trained here load in the same tooling people use with the released model
-(same key layout: `lycoris_<module path>.<lokr_w1|lokr_w2|w_norm|...>`). peft has LoKr/LoHa too, but not LyCORIS's
-full-matrix LoKr with trained norms, and writes a different key layout. All adapter maths (module factorisations,
-their forward pass, the weight deltas) come from the library; this file only chooses the layers, loads files into
-the library's modules and puts the deltas into (and back out of) the base weights.
+(same key layout: `lycoris_<module path>.<lokr_w1|lokr_w2|w_norm|...>`). peft has LoKr/LoHa too, but its LoKr has
+no full-matrix switch and no norm training, and it writes another key layout (`base_model.model.<path>...`).
+All adapter maths (module factorisations, their forward pass, the weight deltas) come from the library; this file
+only chooses the layers, loads files into the library's modules and puts the deltas into (and back out of) the base
+weights.
 """
 
 from __future__ import annotations
@@ -151,14 +152,14 @@ def _lycoris_targets(model: nn.Module, names: tuple[str, ...]) -> Iterator[None]
     # The library trains a norm it does not know (neither LayerNorm nor GroupNorm) when the module exposes its
     # weight-free normalisation as `_norm` (the LLaMA RMSNorm convention); torch's RMSNorm does not, so lend it
     # one while the network is built (NormModule keeps a reference) and take it away afterwards.
-    lent = []
-    for module in model.modules():
-        if isinstance(module, nn.RMSNorm) and not hasattr(module, "_norm"):
-            module._norm = functools.partial(
-                F.rms_norm, normalized_shape=module.normalized_shape, eps=module.eps
-            )
-            lent.append(module)
     with _LYCORIS_LOCK:
+        lent = []
+        for module in model.modules():
+            if isinstance(module, nn.RMSNorm) and not hasattr(module, "_norm"):
+                module._norm = functools.partial(
+                    F.rms_norm, normalized_shape=module.normalized_shape, eps=module.eps
+                )
+                lent.append(module)
         saved = {attr: getattr(LycorisNetwork, attr) for attr in _PRESET_ATTRS}
         LycorisNetwork.apply_preset(
             {
