@@ -15,9 +15,10 @@ from torch import Tensor
 from .checkpoint import load_checkpoint, trained_text_length
 from .codec import Codec
 from .config import MAX_SEED
+from .edit import EditInfo, EditSpec, plan_edit
 from .model import XUT
 from .rope import position_map
-from .sampler import SAMPLERS, Conditioning, StepCallback, guided_velocity, timesteps
+from .sampler import SAMPLERS, Conditioning, ProjectFn, StepCallback, guided_velocity, timesteps
 from .text import TextEncoder
 
 
@@ -43,6 +44,8 @@ class GenerationResult:
     images: list[Image.Image]
     seeds: list[int]
     latents: Tensor
+    # Set for image-to-image / inpainting: mode, strength, ... for the parameters text.
+    edit: EditInfo | None = None
 
 
 def to_pil(images: Tensor) -> list[Image.Image]:
@@ -73,8 +76,12 @@ def sample_latents(
     sampler: str = "euler",
     shift: float = 1.0,
     callback: StepCallback | None = None,
+    ts: Tensor | None = None,
+    project: ProjectFn | None = None,
 ) -> Tensor:
-    """Integrate the guided velocity field from noise [B, C, h, w] (t = 1) to a latent (t = 0)."""
+    """Integrate the guided velocity field from noise [B, C, h, w] (t = 1) to a latent (t = 0).
+
+    `ts`: other times than `timesteps(steps, shift)` (an edit starts below t = 1); `project`: see sampler."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; available: {sorted(SAMPLERS)}")
     velocity = guided_velocity(model, cond, uncond, guidance_scale)
@@ -83,8 +90,9 @@ def sample_latents(
     return SAMPLERS[sampler](
         lambda x, t: velocity(x.to(dtype), t).float(),
         noise.float(),
-        timesteps(steps, shift=shift),
+        timesteps(steps, shift=shift) if ts is None else ts,
         callback=callback,
+        project=project,
     )
 
 
@@ -191,8 +199,11 @@ class HDMPipeline:
         camera: Camera = Camera(),
         tread: TreadGuidance = TreadGuidance(),
         callback: StepCallback | None = None,
+        edit: EditSpec | None = None,
     ) -> GenerationResult:
-        """`n` images per prompt; image i uses seed + i and is reproduced exactly by a batch of one with that seed."""
+        """`n` images per prompt; image i uses seed + i and is reproduced exactly by a batch of one with that seed.
+
+        `edit`: image-to-image / inpainting from an init image (hdm_core.edit)."""
         self.check_size(width, height)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if seed is None:
@@ -216,9 +227,14 @@ class HDMPipeline:
             )
 
         noise = initial_noise(seeds, (self.model.config.in_channels, h, w), self.device)
+        plan = None
+        if edit is not None:
+            plan = plan_edit(
+                edit, self.codec, noise, timesteps(steps, shift=shift), width=width, height=height
+            )
         latents = sample_latents(
             self.model,
-            noise,
+            noise if plan is None else plan.start,
             cond,
             uncond,
             steps=steps,
@@ -226,6 +242,11 @@ class HDMPipeline:
             sampler=sampler,
             shift=shift,
             callback=callback,
+            ts=None if plan is None else plan.ts,
+            project=None if plan is None else plan.project,
         )
         images = self.codec.decode(latents.to(self.dtype))
-        return GenerationResult(images=to_pil(images), seeds=seeds, latents=latents)
+        if plan is not None:
+            images = plan.composite(images)
+        info = None if plan is None else plan.info
+        return GenerationResult(images=to_pil(images), seeds=seeds, latents=latents, edit=info)

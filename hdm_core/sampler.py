@@ -1,7 +1,9 @@
 """ODE samplers for the velocity field and classifier-free / TREAD guidance (spec §8, §3).
 
-Every sampler has one signature: `sampler(velocity, x, ts, *, callback=None) -> x0`, where `velocity(x, t)` maps
-x [B, ...] and t [B] to v [B, ...], and ts runs from 1 (noise) to 0 (data).
+Every sampler has one signature: `sampler(velocity, x, ts, *, callback=None, project=None) -> x0`, where
+`velocity(x, t)` maps x [B, ...] and t [B] to v [B, ...], and ts runs from its first time (1 = noise, or lower when
+starting from a noised image) to 0 (data). `project(x, t)`, if given, replaces the state after every step that ends
+at time t (inpainting keeps the unmasked region on the original image's path; hdm_core.edit).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from .config import SamplerName
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 StepCallback = Callable[[int, int], None]
+ProjectFn = Callable[[Tensor, Tensor], Tensor]
 
 
 class SamplingCancelled(RuntimeError):
@@ -39,19 +42,35 @@ def _t(x: Tensor, value: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def euler(velocity: VelocityFn, x: Tensor, ts: Tensor, *, callback: StepCallback | None = None) -> Tensor:
+def euler(
+    velocity: VelocityFn,
+    x: Tensor,
+    ts: Tensor,
+    *,
+    callback: StepCallback | None = None,
+    project: ProjectFn | None = None,
+) -> Tensor:
     """First-order: x <- x + (t_next - t) v. With uniform ts this is the reference's x - dt * v."""
     total = len(ts) - 1
     for i in range(total):
         t, t_next = ts[i], ts[i + 1]
         x = x + (t_next - t).to(x.dtype) * velocity(x, _t(x, t)).to(x.dtype)
+        if project is not None:
+            x = project(x, t_next)
         if callback is not None:
             callback(i + 1, total)
     return x
 
 
 @torch.no_grad()
-def heun(velocity: VelocityFn, x: Tensor, ts: Tensor, *, callback: StepCallback | None = None) -> Tensor:
+def heun(
+    velocity: VelocityFn,
+    x: Tensor,
+    ts: Tensor,
+    *,
+    callback: StepCallback | None = None,
+    project: ProjectFn | None = None,
+) -> Tensor:
     """Second-order Heun (trapezoidal) steps; the step into t = 0 is Euler, as in k-diffusion."""
     total = len(ts) - 1
     for i in range(total):
@@ -64,6 +83,8 @@ def heun(velocity: VelocityFn, x: Tensor, ts: Tensor, *, callback: StepCallback 
             x = x + dt * (v + v_next) / 2
         else:
             x = x_euler
+        if project is not None:
+            x = project(x, t_next)
         if callback is not None:
             callback(i + 1, total)
     return x
