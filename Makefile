@@ -23,6 +23,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check hdm_core
 
 test: $(STAMP) services lint
+	bash scripts/browser.sh $(BIN)/python
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)

@@ -1,9 +1,11 @@
 // A small line chart on <canvas>: x = training step, y = a metric. Hand-written so nothing is fetched or vendored.
 
-function fmt(v) {
+/** Enough significant digits that the two axis labels differ when the range is narrow (an LR decaying slowly). */
+function fmt(v, span) {
   if (v === 0) return "0";
   const a = Math.abs(v);
-  return a >= 1000 || a < 0.01 ? v.toExponential(1) : v.toPrecision(3);
+  const digits = Math.min(8, Math.max(2, Math.ceil(Math.log10(a / Math.max(span, 1e-300))) + 1));
+  return a >= 1000 || a < 0.01 ? v.toExponential(digits - 1) : v.toPrecision(digits + 1);
 }
 
 /**
@@ -31,7 +33,7 @@ export function drawChart(canvas, points, { label, color = "#2563eb", logY = fal
     ctx.fillText("waiting for metrics…", 8, h / 2);
     return;
   }
-  const pad = { l: 56, r: 10, t: 22, b: 22 };
+  const pad = { l: 64, r: 10, t: 22, b: 22 };
   const x0 = points[0][0], x1 = Math.max(points[points.length - 1][0], x0 + 1);
   let y0 = Math.min(...ys), y1 = Math.max(...ys);
   if (y1 - y0 < 1e-12) { y0 -= 0.5; y1 += 0.5; }
@@ -45,8 +47,9 @@ export function drawChart(canvas, points, { label, color = "#2563eb", logY = fal
   ctx.lineTo(w - pad.r, h - pad.b);
   ctx.stroke();
   const unlog = (v) => (logY ? 10 ** v : v);
-  ctx.fillText(fmt(unlog(y1)), 4, pad.t + 8);
-  ctx.fillText(fmt(unlog(y0)), 4, h - pad.b);
+  const span = Math.abs(unlog(y1) - unlog(y0));
+  ctx.fillText(fmt(unlog(y1), span), 4, pad.t + 8);
+  ctx.fillText(fmt(unlog(y0), span), 4, h - pad.b);
   ctx.fillText(`step ${x0}`, pad.l, h - 6);
   const right = `step ${points[points.length - 1][0]}`;
   ctx.fillText(right, w - pad.r - ctx.measureText(right).width, h - 6);

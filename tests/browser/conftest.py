@@ -39,17 +39,32 @@ def served(tmp_path_factory: pytest.TempPathFactory, assets: dict[str, Path]) ->
     """`hdm serve` (API + embedded worker, SQLite) with one required API key."""
     tmp = tmp_path_factory.mktemp("console")
     env = {
-        "HDM_DATABASE_URL": f"sqlite:///{tmp / 'hdm.db'}", "HDM_BROKER_URL": "db://", "HDM_DATA_ROOT": str(tmp / "data"),
-        "HDM_MODELS_DIR": str(assets["models"]), "HDM_OUTPUTS_DIR": str(tmp / "out"), "HDM_RUNS_DIR": str(tmp / "runs"),
-        "HDM_TEXT_ENCODER": str(assets["te"]), "HDM_IMAGE_MIN_SIZE": "32", "HDM_API_KEYS": KEY, "HDM_SLOTS": "0",
-        "HDM_DEVICE": "cpu", "HDM_CPU_THREADS": "1", "HDM_MAINTENANCE_INTERVAL_S": "0.5",
+        "HDM_DATABASE_URL": f"sqlite:///{tmp / 'hdm.db'}",
+        "HDM_BROKER_URL": "db://",
+        "HDM_DATA_ROOT": str(tmp / "data"),
+        "HDM_MODELS_DIR": str(assets["models"]),
+        "HDM_OUTPUTS_DIR": str(tmp / "out"),
+        "HDM_RUNS_DIR": str(tmp / "runs"),
+        "HDM_TEXT_ENCODER": str(assets["te"]),
+        "HDM_IMAGE_MIN_SIZE": "32",
+        "HDM_API_KEYS": KEY,
+        "HDM_SLOTS": "0",
+        "HDM_DEVICE": "cpu",
+        "HDM_CPU_THREADS": "1",
+        "HDM_MAINTENANCE_INTERVAL_S": "0.5",
     }
     (tmp / "data").mkdir()
     stack = Stack(env, tmp, KEY)
     port = free_port()
     log = tmp / "serve.log"
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], cwd=ROOT, env=stack.env,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+        cwd=ROOT,
+        env=stack.env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -76,9 +91,19 @@ def console(served: tuple[str, Path]) -> Iterator[Console]:
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1280,900", "--no-first-run", "--disable-extensions", "--disable-sync",
-                "--disable-background-networking", "--disable-component-update", "--disable-default-apps"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1280,900",
+        "--no-first-run",
+        "--disable-extensions",
+        "--disable-sync",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-default-apps",
+    ):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     driver = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))

@@ -62,11 +62,18 @@ class Console:
             except Exception as exc:  # element not there yet, stale after a re-render
                 last_exc = exc
             time.sleep(0.1)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what or cond}: {last_exc}")
+        alerts = [a.text for a in self.finds("[role=alert]") if a.is_displayed()]
+        status = self.find("#gen-status").text
+        raise AssertionError(
+            f"timed out after {timeout}s waiting for {what or cond}: {last_exc}; "
+            f"alerts on the page: {alerts}; generate status: {status!r}"
+        )
 
     def login(self, key: str = KEY) -> None:
         self.open()
-        self.wait(lambda: self.find("#key-panel").is_displayed() or self.find("#nav").is_displayed(), 30, "start")
+        self.wait(
+            lambda: self.find("#key-panel").is_displayed() or self.find("#nav").is_displayed(), 30, "start"
+        )
         if self.find("#key-panel").is_displayed():
             self.find("#api-key").send_keys(key)
             self.find("#key-submit").click()
@@ -102,5 +109,3 @@ class Console:
             if (parts.scheme, parts.netloc) != (origin.scheme, origin.netloc):
                 bad.append(url)
         return bad
-
-

@@ -53,12 +53,19 @@ def test_generate_shows_progress_and_image(console: Console) -> None:
     c.fill("#gen-n", 2)
     c.find("#gen-submit").click()
     c.wait(lambda: c.find("#gen-job").get_attribute("data-status") == "succeeded", 120, "the job to succeed")
-    imgs = c.wait(lambda: len(c.finds("#gen-results img")) == 2 and c.finds("#gen-results img"), 30, "2 images")
+    imgs = c.wait(
+        lambda: len(c.finds("#gen-results img")) == 2 and c.finds("#gen-results img"), 30, "2 images"
+    )
     assert all(i.get_attribute("src").startswith("blob:") for i in imgs)
-    assert all(_js(c, f"return document.querySelectorAll('#gen-results img')[{k}].naturalWidth") == 32 for k in (0, 1))
+    assert all(
+        _js(c, f"return document.querySelectorAll('#gen-results img')[{k}].naturalWidth") == 32
+        for k in (0, 1)
+    )
     # progress came from the SSE stream: one event per step, the bar full at the end
     assert int(c.find("#gen-job").get_attribute("data-progress-events")) >= 1
-    assert c.find("#gen-progress").get_attribute("value") == c.find("#gen-progress").get_attribute("max") == "12"
+    assert (
+        c.find("#gen-progress").get_attribute("value") == c.find("#gen-progress").get_attribute("max") == "12"
+    )
     assert "step 12/12" in c.find("#gen-status").text
     captions = [f.text for f in c.finds("#gen-results figcaption")]
     assert captions == ["seed 1234 · 32×32", "seed 1235 · 32×32"], captions
@@ -80,10 +87,14 @@ def test_cancel_long_job_from_the_page(console: Console) -> None:
     c = console
     c.login()
     c.go("generate")
-    _set_common(c, "a slow blue square", 256, 256, 200)
+    _set_common(c, "a slow blue square", 128, 128, 200)
     c.fill("#gen-n", 1)
     c.find("#gen-submit").click()
-    c.wait(lambda: int(c.find("#gen-job").get_attribute("data-progress-events") or 0) >= 1, 120, "sampling to start")
+    c.wait(
+        lambda: int(c.find("#gen-job").get_attribute("data-progress-events") or 0) >= 1,
+        120,
+        "sampling to start",
+    )
     c.find("#gen-cancel").click()
     c.wait(lambda: c.find("#gen-job").get_attribute("data-status") == "cancelled", 60, "the cancel")
     job_id = c.find("#gen-job").get_attribute("data-job-id")
@@ -106,7 +117,9 @@ def test_gallery_filters_and_generates_again(console: Console) -> None:
     c.screenshot("05-gallery")
     c.select("#gal-status", "cancelled")
     c.find("#gal-filter button").click()
-    c.wait(lambda: {e.text for e in c.finds("#gal-list .card .badge")} == {"cancelled"}, 20, "the status filter")
+    c.wait(
+        lambda: {e.text for e in c.finds("#gal-list .card .badge")} == {"cancelled"}, 20, "the status filter"
+    )
     c.select("#gal-status", "succeeded")
     c.find("#gal-filter button").click()
     c.wait(lambda: {e.text for e in c.finds("#gal-list .card .badge")} == {"succeeded"}, 20, "succeeded only")
@@ -139,8 +152,11 @@ def test_datasets_register_and_show_the_report(console: Console) -> None:
     c.fill("#ds-name", "squares")
     c.fill("#ds-path", "squares")
     c.find("#ds-submit").click()
-    card = c.wait(lambda: [d for d in c.finds("#ds-list .dataset") if d.get_attribute("data-status") == "ready"],
-                  60, "validation")[0]
+    card = c.wait(
+        lambda: [d for d in c.finds("#ds-list .dataset") if d.get_attribute("data-status") == "ready"],
+        60,
+        "validation",
+    )[0]
     assert "17 images, 16 with captions" in card.text and "missing captions: 1" in card.text, card.text
     c.screenshot("06-datasets")
 
@@ -167,7 +183,13 @@ def test_training_curve_grows_with_checkpoints_cancel_resume(console: Console, d
     c.fill("#train-keep", 2)
     c.fill("#train-sample-every", 10)
     c.fill("#train-sample-prompts", "a red square")
-    for key, value in {"resolution": 16, "steps": 3000, "batch_size": 4, "lr": 0.001, "warmup_steps": 0}.items():
+    for key, value in {
+        "resolution": 16,
+        "steps": 3000,
+        "batch_size": 4,
+        "lr": 0.001,
+        "warmup_steps": 0,
+    }.items():
         c.fill(f"#stage-0-{key}", value)
     c.screenshot("07-training-form")
     c.find("#train-submit").click()
@@ -187,11 +209,15 @@ def test_training_curve_grows_with_checkpoints_cancel_resume(console: Console, d
     c.wait(lambda: c.find("#page-trainjob").get_attribute("data-status") == "cancelled", 90, "cancelled")
     c.wait(lambda: c.find("#tj-resume").is_enabled(), 10, "resume enabled")
     c.find("#tj-resume").click()
-    c.wait(lambda: c.find("#page-trainjob").get_attribute("data-status") in ("queued", "running"), 30, "resumed")
+    c.wait(
+        lambda: c.find("#page-trainjob").get_attribute("data-status") in ("queued", "running"), 30, "resumed"
+    )
     before = points()
     c.wait(lambda: points() > before, 240, "the resumed run's metrics on the same curve")
     c.find("#tj-cancel").click()
-    c.wait(lambda: c.find("#page-trainjob").get_attribute("data-status") == "cancelled", 90, "cancelled again")
+    c.wait(
+        lambda: c.find("#page-trainjob").get_attribute("data-status") == "cancelled", 90, "cancelled again"
+    )
     with c.client() as api:
         assert api.get(f"/v1/train-jobs/{job_id}").json()["status"] == "cancelled"
         ckpts = api.get(f"/v1/train-jobs/{job_id}/checkpoints").json()["data"]
