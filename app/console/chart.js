@@ -33,10 +33,13 @@ export function drawChart(canvas, points, { label, color = "#2563eb", logY = fal
     ctx.fillText("waiting for metrics…", 8, h / 2);
     return;
   }
-  const pad = { l: 64, r: 10, t: 22, b: 22 };
-  const x0 = points[0][0], x1 = Math.max(points[points.length - 1][0], x0 + 1);
   let y0 = Math.min(...ys), y1 = Math.max(...ys);
   if (y1 - y0 < 1e-12) { y0 -= 0.5; y1 += 0.5; }
+  const unlog = (v) => (logY ? 10 ** v : v);
+  const span = Math.abs(unlog(y1) - unlog(y0));
+  const top = fmt(unlog(y1), span), bottom = fmt(unlog(y0), span);
+  const pad = { l: Math.max(ctx.measureText(top).width, ctx.measureText(bottom).width) + 12, r: 10, t: 22, b: 22 };
+  const x0 = points[0][0], x1 = Math.max(points[points.length - 1][0], x0 + 1);
   const X = (x) => pad.l + ((x - x0) / (x1 - x0)) * (w - pad.l - pad.r);
   const Y = (y) => h - pad.b - ((y - y0) / (y1 - y0)) * (h - pad.t - pad.b);
   ctx.strokeStyle = "rgba(128,128,128,0.5)";
@@ -46,10 +49,8 @@ export function drawChart(canvas, points, { label, color = "#2563eb", logY = fal
   ctx.lineTo(pad.l, h - pad.b);
   ctx.lineTo(w - pad.r, h - pad.b);
   ctx.stroke();
-  const unlog = (v) => (logY ? 10 ** v : v);
-  const span = Math.abs(unlog(y1) - unlog(y0));
-  ctx.fillText(fmt(unlog(y1), span), 4, pad.t + 8);
-  ctx.fillText(fmt(unlog(y0), span), 4, h - pad.b);
+  ctx.fillText(top, 4, pad.t + 8);
+  ctx.fillText(bottom, 4, h - pad.b);
   ctx.fillText(`step ${x0}`, pad.l, h - 6);
   const right = `step ${points[points.length - 1][0]}`;
   ctx.fillText(right, w - pad.r - ctx.measureText(right).width, h - 6);

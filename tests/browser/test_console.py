@@ -123,6 +123,15 @@ def test_gallery_filters_and_generates_again(console: Console) -> None:
     c.select("#gal-status", "succeeded")
     c.find("#gal-filter button").click()
     c.wait(lambda: {e.text for e in c.finds("#gal-list .card .badge")} == {"succeeded"}, 20, "succeeded only")
+    with c.client() as api:
+        tiny = next(m["id"] for m in api.get("/v1/models").json()["data"] if m["name"] == "tiny")
+    c.select("#gal-status", "")
+    c.select("#gal-model", tiny)
+    c.find("#gal-filter button").click()
+    c.wait(lambda: len(c.finds("#gal-list .card")) == 2, 20, "both jobs (made with the default model, tiny)")
+    c.select("#gal-status", "succeeded")
+    c.find("#gal-filter button").click()
+    c.wait(lambda: len(c.finds("#gal-list .card")) == 1, 20, "succeeded and tiny")
     c.find("#gal-list .card .again").click()
     c.wait(lambda: c.find("#page-generate").is_displayed(), 10, "the generate page")
     assert c.find("#gen-prompt").get_attribute("value") == "a red square"
@@ -234,6 +243,11 @@ def test_models_and_system_pages(console: Console) -> None:
     rows = c.wait(lambda: c.finds("#models-list tr[data-id]"), 15, "models")
     assert any("tiny" in r.text for r in rows)
     c.screenshot("09-models")
+    trained = next(r.get_attribute("data-id") for r in rows if "train_" in r.text)
+    c.go("gallery")
+    c.select("#gal-model", trained)
+    c.find("#gal-filter button").click()
+    c.wait(lambda: "No image jobs match." in c.find("#gal-list").text, 20, "no job made with the checkpoint")
     c.go("system")
     c.wait(lambda: "Slots" in c.find("#sys-body").text, 15, "the system view")
     body = c.find("#sys-body").text
