@@ -75,8 +75,9 @@ class Console:
             lambda: self.find("#key-panel").is_displayed() or self.find("#nav").is_displayed(), 30, "start"
         )
         if self.find("#key-panel").is_displayed():
-            self.find("#api-key").send_keys(key)
-            self.find("#key-submit").click()
+            from selenium.webdriver.common.keys import Keys
+
+            self.find("#api-key").send_keys(key + Keys.ENTER)  # the keyboard submits the form
             self.wait(lambda: self.find("#nav").is_displayed(), 30, "the console after the key")
 
     def go(self, page: str) -> None:

@@ -271,6 +271,18 @@ def test_phone_width_has_no_sideways_scroll(console: Console) -> None:
         c.driver.set_window_size(1280, 900)
 
 
+def test_every_control_has_a_label(console: Console) -> None:
+    c = console
+    c.login()
+    unlabelled = _js(
+        c,
+        "return [...document.querySelectorAll('input, select, textarea')]"
+        ".filter(e => e.labels.length === 0 && !e.getAttribute('aria-label')).map(e => e.id || e.outerHTML)",
+    )
+    assert unlabelled == [], unlabelled
+    assert len(c.finds("label[for]")) >= 40
+
+
 def test_page_requests_only_the_service(console: Console) -> None:
     urls = console.drain_network_log()
     assert any(u.endswith("/console/app.js") for u in console.requests)
