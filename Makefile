@@ -24,6 +24,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports  # the layering contract in pyproject.toml [tool.importlinter]
 
 test: $(STAMP) services lint
+	bash scripts/browser.sh $(BIN)/python
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)

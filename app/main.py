@@ -13,7 +13,7 @@ from urllib.parse import parse_qsl
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import errors
+from app import console, errors
 from app.db import session_scope
 from app.routes import datasets, images, models, openai_compat, system, training
 from app.settings import get_settings
@@ -144,6 +144,7 @@ def create_app() -> FastAPI:
     errors.install(app)
     for module in (images, openai_compat, training, models, datasets, system):
         app.include_router(module.router)
+    console.mount(app)
     stats = HttpStats()
     app.state.http_stats = stats
     app.add_middleware(GuardAndCount, stats=stats)

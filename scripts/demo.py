@@ -119,9 +119,7 @@ def service(var: Path, paths: dict[str, Path], port: int, *, keep: bool):
     try:
         yield proc
         if keep:
-            print(
-                f"\nThe service is still running at http://127.0.0.1:{port} (docs: /docs). Ctrl-C stops it."
-            )
+            print(f"\nStill serving. Console: http://127.0.0.1:{port}/ (API docs: /docs). Ctrl-C stops it.")
             with suppress(KeyboardInterrupt):
                 proc.wait()
     finally:
