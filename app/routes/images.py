@@ -17,6 +17,7 @@ from app.errors import NotFound
 from app.routes.common import (
     After,
     IdemKey,
+    LastEventId,
     Limit,
     Prefer,
     events_response,
@@ -79,10 +80,11 @@ def cancel_image(job_id: JobId, request: Request, owner: str = Depends(require_k
 
 @router.get("/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}}})
 def image_events(job_id: JobId, request: Request,
-                 after: Annotated[int | None, Query(ge=0, le=2**62)] = None,
+                 after: Annotated[int | None, Query(ge=0, le=2**62)] = None, last_event_id: LastEventId = None,
                  owner: str = Depends(require_key), session: Session = Depends(get_session)) -> Any:
     """Progress as Server-Sent Events (``Accept: text/event-stream``) or a JSON list; ``Last-Event-ID`` resumes."""
-    return events_response(request, session, jobs.get_job(session, job_id, "image", owner), after)
+    return events_response(request, session, jobs.get_job(session, job_id, "image", owner), after,
+                           last_event_id)
 
 
 @router.get("/{job_id}/files/{index}", response_class=FileResponse,
