@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field, UrlConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    UrlConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MAX_SEED = 2**63 - 1
 
@@ -57,11 +67,13 @@ class ImageParams(Strict):
     output_format: Literal["png", "webp", "jpeg"] = "png"
     webhook: WebhookUrl = None
 
-    @model_validator(mode="after")
-    def _seed_range(self) -> ImageParams:
-        if self.seed is not None and self.seed + self.n - 1 > MAX_SEED:
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, seed: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if seed is not None and seed + n - 1 > MAX_SEED:
             raise ValueError(f"seed + n - 1 must be <= {MAX_SEED}")
-        return self
+        return seed
 
 
 class ImageRequest(ImageParams):
@@ -197,10 +209,15 @@ class TrainRequest(Strict):
     t_logit_std: float = Field(1.0, gt=0, le=4)
     webhook: WebhookUrl = None
 
-    @model_validator(mode="after")
-    def _arch_rule(self) -> TrainRequest:
-        if self.base_model is not None and self.arch is not None:
+    @field_validator("arch")
+    @classmethod
+    def _arch_or_base(cls, arch: str | dict[str, Any] | None, info: ValidationInfo) -> str | dict[str, Any] | None:
+        if arch is not None and info.data.get("base_model") is not None:
             raise ValueError("arch is only allowed when base_model is null (pretraining from scratch)")
+        return arch
+
+    @model_validator(mode="after")
+    def _default_arch(self) -> TrainRequest:
         if self.base_model is None and self.arch is None:
             self.arch = "xut-small"
         return self
