@@ -8,9 +8,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy.orm import Session
 
-from app.auth import require_key
+from app.auth import require_admin, require_caller, require_key
 from app.db import get_session
 from app.services import system
+from app.settings import get_settings
 
 router = APIRouter(tags=["system"])
 
@@ -31,7 +32,13 @@ def system_info(_owner: str = Depends(require_key), session: Session = Depends(g
     return system.system_view(session)
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+def metrics_access(request: Request, session: Session = Depends(get_session)) -> None:
+    """An admin key, unless HDM_METRICS_OPEN (a scraper on a private network) or the server is open."""
+    if not get_settings().metrics_open:
+        require_admin(require_caller(request, session))
+
+
+@router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(metrics_access)])
 def metrics(request: Request, session: Session = Depends(get_session)) -> Any:
     stats = request.app.state.http_stats
     return PlainTextResponse(system.metrics_text(session, stats.counts, stats.seconds),
