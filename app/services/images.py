@@ -36,7 +36,7 @@ def create(session: Session, req: ImageRequest, *, owner: str, idempotency_key: 
     existing = jobs.find_idempotent(session, owner, idempotency_key, jobs.request_hash(raw))
     if existing is not None:
         return existing, False
-    model = checkpoints.resolve(session, req.model)
+    model = checkpoints.resolve(session, req.model, owner=owner)
     resolved = req.model_dump(mode="json")
     resolved["model"] = model.id
     if resolved["seed"] is None:
