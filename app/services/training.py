@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from sqlalchemy import or_, select, update
@@ -14,7 +15,7 @@ from app.models import Checkpoint, Dataset, GpuLease, Job
 from app.schemas import TrainRequest
 from app.services import checkpoints, jobs, webhooks
 from app.settings import get_settings
-from hdm_core.config import PRESETS, XUTConfig, is_pixel_space
+from hdm_core.config import PRESETS, XUTConfig, is_pixel_space, param_count
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +32,17 @@ def create(session: Session, req: TrainRequest, *, owner: str, idempotency_key: 
         raise Invalid(f"Unknown dataset {req.dataset!r}; create it with POST /v1/datasets.", param="dataset")
     if ds.status == "invalid":
         raise Invalid(f"Dataset {ds.id} failed validation: {(ds.error or {}).get('message')}", param="dataset")
-    base = checkpoints.resolve(session, req.base_model, param="base_model") if req.base_model else None
+    base = checkpoints.resolve(session, req.base_model, owner=owner, param="base_model") if req.base_model else None
     if isinstance(req.arch, str) and req.arch not in PRESETS:
         raise Invalid(f"Unknown preset {req.arch!r}; one of {list(PRESETS)} or an architecture object.",
                       param="arch")
     if isinstance(req.arch, dict):
-        try:  # the trainer's own validation, so a bad object is a 422 now rather than a failed job later
-            XUTConfig.from_dict(req.arch)
-        except (TypeError, ValueError) as exc:
-            raise Invalid(f"Invalid architecture object: {exc}", param="arch") from None
+        check_arch(req.arch, settings.max_arch_params)
+    flags = {s.grad_checkpointing for s in req.stages}
+    if len(flags) > 1:  # the trainer has one model-wide switch ([model] gradient_checkpointing)
+        i = next(i for i, s in enumerate(req.stages) if s.grad_checkpointing != req.stages[0].grad_checkpointing)
+        raise Invalid("grad_checkpointing applies to the whole run: give every stage the same value.",
+                      param=f"stages.{i}.grad_checkpointing")
     if req.nodes > 1:
         raise Invalid("Multi-node runs are not scheduled by the service yet; launch hdm_core.train with torchrun "
                       "rendezvous on each machine (docs/training.md).", param="nodes", code="unsupported")
@@ -66,6 +69,34 @@ def create(session: Session, req: TrainRequest, *, owner: str, idempotency_key: 
         job.progress_total = sum(s.steps or 0 for s in req.stages)
         session.commit()
     return job, created
+
+
+# Per-field bounds of architecture objects (well above every preset): a typo like dim 10^6 is a 422 now, not a
+# trainer that exhausts the host's memory building blocks. The parameter count bounds their product.
+ARCH_LIMITS = {"patch_size": 16, "in_channels": 64, "dim": 16384, "ctx_dim": 16384, "ctx_size": 4096, "heads": 256,
+               "head_dim": 512, "mlp_dim": 65536, "depth": 64, "enc_blocks": 64, "dec_blocks": 64, "tread_pre": 64,
+               "tread_post": 64, "addon_dim": 64}
+
+
+def check_arch(arch: dict[str, Any], max_params: int) -> XUTConfig:
+    """The trainer's own validation (XUTConfig), per-field limits and a parameter budget; errors name
+    ``arch.<field>``."""
+    for key, value in arch.items():
+        limit = ARCH_LIMITS.get(key)
+        if limit is not None and isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            raise Invalid(f"arch.{key} must be at most {limit}, got {value}.", param=f"arch.{key}")
+    try:
+        cfg = XUTConfig.from_dict(arch)
+    except (TypeError, ValueError) as exc:
+        text = str(exc)
+        m = re.search(r"XUTConfig\.(\w+)|unknown field\(s\) \['(\w+)'", text)
+        field = (m.group(1) or m.group(2)) if m else ("heads" if "heads * head_dim" in text else None)
+        raise Invalid(f"Invalid architecture object: {text}", param=f"arch.{field}" if field else "arch") from None
+    n = param_count(cfg)
+    if n > max_params:
+        raise Invalid(f"The architecture has {n:,} parameters; this server accepts at most {max_params:,} "
+                      "(HDM_MAX_ARCH_PARAMS).", param="arch", code="arch_too_large")
+    return cfg
 
 
 def pixel_space(arch: str | dict[str, Any] | None, base: Checkpoint | None) -> bool:
