@@ -128,6 +128,7 @@ class OwnStack:
                     "HDM_MODELS_DIR": str(self.tmp / "models"), "HDM_TEXT_ENCODER": str(te),
                     "HDM_OUTPUTS_DIR": str(self.tmp / "out"), "HDM_DATA_ROOT": str(self.tmp / "data"),
                     "HDM_RUNS_DIR": str(self.tmp / "runs"), "HDM_API_KEYS": self.key, "HDM_IMAGE_MIN_SIZE": "32",
+                    "HDM_WEBHOOK_SECRET": secrets.token_hex(16),
                     "HDM_QUEUE_LIMIT": "1000000", "HDM_GPU_INDEX": "0"}
         subprocess.run([sys.executable, "-m", "app.cli", "migrate"], env=self.env, cwd=ROOT, check=True,
                        capture_output=True)

@@ -165,7 +165,8 @@ def test_schemathesis_fuzz_sqlite_embedded(tmp_path: Path, assets: dict[str, Pat
     """No worker runs: generated jobs stay queued (a 2048 px, 200-step job would take hours on CPU)."""
     key = "fuzz-key"
     (tmp_path / "data" / "set").mkdir(parents=True)
-    proc, base, _ = _serve(tmp_path, assets, {"HDM_API_KEYS": key, "HDM_MAX_WAIT_S": "1", "HDM_QUEUE_LIMIT": "1000"},
+    proc, base, _ = _serve(tmp_path, assets, {"HDM_API_KEYS": key, "HDM_MAX_WAIT_S": "1", "HDM_QUEUE_LIMIT": "1000",
+                                           "HDM_WEBHOOK_SECRET": "whsec-fuzz"},
                            ["--no-worker"])
     try:
         _fuzz(base, key, tmp_path)
