@@ -129,8 +129,8 @@ def _post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> htt
         url = parts._replace(netloc=f"{ip}:{port}").geturl()
         if scheme == "https":
             extensions["sni_hostname"] = host
-    return httpx.post(url, content=body, headers=headers, timeout=timeout, follow_redirects=False,
-                      extensions=extensions)
+    with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+        return client.request("POST", url, content=body, headers=headers, extensions=extensions)
 
 
 def sign(body: bytes, timestamp: int, secret: str | None = None) -> str:

@@ -142,6 +142,7 @@ def _reserved_port() -> int:
 
 WEBHOOK_PORT = _reserved_port()
 WEBHOOK_BASE = f"http://127.0.0.1:{WEBHOOK_PORT}"
+SLOW_WEBHOOK_PORT = _reserved_port()  # a second receiver's: its late retries never reach the first one
 
 
 def stack_env(tmp: Path, assets: dict[str, Path], db_url: str, broker: str, prefix: str) -> dict[str, str]:
@@ -154,7 +155,7 @@ def stack_env(tmp: Path, assets: dict[str, Path], db_url: str, broker: str, pref
         "HDM_IMAGE_MIN_SIZE": "32", "HDM_HEARTBEAT_S": "0.5", "HDM_STALE_AFTER_S": "4",
         "HDM_MAINTENANCE_INTERVAL_S": "0.5", "HDM_REENQUEUE_GRACE_S": "1", "HDM_WEBHOOK_BACKOFF_S": "0.5",
         "HDM_QUEUE_LIMIT": "40", "HDM_SLOTS": "0", "HDM_FORCE_CANCEL_AFTER_S": "20",
-        "HDM_WEBHOOK_SECRET": "whsec-test", "HDM_WEBHOOK_ALLOW_HOSTS": WEBHOOK_BASE,
+        "HDM_WEBHOOK_SECRET": "whsec-test", "HDM_WEBHOOK_ALLOW_HOSTS": f"{WEBHOOK_BASE},http://127.0.0.1:{SLOW_WEBHOOK_PORT}",
     }
 
 
