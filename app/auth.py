@@ -7,6 +7,7 @@ import hmac
 import logging
 import time
 from dataclasses import dataclass
+from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy import select
@@ -41,8 +42,12 @@ def _db_keys(session: Session, max_age_s: float = DB_KEYS_TTL_S) -> list[str]:
 
 def auth_open(session: Session) -> bool:
     settings = get_settings()
-    return (not settings.api_key_list and not settings.admin_key_list and not settings.require_api_keys
-            and not _db_keys(session))
+    return (
+        not settings.api_key_list
+        and not settings.admin_key_list
+        and not settings.require_api_keys
+        and not _db_keys(session)
+    )
 
 
 def _matches(token: str, candidates: list[str]) -> bool:
@@ -50,6 +55,34 @@ def _matches(token: str, candidates: list[str]) -> bool:
     for candidate in candidates:  # no early exit: time does not depend on which key matched
         ok |= hmac.compare_digest(candidate.encode(), token.encode())
     return ok
+
+
+def require_key(request: Request, session: Annotated[Session, Depends(get_session)]) -> str:
+    """Returns the caller's owner id; 401 when the key is missing or unknown."""
+    settings = get_settings()
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    configured = settings.api_key_list + settings.admin_key_list
+    db_keys = _db_keys(session)
+    if not configured and not db_keys and not settings.require_api_keys:
+        return key_owner(token) if token else ANONYMOUS
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized(
+            "Missing API key: send 'Authorization: Bearer <key>'.",
+            code="missing_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    ok = _matches(token, configured)
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    for stored in db_keys:
+        ok |= hmac.compare_digest(stored, digest)
+    if not ok:  # maybe a key created since the last read (re-read at most once a second)
+        for stored in _db_keys(session, max_age_s=1.0):
+            ok |= hmac.compare_digest(stored, digest)
+    if not ok:
+        raise Unauthorized("Invalid API key.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return key_owner(token)
 
 
 @dataclass(frozen=True)
@@ -63,39 +96,14 @@ def _token(request: Request) -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
-def require_caller(request: Request, session: Session = Depends(get_session)) -> Caller:
+def require_caller(request: Request, session: Annotated[Session, Depends(get_session)]) -> Caller:
     owner = require_key(request, session)
     if auth_open(session):
         return Caller(owner, True)
     return Caller(owner, _matches(_token(request), get_settings().admin_key_list))
 
 
-def require_admin(caller: Caller = Depends(require_caller)) -> Caller:
+def require_admin(caller: Annotated[Caller, Depends(require_caller)]) -> Caller:
     if not caller.admin:
         raise Forbidden("This needs an admin key (HDM_ADMIN_KEYS).", code="admin_required")
     return caller
-
-
-def require_key(request: Request, session: Session = Depends(get_session)) -> str:
-    """Returns the caller's owner id; 401 when the key is missing or unknown."""
-    settings = get_settings()
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    token = token.strip()
-    configured = settings.api_key_list + settings.admin_key_list
-    db_keys = _db_keys(session)
-    if not configured and not db_keys and not settings.require_api_keys:
-        return key_owner(token) if token else ANONYMOUS
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
-    ok = _matches(token, configured)
-    digest = hashlib.sha256(token.encode()).hexdigest()
-    for stored in db_keys:
-        ok |= hmac.compare_digest(stored, digest)
-    if not ok:  # maybe a key created since the last read (re-read at most once a second)
-        for stored in _db_keys(session, max_age_s=1.0):
-            ok |= hmac.compare_digest(stored, digest)
-    if not ok:
-        raise Unauthorized("Invalid API key.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-    return key_owner(token)

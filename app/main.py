@@ -22,7 +22,9 @@ from app.services.webhooks import DeliveryThread
 from app.settings import DEFAULT_WEBHOOK_SECRET, get_settings
 
 log = logging.getLogger("app")
-MAX_BODY_BYTES = 1_000_000  # the largest valid request (two 8000-char prompts and a train config) is far smaller
+MAX_BODY_BYTES = (
+    1_000_000  # the largest valid request (two 8000-char prompts and a train config) is far smaller
+)
 
 
 class HttpStats:
@@ -53,23 +55,34 @@ class GuardAndCount:
         method = scope["method"] if scope["method"] in METHODS else "OTHER"
         bad = _nul_param(scope)
         if bad is not None:  # PostgreSQL cannot store NUL; reject it here for every route
-            await self._reject(method, send, 400, "invalid_value", "NUL characters are not allowed in the URL.",
-                               bad or None)
+            await self._reject(
+                method, send, 400, "invalid_value", "NUL characters are not allowed in the URL.", bad or None
+            )
             return
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length", b"0")
         if length.isdigit() and int(length) > MAX_BODY_BYTES:
-            await self._reject(method, send, 413, "too_large", f"Request body over {MAX_BODY_BYTES} bytes.", None)
+            await self._reject(
+                method, send, 413, "too_large", f"Request body over {MAX_BODY_BYTES} bytes.", None
+            )
             return
-        if method in ("POST", "PUT", "PATCH") and (length not in (b"", b"0") or b"transfer-encoding" in headers):
+        if method in ("POST", "PUT", "PATCH") and (
+            length not in (b"", b"0") or b"transfer-encoding" in headers
+        ):
             ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
             if not ctype:  # `curl -d` without -H: a JSON body is still JSON
                 scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
             elif ctype != b"application/json" and not ctype.endswith(b"+json"):
-                await self._reject(method, send, 415, "unsupported_media_type",
-                                   f"Request bodies are JSON: send 'Content-Type: application/json' (got "
-                                   f"{ctype.decode('latin-1')!r}; curl -d sends a form type unless you add "
-                                   "-H 'Content-Type: application/json').", "Content-Type")
+                await self._reject(
+                    method,
+                    send,
+                    415,
+                    "unsupported_media_type",
+                    f"Request bodies are JSON: send 'Content-Type: application/json' (got "
+                    f"{ctype.decode('latin-1')!r}; curl -d sends a form type unless you add "
+                    "-H 'Content-Type: application/json').",
+                    "Content-Type",
+                )
                 return
 
         async def _send(message: Message) -> None:
@@ -85,11 +98,17 @@ class GuardAndCount:
             self.counts[(method, route, status)] += 1
             self.seconds[(method, route)] += time.perf_counter() - start
 
-    async def _reject(self, method: str, send: Send, status: int, code: str, message: str,
-                      param: str | None) -> None:
+    async def _reject(
+        self, method: str, send: Send, status: int, code: str, message: str, param: str | None
+    ) -> None:
         body = json.dumps(errors.error_body(code, message, param)).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
         self.counts[(method, "rejected", status)] += 1
 
@@ -126,7 +145,7 @@ def _nul_param(scope: Scope) -> str | None:
 
 def _startup() -> None:
     from app.auth import auth_open
-    from app.services import checkpoints
+    from app.services import models
 
     settings = get_settings()
     webhooks.allow_list()  # a malformed HDM_WEBHOOK_ALLOW_HOSTS stops the start, not the first delivery
@@ -134,17 +153,23 @@ def _startup() -> None:
     with session_scope() as session:
         open_ = not keys_required and auth_open(session)
         if open_:
-            log.warning("!!! NO API KEYS CONFIGURED: the API is OPEN to anyone who can reach it. "
-                        "Set HDM_API_KEYS for any deployment beyond this machine. !!!")
+            log.warning(
+                "!!! NO API KEYS CONFIGURED: the API is OPEN to anyone who can reach it. "
+                "Set HDM_API_KEYS for any deployment beyond this machine. !!!"
+            )
     if settings.webhook_secret == DEFAULT_WEBHOOK_SECRET:
         if not open_:  # anyone could forge this server's webhook signatures
-            raise RuntimeError("HDM_WEBHOOK_SECRET is the default 'change-me'; set a secret of your own "
-                               "(API keys are required, so this is not a throw-away local server).")
-        log.warning("HDM_WEBHOOK_SECRET is the default 'change-me': webhook signatures prove nothing. Set one "
-                    "before anyone else uses this server.")
+            raise RuntimeError(
+                "HDM_WEBHOOK_SECRET is the default 'change-me'; set a secret of your own "
+                "(API keys are required, so this is not a throw-away local server)."
+            )
+        log.warning(
+            "HDM_WEBHOOK_SECRET is the default 'change-me': webhook signatures prove nothing. Set one "
+            "before anyone else uses this server."
+        )
     with session_scope() as session:
         try:
-            n = checkpoints.scan_models_dir(session)
+            n = models.scan_models_dir(session)
             log.info("models folder %s: %d checkpoint(s) registered", settings.models_dir, n)
         except Exception as exc:  # database not migrated yet: /readyz says so
             log.warning("model scan skipped: %s", exc)
@@ -165,10 +190,14 @@ def create_app() -> FastAPI:
         for thread in threads:
             thread.stop()
 
-    app = FastAPI(title="HDM Serve", version="1.0.0", lifespan=lifespan,
-                  description="Train and serve HDM (XUT flow-matching text-to-image) models on your own GPUs. "
-                              "Auth: `Authorization: Bearer <key>`. Errors: "
-                              '`{"error": {"code", "message", "param"}}`.')
+    app = FastAPI(
+        title="HDM Serve",
+        version="1.0.0",
+        lifespan=lifespan,
+        description="Train and serve HDM (XUT flow-matching text-to-image) models on your own GPUs. "
+        "Auth: `Authorization: Bearer <key>`. Errors: "
+        '`{"error": {"code", "message", "param"}}`.',
+    )
     errors.install(app)
     for module in (images, openai_compat, training, models, datasets, system):
         app.include_router(module.router)

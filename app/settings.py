@@ -38,7 +38,9 @@ class Settings(BaseSettings):
     # Webhook targets allowed besides public addresses: comma-separated "scheme://host:port" entries (port defaults
     # to the scheme's). Loopback, private, link-local and other non-public addresses are refused unless listed.
     webhook_allow_hosts: str = ""
-    webhook_allow_public: bool = False  # also any http(s) target whose address (checked when sending) is public
+    webhook_allow_public: bool = (
+        False  # also any http(s) target whose address (checked when sending) is public
+    )
     webhook_max_attempts: int = 5
     webhook_backoff_s: float = 2.0
     webhook_timeout_s: float = 10.0
@@ -72,8 +74,12 @@ class Settings(BaseSettings):
     max_wait_s: int = 60
     sync_timeout_s: int = 600  # /v1/images/generations
     train_kill_grace_s: float = 15.0  # SIGTERM to the trainer's process group, then SIGKILL after this
-    cpu_threads: int = 0  # torch intra-op threads per trainer process ([train] num_threads); 0 = torch's default
-    train_command: str = ""  # override the trainer launcher (tests use a stand-in); default torchrun hdm_core.train
+    cpu_threads: int = (
+        0  # torch intra-op threads per trainer process ([train] num_threads); 0 = torch's default
+    )
+    train_command: str = (
+        ""  # override the trainer launcher (tests use a stand-in); default torchrun hdm_core.train
+    )
 
     @field_validator("text_encoder", "vae", mode="before")
     @classmethod
@@ -129,10 +135,11 @@ class Settings(BaseSettings):
 
     @property
     def all_queues(self) -> list[str]:
-        return [self.image_queue, *(self.slot_queue(s) for s in self.slot_list),
-                *(self.train_queue(s) for s in self.slot_list)]
-
-
+        return [
+            self.image_queue,
+            *(self.slot_queue(s) for s in self.slot_list),
+            *(self.train_queue(s) for s in self.slot_list),
+        ]
 
 
 @functools.cache

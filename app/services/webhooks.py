@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from app.db import session_scope, utcnow
 from app.errors import Invalid
 from app.models import Job, WebhookDelivery
+from app.services import presenter
 from app.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,10 @@ def check_url(url: str | None) -> None:
         if t in allow_list():
             return
         if not settings.webhook_allow_public:
-            raise WebhookRefused(f"{t[0]}://{t[1]}:{t[2]} is not on the server's allow-list "
-                                 "(HDM_WEBHOOK_ALLOW_HOSTS, scheme://host:port)")
+            raise WebhookRefused(
+                f"{t[0]}://{t[1]}:{t[2]} is not on the server's allow-list "
+                "(HDM_WEBHOOK_ALLOW_HOSTS, scheme://host:port)"
+            )
         if t[1] == "localhost" or t[1].endswith(".localhost") or (_literal_ip(t[1]) and not public_ip(t[1])):
             raise WebhookRefused("webhook targets a loopback/private address; only allow-listed ones may")
     except WebhookRefused as exc:
@@ -150,38 +153,40 @@ def verify(body: bytes, header: str, secret: str, tolerance_s: int = 300) -> boo
     return hmac.compare_digest(sign(body, ts, secret), f"t={ts},v1={parts.get('v1', '')}")
 
 
-def job_body(session: Session, job: Job) -> dict[str, Any]:
-    if job.kind == "image":
-        from app.services import images
-
-        return images.view(session, job)
-    if job.kind == "train":
-        from app.services import training
-
-        return training.view(session, job)
-    return {"id": job.id, "object": f"{job.kind}_job", "status": job.status, "error": job.error}
-
-
 def deliver_due(session: Session, limit: int = 20) -> int:
     """Attempt every due delivery once; returns how many were attempted."""
     settings = get_settings()
     now = utcnow()
-    due = list(session.scalars(select(WebhookDelivery).where(
-        WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now).limit(limit)))
+    due = list(
+        session.scalars(
+            select(WebhookDelivery)
+            .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now)
+            .limit(limit)
+        )
+    )
     done = 0
     for d in due:
         lease_until = utcnow() + timedelta(seconds=settings.webhook_timeout_s + 30)
-        res = session.execute(update(WebhookDelivery).where(
-            WebhookDelivery.id == d.id, WebhookDelivery.status == "pending",
-            WebhookDelivery.next_attempt_at <= now).values(status="sending", next_attempt_at=lease_until))
+        res = session.execute(
+            update(WebhookDelivery)
+            .where(
+                WebhookDelivery.id == d.id,
+                WebhookDelivery.status == "pending",
+                WebhookDelivery.next_attempt_at <= now,
+            )
+            .values(status="sending", next_attempt_at=lease_until)
+        )
         session.commit()
         if res.rowcount != 1:  # type: ignore[attr-defined]
             continue  # another runner took it
         done += 1
         _attempt(session, d.id)
     # deliveries stuck in "sending" (runner died) become pending again
-    session.execute(update(WebhookDelivery).where(WebhookDelivery.status == "sending",
-                                                  WebhookDelivery.next_attempt_at < now).values(status="pending"))
+    session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.status == "sending", WebhookDelivery.next_attempt_at < now)
+        .values(status="pending")
+    )
     session.commit()
     return done
 
@@ -196,9 +201,14 @@ def _attempt(session: Session, delivery_id: int) -> None:
     if job is None:
         error = "job deleted"
     else:
-        body = json.dumps(job_body(session, job), separators=(",", ":")).encode()
-        headers = {"Content-Type": "application/json", "X-HDM-Signature": sign(body, int(time.time())),
-                   "X-HDM-Event": f"job.{job.status}", "X-HDM-Delivery": str(d.id), "User-Agent": "hdm-serve"}
+        body = json.dumps(presenter.job_body(session, job), separators=(",", ":")).encode()
+        headers = {
+            "Content-Type": "application/json",
+            "X-HDM-Signature": sign(body, int(time.time())),
+            "X-HDM-Event": f"job.{job.status}",
+            "X-HDM-Delivery": str(d.id),
+            "User-Agent": "hdm-serve",
+        }
         try:
             r = _post(d.url, body, headers, settings.webhook_timeout_s)
             if not 200 <= r.status_code < 300:  # a 3xx is not followed: a failed attempt

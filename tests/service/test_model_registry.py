@@ -38,7 +38,7 @@ def _scan(stack: Stack) -> None:
     """The start-up scan of the models folder, as the API runs it when it starts."""
     _py(
         stack,
-        "from app.db import session_scope\nfrom app.services.checkpoints import scan_models_dir\n"
+        "from app.db import session_scope\nfrom app.services.models import scan_models_dir\n"
         "with session_scope() as s: scan_models_dir(s)",
     )
 
@@ -132,7 +132,7 @@ def test_fine_tunes_are_scoped_per_key(stack: Stack, assets: dict[str, Path], tm
     ckpt_id = _py(
         stack,
         "from pathlib import Path\nfrom app.db import session_scope\n"
-        "from app.services.checkpoints import register_file\n"
+        "from app.services.models import register_file\n"
         f"with session_scope() as s: print(register_file(s, Path({str(dest)!r}), "
         f"name='{job['id']}-step-2', source='train_job', train_job_id='{job['id']}', step=2).id)",
     )

@@ -1,4 +1,5 @@
-"""Model (checkpoint) registry: files under the models folder and checkpoints written by train jobs.
+"""The model registry behind /v1/models: checkpoint files found under the models folder, imported with
+``hdm models import`` or written by train jobs.
 
 Shared models (models folder, imports; owner NULL) are seen by every key; a train job's checkpoints belong to its
 key. The default model is explicit: HDM_DEFAULT_MODEL, else the one marked default (by an admin key, or the first
@@ -28,7 +29,6 @@ from app.models import Checkpoint, DeletedModel, Job
 from app.settings import get_settings
 
 log = logging.getLogger(__name__)
-SAMPLERS = ["euler", "heun"]
 
 
 def read_header(path: Path) -> dict[str, Any]:
@@ -75,12 +75,24 @@ def _path_key(path: Path) -> str:
 
 
 def is_deleted(session: Session, path: Path) -> bool:
-    return session.scalar(select(DeletedModel.id).where(
-        DeletedModel.path_sha256 == _path_key(path.resolve())).limit(1)) is not None
+    return (
+        session.scalar(
+            select(DeletedModel.id).where(DeletedModel.path_sha256 == _path_key(path.resolve())).limit(1)
+        )
+        is not None
+    )
 
 
-def register_file(session: Session, path: Path, *, name: str | None = None, source: str = "file",
-                  train_job_id: str | None = None, step: int | None = None, revive: bool = False) -> Checkpoint:
+def register_file(
+    session: Session,
+    path: Path,
+    *,
+    name: str | None = None,
+    source: str = "file",
+    train_job_id: str | None = None,
+    step: int | None = None,
+    revive: bool = False,
+) -> Checkpoint:
     """Register a checkpoint file (idempotent by path). ``revive``: an explicit import lifts a tombstone."""
     path = path.resolve()
     existing = session.scalar(select(Checkpoint).where(Checkpoint.path == str(path)))
@@ -99,10 +111,21 @@ def register_file(session: Session, path: Path, *, name: str | None = None, sour
     while session.scalar(select(Checkpoint.id).where(Checkpoint.name == candidate)) is not None:
         i += 1
         candidate = f"{base}-{i}"
-    ckpt = Checkpoint(id=new_id("ckpt"), name=candidate, arch=info["arch"], codec=info["codec"],
-                      params=info["params"], source=source, train_job_id=train_job_id, step=step,
-                      sha256=sha256_file(path), path=str(path), size_bytes=path.stat().st_size, created_at=utcnow(),
-                      owner=owner)
+    ckpt = Checkpoint(
+        id=new_id("ckpt"),
+        name=candidate,
+        arch=info["arch"],
+        codec=info["codec"],
+        params=info["params"],
+        source=source,
+        train_job_id=train_job_id,
+        step=step,
+        sha256=sha256_file(path),
+        path=str(path),
+        size_bytes=path.stat().st_size,
+        created_at=utcnow(),
+        owner=owner,
+    )
     session.add(ckpt)
     session.commit()
     log.info("registered model %s (%s) from %s", ckpt.id, ckpt.name, path)
@@ -158,8 +181,12 @@ def scan_models_dir(session: Session) -> int:
 def _ensure_default(session: Session) -> None:
     if get_settings().default_model or session.scalar(select(Checkpoint.id).where(Checkpoint.is_default)):
         return
-    first = session.scalar(select(Checkpoint).where(Checkpoint.owner.is_(None), Checkpoint.train_job_id.is_(None))
-                           .order_by(Checkpoint.created_at, Checkpoint.id).limit(1))
+    first = session.scalar(
+        select(Checkpoint)
+        .where(Checkpoint.owner.is_(None), Checkpoint.train_job_id.is_(None))
+        .order_by(Checkpoint.created_at, Checkpoint.id)
+        .limit(1)
+    )
     if first is not None:
         first.is_default = True
         session.commit()
@@ -182,29 +209,36 @@ def default_model(session: Session) -> Checkpoint | None:
 
 def resolve(session: Session, ref: str | None, *, owner: str | None, param: str = "model") -> Checkpoint:
     if ref:
-        ckpt = session.scalar(select(Checkpoint).where(or_(Checkpoint.id == ref, Checkpoint.name == ref),
-                                                       visible(owner)))
+        ckpt = session.scalar(
+            select(Checkpoint).where(or_(Checkpoint.id == ref, Checkpoint.name == ref), visible(owner))
+        )
         if ckpt is None:
             raise Invalid(f"Unknown model {ref!r}; see GET /v1/models.", param=param, code="unknown_model")
         return ckpt
     ckpt = default_model(session)
     if ckpt is None:
         setting = get_settings().default_model
-        raise Invalid(f"HDM_DEFAULT_MODEL {setting!r} is not a registered model." if setting else
-                      "No default model: name one in 'model', set HDM_DEFAULT_MODEL, or mark one with "
-                      "POST /v1/models/{id}/default (admin key).", param=param, code="no_model")
+        raise Invalid(
+            f"HDM_DEFAULT_MODEL {setting!r} is not a registered model."
+            if setting
+            else "No default model: name one in 'model', set HDM_DEFAULT_MODEL, or mark one with "
+            "POST /v1/models/{id}/default (admin key).",
+            param=param,
+            code="no_model",
+        )
     return ckpt
 
 
 def get(session: Session, model_id: str, owner: str | None) -> Checkpoint:
-    ckpt = session.scalar(select(Checkpoint).where(or_(Checkpoint.id == model_id, Checkpoint.name == model_id),
-                                                   visible(owner)))
+    ckpt = session.scalar(
+        select(Checkpoint).where(or_(Checkpoint.id == model_id, Checkpoint.name == model_id), visible(owner))
+    )
     if ckpt is None:
         raise NotFound(f"No model {model_id!r}.", param="id")
     return ckpt
 
 
-def list_(session: Session, owner: str | None, limit: int, after: str | None) -> tuple[list[Checkpoint], bool]:
+def page(session: Session, owner: str | None, limit: int, after: str | None) -> tuple[list[Checkpoint], bool]:
     q = select(Checkpoint).where(visible(owner))
     if after:
         q = q.where(Checkpoint.id < after)
@@ -215,10 +249,12 @@ def list_(session: Session, owner: str | None, limit: int, after: str | None) ->
 def set_default(session: Session, ckpt: Checkpoint) -> Checkpoint:
     """Admin: this model answers requests without ``model``; it becomes shared (every key can use the default)."""
     if get_settings().default_model:
-        raise Conflict("HDM_DEFAULT_MODEL pins the default model; change the setting instead.",
-                       code="default_pinned")
-    session.execute(update(Checkpoint).where(Checkpoint.is_default, Checkpoint.id != ckpt.id)
-                    .values(is_default=False))
+        raise Conflict(
+            "HDM_DEFAULT_MODEL pins the default model; change the setting instead.", code="default_pinned"
+        )
+    session.execute(
+        update(Checkpoint).where(Checkpoint.is_default, Checkpoint.id != ckpt.id).values(is_default=False)
+    )
     ckpt.is_default, ckpt.owner = True, None
     session.commit()
     return ckpt
@@ -234,19 +270,26 @@ def delete(session: Session, ckpt: Checkpoint, *, admin: bool, confirm_outside: 
     outside the service's folders only with ``confirm_outside``."""
     if ckpt.owner is None and not admin:
         raise Forbidden(f"Model {ckpt.id} is shared; deleting it needs an admin key.", code="admin_required")
-    busy = session.scalar(select(Job.id).where(Job.model_id == ckpt.id, Job.status.in_(("queued", "running")))
-                          .limit(1))
+    busy = session.scalar(
+        select(Job.id).where(Job.model_id == ckpt.id, Job.status.in_(("queued", "running"))).limit(1)
+    )
     if busy:
         raise Conflict(f"Model {ckpt.id} is used by job {busy}; cancel it or wait.", code="model_in_use")
     default = default_model(session)
     if default is not None and default.id == ckpt.id:
-        raise Conflict(f"Model {ckpt.id} is the default model; make another one the default first.",
-                       code="model_is_default")
+        raise Conflict(
+            f"Model {ckpt.id} is the default model; make another one the default first.",
+            code="model_is_default",
+        )
     path = Path(ckpt.path).resolve()
     inside = any(path.is_relative_to(folder) for folder in service_folders())
     if not inside and not confirm_outside:
-        raise Conflict(f"The file of model {ckpt.id} is outside the service's folders ({path}); repeat with "
-                       "confirm_outside=true to delete it too.", param="confirm_outside", code="confirm_required")
+        raise Conflict(
+            f"The file of model {ckpt.id} is outside the service's folders ({path}); repeat with "
+            "confirm_outside=true to delete it too.",
+            param="confirm_outside",
+            code="confirm_required",
+        )
     session.add(DeletedModel(path=str(path), path_sha256=_path_key(path), deleted_at=utcnow()))
     session.delete(ckpt)
     session.commit()
@@ -258,11 +301,9 @@ def delete(session: Session, ckpt: Checkpoint, *, admin: bool, confirm_outside: 
     return True
 
 
-def view(ckpt: Checkpoint, default_id: str | None = None) -> dict[str, Any]:
-    from app.services.jobs import iso
-
-    return {"id": ckpt.id, "object": "model", "name": ckpt.name, "arch": ckpt.arch, "codec": ckpt.codec,
-            "params": ckpt.params, "source": ckpt.source, "train_job": ckpt.train_job_id, "step": ckpt.step,
-            "sha256": ckpt.sha256, "path": ckpt.path, "size_bytes": ckpt.size_bytes,
-            "created_at": iso(ckpt.created_at), "samplers": SAMPLERS, "shared": ckpt.owner is None,
-            "default": ckpt.id == default_id}
+def file_path(ckpt: Checkpoint) -> Path:
+    """The model's weights file; 404 when it was removed from disk behind the registry's back."""
+    path = Path(ckpt.path)
+    if not path.is_file():
+        raise NotFound(f"The file of model {ckpt.id} is gone: {path.name}.")
+    return path
