@@ -173,6 +173,9 @@ def test_hdm_serve_embedded_end_to_end(tmp_path: Path, assets: dict[str, Path]) 
             r = c.get(f"/v1/images/{slow['id']}", headers={"Prefer": "wait=10"})
             assert r.json()["status"] == "cancelled"
         assert "API is OPEN" in log.read_text()
+        assert (
+            "HDM_WEBHOOK_SECRET is the default" in log.read_text()
+        )  # open local server: a warning, not a stop
         assert (tmp_path / "hdm.db").is_file()
     finally:
         _stop(proc)
