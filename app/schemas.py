@@ -17,6 +17,7 @@ from pydantic import (
     model_validator,
 )
 
+from hdm_core.config import MAX_SEED
 from hdm_core.train.config import (
     ObjectiveSection,
     SamplingSection,
@@ -24,8 +25,6 @@ from hdm_core.train.config import (
     TextEncoderSection,
     TrainSection,
 )
-
-MAX_SEED = 2**63 - 1
 
 
 def _no_nul(v: str) -> str:

@@ -195,7 +195,7 @@ class OwnStack:
 
         import hdm_core
         from hdm_core.codec import PixelCodec
-        from hdm_core.text import build_toy_text_encoder
+        from hdm_demo.text_encoder import build_toy_text_encoder
 
         self.tmp = Path(tempfile.mkdtemp(prefix="hdm-bench-"))
         (self.tmp / "models").mkdir()
