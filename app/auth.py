@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import logging
 import time
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -13,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db import get_session
-from app.errors import Unauthorized
+from app.errors import Forbidden, Unauthorized
 from app.models import ApiKey
 from app.settings import get_settings
 
@@ -41,7 +42,19 @@ def _db_keys(session: Session, max_age_s: float = DB_KEYS_TTL_S) -> list[str]:
 
 def auth_open(session: Session) -> bool:
     settings = get_settings()
-    return not settings.api_key_list and not settings.require_api_keys and not _db_keys(session)
+    return (
+        not settings.api_key_list
+        and not settings.admin_key_list
+        and not settings.require_api_keys
+        and not _db_keys(session)
+    )
+
+
+def _matches(token: str, candidates: list[str]) -> bool:
+    ok = False
+    for candidate in candidates:  # no early exit: time does not depend on which key matched
+        ok |= hmac.compare_digest(candidate.encode(), token.encode())
+    return ok
 
 
 def require_key(request: Request, session: Annotated[Session, Depends(get_session)]) -> str:
@@ -50,7 +63,7 @@ def require_key(request: Request, session: Annotated[Session, Depends(get_sessio
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip()
-    configured = settings.api_key_list
+    configured = settings.api_key_list + settings.admin_key_list
     db_keys = _db_keys(session)
     if not configured and not db_keys and not settings.require_api_keys:
         return key_owner(token) if token else ANONYMOUS
@@ -60,9 +73,7 @@ def require_key(request: Request, session: Annotated[Session, Depends(get_sessio
             code="missing_api_key",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    ok = False
-    for candidate in configured:  # no early exit: time does not depend on which key matched
-        ok |= hmac.compare_digest(candidate.encode(), token.encode())
+    ok = _matches(token, configured)
     digest = hashlib.sha256(token.encode()).hexdigest()
     for stored in db_keys:
         ok |= hmac.compare_digest(stored, digest)
@@ -72,3 +83,27 @@ def require_key(request: Request, session: Annotated[Session, Depends(get_sessio
     if not ok:
         raise Unauthorized("Invalid API key.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
     return key_owner(token)
+
+
+@dataclass(frozen=True)
+class Caller:
+    owner: str
+    admin: bool  # an HDM_ADMIN_KEYS key (or an open server): shared models, the default model, /metrics
+
+
+def _token(request: Request) -> str:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def require_caller(request: Request, session: Annotated[Session, Depends(get_session)]) -> Caller:
+    owner = require_key(request, session)
+    if auth_open(session):
+        return Caller(owner, True)
+    return Caller(owner, _matches(_token(request), get_settings().admin_key_list))
+
+
+def require_admin(caller: Annotated[Caller, Depends(require_caller)]) -> Caller:
+    if not caller.admin:
+        raise Forbidden("This needs an admin key (HDM_ADMIN_KEYS).", code="admin_required")
+    return caller

@@ -170,7 +170,7 @@ def cmd_models_import(args: argparse.Namespace) -> int:
 
     _settings()
     with session_scope() as session:
-        ckpt = models.register_file(session, Path(args.path), name=args.name)
+        ckpt = models.register_file(session, Path(args.path), name=args.name, revive=True)
         print(ckpt.id, ckpt.name)
     return 0
 

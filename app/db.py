@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import get_settings
@@ -74,7 +75,11 @@ def get_session() -> Iterator[Session]:
     try:
         yield session
     finally:
-        session.close()
+        try:
+            session.close()
+        except DBAPIError as exc:  # the database went away: the error (503) was answered already
+            if not exc.connection_invalidated:
+                raise
 
 
 def reset_caches() -> None:

@@ -1,5 +1,6 @@
 """Dependencies routes declare by type: ``session: SessionDep`` (one DB session per request), ``owner: CallerDep``
-(the caller's owner id from its API key; 401 without one)."""
+(the caller's owner id from its API key; 401 without one), ``caller: KeyDep`` (owner and whether the key is an admin
+key), ``caller: AdminDep`` (403 unless an admin key)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from typing import Annotated
 from fastapi import Depends
 from sqlalchemy.orm import Session
 
-from app.auth import require_key
+from app.auth import Caller, require_admin, require_caller, require_key
 from app.db import get_session
 
 SessionDep = Annotated[Session, Depends(get_session)]
 CallerDep = Annotated[str, Depends(require_key)]
+KeyDep = Annotated[Caller, Depends(require_caller)]
+AdminDep = Annotated[Caller, Depends(require_admin)]

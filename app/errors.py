@@ -8,6 +8,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -77,10 +79,27 @@ def error_body(code: str, message: str, param: str | None = None) -> dict[str, A
     return {"error": {"code": code, "message": message, "param": param}}
 
 
-def _param(loc: tuple[Any, ...] | list[Any]) -> str | None:
-    parts = [str(p) for p in loc]
-    if parts and parts[0] in ("body", "query", "path", "header"):
-        parts = parts[1:]
+def _param(loc: tuple[Any, ...] | list[Any], body: Any = None, missing: bool = False) -> str | None:
+    """The field the user sent (or must send), as a dotted path. Body locations are walked through the body
+    itself, so pydantic's union-member tags (``function-after[_no_nul(), str]``, ``str``, ``int``) never leak."""
+    if not loc:
+        return None
+    where, rest = str(loc[0]), list(loc[1:])
+    if where not in ("body", "query", "path", "header", "cookie"):
+        rest = list(loc)
+    if where != "body":
+        return ".".join(str(p) for p in rest) or None
+    parts: list[str] = []
+    node = body
+    for i, part in enumerate(rest):
+        in_dict = isinstance(node, dict) and isinstance(part, str) and part in node
+        if in_dict or (isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)):
+            node = node[part]
+        elif missing and i == len(rest) - 1 and isinstance(node, dict) and isinstance(part, str):
+            pass  # the required field the user left out
+        else:
+            break
+        parts.append(str(part))
     return ".".join(parts) or None
 
 
@@ -90,8 +109,8 @@ _CODES = {"missing": "missing_field", "json_invalid": "invalid_json", "extra_for
 async def _validation_handler(_request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "value_error"}
-    param = _param(first.get("loc", ()))
     etype = str(first.get("type", "value_error"))
+    param = _param(first.get("loc", ()), exc.body, missing=etype == "missing")
     msg = str(first.get("msg", "invalid value"))
     if etype == "json_invalid":
         return JSONResponse(
@@ -101,7 +120,10 @@ async def _validation_handler(_request: Request, exc: RequestValidationError) ->
     if len(errors) > 1:
         message += (
             f" (and {len(errors) - 1} more problem(s): "
-            + "; ".join(f"{_param(e.get('loc', ())) or 'body'}: {e.get('msg')}" for e in errors[1:4])
+            + "; ".join(
+                f"{_param(e.get('loc', ()), exc.body, e.get('type') == 'missing') or 'body'}: {e.get('msg')}"
+                for e in errors[1:4]
+            )
             + ")"
         )
     return JSONResponse(error_body(_CODES.get(etype, "invalid_value"), message, param), status_code=422)
@@ -135,6 +157,27 @@ async def _http_handler(_request: Request, exc: StarletteHTTPException) -> JSONR
     )
 
 
+DB_RETRY_AFTER_S = 5
+
+
+def is_db_outage(exc: BaseException) -> bool:
+    """The database cannot be reached (down, restarting, pool exhausted): a 503 to retry, not a bug."""
+    if isinstance(exc, OperationalError | DisconnectionError | PoolTimeout):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+async def _db_error(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+    if not is_db_outage(exc):
+        return await _unhandled(request, exc)
+    log.warning("database unavailable: %s", (str(exc).splitlines() or [""])[0][:300])
+    return JSONResponse(
+        error_body("database_unavailable", "The database is unavailable; retry shortly."),
+        status_code=503,
+        headers={"Retry-After": str(DB_RETRY_AFTER_S)},
+    )
+
+
 async def _unhandled(_request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error: %s", type(exc).__name__)
     return JSONResponse(
@@ -146,4 +189,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_handler)  # type: ignore[arg-type]
     app.add_exception_handler(ServiceError, _service_handler)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(SQLAlchemyError, _db_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unhandled)

@@ -10,13 +10,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from urllib.parse import parse_qsl
 
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import console, errors
 from app.db import session_scope
 from app.routes import datasets, images, models, openai_compat, system, training
-from app.settings import get_settings
+from app.services import webhooks
+from app.services.maintenance import MaintenanceThread
+from app.services.webhooks import DeliveryThread
+from app.settings import DEFAULT_WEBHOOK_SECRET, get_settings
 
 log = logging.getLogger("app")
 MAX_BODY_BYTES = (
@@ -32,8 +35,12 @@ class HttpStats:
         self.seconds: dict[tuple[str, str], float] = defaultdict(float)
 
 
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # /metrics labels: bounded
+
+
 class GuardAndCount:
-    """Pure ASGI middleware (no per-request task overhead): rejects NUL in URLs, counts requests."""
+    """Pure ASGI middleware (no per-request task overhead): rejects NUL in URLs, bodies over MAX_BODY_BYTES
+    (announced or streamed in chunks), bodies that are not JSON; counts requests by method and route template."""
 
     def __init__(self, app: ASGIApp, stats: HttpStats) -> None:
         self.app = app
@@ -45,18 +52,38 @@ class GuardAndCount:
             return
         start = time.perf_counter()
         status = 500
+        method = scope["method"] if scope["method"] in METHODS else "OTHER"
         bad = _nul_param(scope)
         if bad is not None:  # PostgreSQL cannot store NUL; reject it here for every route
             await self._reject(
-                scope, send, 400, "invalid_value", "NUL characters are not allowed in the URL.", bad or None
+                method, send, 400, "invalid_value", "NUL characters are not allowed in the URL.", bad or None
             )
             return
-        length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length", b"0")
         if length.isdigit() and int(length) > MAX_BODY_BYTES:
             await self._reject(
-                scope, send, 413, "too_large", f"Request body over {MAX_BODY_BYTES} bytes.", None
+                method, send, 413, "too_large", f"Request body over {MAX_BODY_BYTES} bytes.", None
             )
             return
+        if method in ("POST", "PUT", "PATCH") and (
+            length not in (b"", b"0") or b"transfer-encoding" in headers
+        ):
+            ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if not ctype:  # `curl -d` without -H: a JSON body is still JSON
+                scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
+            elif ctype != b"application/json" and not ctype.endswith(b"+json"):
+                await self._reject(
+                    method,
+                    send,
+                    415,
+                    "unsupported_media_type",
+                    f"Request bodies are JSON: send 'Content-Type: application/json' (got "
+                    f"{ctype.decode('latin-1')!r}; curl -d sends a form type unless you add "
+                    "-H 'Content-Type: application/json').",
+                    "Content-Type",
+                )
+                return
 
         async def _send(message: Message) -> None:
             nonlocal status
@@ -65,14 +92,14 @@ class GuardAndCount:
             await send(message)
 
         try:
-            await self.app(scope, receive, _send)
+            await self.app(scope, _limited(receive), _send)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.counts[(scope["method"], route, status)] += 1
-            self.seconds[(scope["method"], route)] += time.perf_counter() - start
+            self.counts[(method, route, status)] += 1
+            self.seconds[(method, route)] += time.perf_counter() - start
 
     async def _reject(
-        self, scope: Scope, send: Send, status: int, code: str, message: str, param: str | None
+        self, method: str, send: Send, status: int, code: str, message: str, param: str | None
     ) -> None:
         body = json.dumps(errors.error_body(code, message, param)).encode()
         await send(
@@ -83,7 +110,24 @@ class GuardAndCount:
             }
         )
         await send({"type": "http.response.body", "body": body})
-        self.counts[(scope["method"], "rejected", status)] += 1
+        self.counts[(method, "rejected", status)] += 1
+
+
+def _limited(receive: Receive) -> Receive:
+    """``receive`` that counts body bytes and stops at MAX_BODY_BYTES, so a chunked body without Content-Length
+    is refused (413) after at most that much is buffered, not read whole."""
+    seen = 0
+
+    async def wrapped() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > MAX_BODY_BYTES:  # FastAPI re-raises its own HTTPException from the body read as is
+                raise HTTPException(413, f"Request body over {MAX_BODY_BYTES} bytes.")
+        return message
+
+    return wrapped
 
 
 def _nul_param(scope: Scope) -> str | None:
@@ -104,12 +148,26 @@ def _startup() -> None:
     from app.services import models
 
     settings = get_settings()
+    webhooks.allow_list()  # a malformed HDM_WEBHOOK_ALLOW_HOSTS stops the start, not the first delivery
+    keys_required = bool(settings.api_key_list or settings.admin_key_list or settings.require_api_keys)
     with session_scope() as session:
-        if auth_open(session):
+        open_ = not keys_required and auth_open(session)
+        if open_:
             log.warning(
                 "!!! NO API KEYS CONFIGURED: the API is OPEN to anyone who can reach it. "
                 "Set HDM_API_KEYS for any deployment beyond this machine. !!!"
             )
+    if settings.webhook_secret == DEFAULT_WEBHOOK_SECRET:
+        if not open_:  # anyone could forge this server's webhook signatures
+            raise RuntimeError(
+                "HDM_WEBHOOK_SECRET is the default 'change-me'; set a secret of your own "
+                "(API keys are required, so this is not a throw-away local server)."
+            )
+        log.warning(
+            "HDM_WEBHOOK_SECRET is the default 'change-me': webhook signatures prove nothing. Set one "
+            "before anyone else uses this server."
+        )
+    with session_scope() as session:
         try:
             n = models.scan_models_dir(session)
             log.info("models folder %s: %d checkpoint(s) registered", settings.models_dir, n)
@@ -123,14 +181,13 @@ def create_app() -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _startup()
-        thread = None
+        threads: list[MaintenanceThread | DeliveryThread] = []
         if settings.maintenance_in_api:
-            from app.services.maintenance import MaintenanceThread
-
-            thread = MaintenanceThread()
-            thread.start()
+            threads = [MaintenanceThread(), DeliveryThread()]
+            for thread in threads:
+                thread.start()
         yield
-        if thread is not None:
+        for thread in threads:
             thread.stop()
 
     app = FastAPI(

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -70,6 +71,19 @@ class Checkpoint(Base):
     path: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
+    # the key that trained it (a fine-tune); NULL = shared (models folder, imports): every key sees it
+    owner: Mapped[str | None] = mapped_column(String(64), index=True)
+    is_default: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+
+
+class DeletedModel(Base):
+    """Tombstone: a deleted model's file is not registered again by the start-up scan or a resumed run."""
+
+    __tablename__ = "deleted_models"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    path: Mapped[str] = mapped_column(Text)
+    path_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    deleted_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
 
 
 class Dataset(Base):

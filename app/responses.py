@@ -120,6 +120,7 @@ class TrainJobList(BaseModel):
 
 class SampleFile(BaseModel):
     name: str = Field(description="Path relative to the run's samples folder.")
+    url: str = Field(description="GET it (same key): the image file.")
 
 
 class SampleList(BaseModel):
@@ -167,18 +168,22 @@ class Model(BaseModel):
     size_bytes: int | None
     created_at: str
     samplers: list[str]
+    shared: bool = Field(description="Every key sees it (models folder, imports); else one key's fine-tune.")
+    default: bool = Field(description="Requests without `model` use it.")
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Model]
     has_more: bool
+    default_model: str | None = Field(None, description="The id requests without `model` use.")
 
 
 class ModelDeleted(BaseModel):
     id: str
     object: Literal["model"] = "model"
     deleted: Literal[True] = True
+    file_deleted: bool = Field(description="Its weights file was removed from disk.")
 
 
 class Health(BaseModel):

@@ -5,7 +5,17 @@ from __future__ import annotations
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field, UrlConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    UrlConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from hdm_core.config import MAX_SEED
 from hdm_core.train.config import (
@@ -67,11 +77,13 @@ class ImageParams(Strict):
     output_format: Literal["png", "webp", "jpeg"] = "png"
     webhook: WebhookUrl = None
 
-    @model_validator(mode="after")
-    def _seed_range(self) -> ImageParams:
-        if self.seed is not None and self.seed + self.n - 1 > MAX_SEED:
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, seed: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if seed is not None and seed + n - 1 > MAX_SEED:
             raise ValueError(f"seed + n - 1 must be <= {MAX_SEED}")
-        return self
+        return seed
 
 
 class ImageRequest(ImageParams):
@@ -208,10 +220,17 @@ class TrainRequest(Strict):
     t_logit_std: _core(ObjectiveSection, "t_logit_std") = 1.0  # type: ignore[valid-type]
     webhook: WebhookUrl = None
 
-    @model_validator(mode="after")
-    def _arch_rule(self) -> TrainRequest:
-        if self.base_model is not None and self.arch is not None:
+    @field_validator("arch")
+    @classmethod
+    def _arch_or_base(
+        cls, arch: str | dict[str, Any] | None, info: ValidationInfo
+    ) -> str | dict[str, Any] | None:
+        if arch is not None and info.data.get("base_model") is not None:
             raise ValueError("arch is only allowed when base_model is null (pretraining from scratch)")
+        return arch
+
+    @model_validator(mode="after")
+    def _default_arch(self) -> TrainRequest:
         if self.base_model is None and self.arch is None:
             self.arch = "xut-small"
         return self

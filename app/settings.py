@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+DEFAULT_WEBHOOK_SECRET = "change-me"
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HDM_", env_file=None, extra="ignore")
@@ -27,9 +29,18 @@ class Settings(BaseSettings):
 
     api_keys: str = ""  # comma-separated; empty = open (embedded mode only, warned at start)
     require_api_keys: bool = False
+    # comma-separated keys that may also manage shared models (delete, mark default) and read /metrics
+    admin_keys: str = ""
+    metrics_open: bool = False  # /metrics without a key (a scraper on a private network); default: admin key
+    max_arch_params: int = 20_000_000_000  # architecture objects of train jobs: parameter count at most this
 
-    webhook_secret: str = "change-me"
-    webhook_allow_hosts: str = "127.0.0.1,localhost"  # comma-separated host names; "*" allows all
+    webhook_secret: str = DEFAULT_WEBHOOK_SECRET
+    # Webhook targets allowed besides public addresses: comma-separated "scheme://host:port" entries (port defaults
+    # to the scheme's). Loopback, private, link-local and other non-public addresses are refused unless listed.
+    webhook_allow_hosts: str = ""
+    webhook_allow_public: bool = (
+        False  # also any http(s) target whose address (checked when sending) is public
+    )
     webhook_max_attempts: int = 5
     webhook_backoff_s: float = 2.0
     webhook_timeout_s: float = 10.0
@@ -83,6 +94,10 @@ class Settings(BaseSettings):
     @property
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    @property
+    def admin_key_list(self) -> list[str]:
+        return [k.strip() for k in self.admin_keys.split(",") if k.strip()]
 
     @property
     def webhook_hosts(self) -> list[str]:

@@ -5,7 +5,14 @@
 
 Measures requests/s and p50/p99 latency of POST /v1/images (enqueue only, no worker consuming) and
 GET /v1/images/{id}, then the queue overhead: job created_at (API) -> started_at (worker claimed it), p50/p99, with
-one worker taking 32x32, 1-step jobs one at a time. Prints a table and writes JSON (--out)."""
+one worker taking 32x32, 1-step jobs one at a time. Prints a table and writes JSON (--out).
+
+    python -m bench.api --poll-rates 50,100,200,400   # also: the status-poll rate sweep
+
+The sweep holds each rate of GET /v1/images/{id} for --seconds, open loop (requests leave on schedule whether or
+not earlier ones came back; latency counts from the scheduled time, so a server that falls behind shows it), while
+--create-rate POST /v1/images per second go to the one worker. It prints p50/p99 per rate, the API process's CPU
+use, and the highest rate whose poll p99 stays under --p99-ms."""
 
 from __future__ import annotations
 
@@ -91,6 +98,73 @@ async def http_bench(url: str, key: str, n: int, concurrency: int, model: str | 
     return {"post_images": post_res, "get_image": get_res}
 
 
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+async def _open_loop(
+    url: str, key: str, rate: float, seconds: float, create_rate: float, ids: list[str], api_pid: int | None
+) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    polls: list[float] = []
+    creates: list[float] = []
+    statuses: dict[int, int] = {}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30, limits=limits) as c:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time() + 0.2
+
+        async def one(at: float, make: Any, into: list[float]) -> None:
+            await asyncio.sleep(max(0.0, at - loop.time()))
+            try:
+                code = (await make()).status_code
+            except httpx.HTTPError:  # timed out or refused: counted, and its wait is in the latencies
+                code = 0
+            into.append(loop.time() - at)  # from the scheduled time: no coordinated omission
+            statuses[code] = statuses.get(code, 0) + 1
+
+        n_poll, n_create = int(rate * seconds), int(create_rate * seconds)
+        tasks = [
+            one(t0 + i / rate, lambda i=i: c.get(f"/v1/images/{ids[i % len(ids)]}"), polls)
+            for i in range(n_poll)
+        ]
+        tasks += [
+            one(t0 + i / create_rate, lambda: c.post("/v1/images", json=JOB), creates)
+            for i in range(n_create)
+        ]
+        cpu0, w0 = (_cpu_s(api_pid) if api_pid else 0.0), time.monotonic()
+        await asyncio.gather(*tasks)
+        cpu = (_cpu_s(api_pid) - cpu0) / (time.monotonic() - w0) if api_pid else None
+    return {
+        "rate": rate,
+        "polls": len(polls),
+        "poll_p50_ms": round(pct(polls, 50) * 1000, 2),
+        "poll_p99_ms": round(pct(polls, 99) * 1000, 2),
+        "creates": len(creates),
+        "create_p50_ms": round(pct(creates, 50) * 1000, 2) if creates else None,
+        "create_p99_ms": round(pct(creates, 99) * 1000, 2) if creates else None,
+        "api_cpu": round(cpu, 2) if cpu is not None else None,
+        "statuses": statuses,
+    }
+
+
+def poll_sweep(
+    url: str, key: str, rates: list[float], seconds: float, create_rate: float, api_pid: int | None
+) -> dict[str, Any]:
+    """Runs in this process, apart from the API server (its own process) and the worker."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as c:  # jobs to poll, some done, some queued
+        ids = [c.post("/v1/images", json=JOB, headers={"Prefer": "wait=30"}).json()["id"] for _ in range(20)]
+    steps = []
+    for rate in rates:
+        steps.append(asyncio.run(_open_loop(url, key, rate, seconds, create_rate, ids, api_pid)))
+        log.info("rate %.0f/s: %s", rate, steps[-1])
+        if steps[-1]["poll_p99_ms"] > 2000:  # far past saturation: higher rates only queue up more
+            break
+    return {"seconds": seconds, "create_rate": create_rate, "steps": steps}
+
+
 def _ts(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
@@ -149,6 +223,7 @@ class OwnStack:
             "HDM_RUNS_DIR": str(self.tmp / "runs"),
             "HDM_API_KEYS": self.key,
             "HDM_IMAGE_MIN_SIZE": "32",
+            "HDM_WEBHOOK_SECRET": secrets.token_hex(16),
             "HDM_QUEUE_LIMIT": "1000000",
             "HDM_GPU_INDEX": "0",
         }
@@ -238,6 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--queue-jobs", type=int, default=100)
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--poll-rates", default="", help="status polls/s to hold, e.g. 50,100,200 (the sweep)")
+    p.add_argument("--seconds", type=float, default=10.0, help="how long each rate is held")
+    p.add_argument(
+        "--create-rate", type=float, default=2.0, help="POST /v1/images per second during the sweep"
+    )
+    p.add_argument("--p99-ms", type=float, default=50.0)
     args = p.parse_args(argv)
     own = None if args.url else OwnStack()
     url, key = (args.url, args.key) if own is None else (own.url, own.key)
@@ -246,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
         if own is not None:
             own.start_worker()
         res["queue_overhead"] = queue_overhead(url, key, args.queue_jobs, args.model)
+        if args.poll_rates:
+            rates = [float(r) for r in args.poll_rates.split(",")]
+            pid = own.api.pid if own is not None else None
+            res["poll_sweep"] = poll_sweep(url, key, rates, args.seconds, args.create_rate, pid)
     finally:
         if own is not None:
             own.close()
@@ -276,6 +361,23 @@ def main(argv: list[str] | None = None) -> int:
         q["max_ms"],
         q["jobs"],
     )
+    if "poll_sweep" in res:
+        held = [st["rate"] for st in res["poll_sweep"]["steps"] if st["poll_p99_ms"] < args.p99_ms]
+        for st in res["poll_sweep"]["steps"]:
+            log.info(
+                "polls %6.0f/s + creates %.1f/s   poll p50 %7.2f ms  p99 %7.2f ms   create p99 %s ms   "
+                "API CPU %s cores   %s",
+                st["rate"],
+                args.create_rate,
+                st["poll_p50_ms"],
+                st["poll_p99_ms"],
+                st["create_p99_ms"],
+                st["api_cpu"],
+                st["statuses"],
+            )
+        log.info(
+            "highest poll rate with p99 < %.0f ms: %s", args.p99_ms, f"{max(held):.0f}/s" if held else "none"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     return 0

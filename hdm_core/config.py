@@ -164,3 +164,21 @@ def is_pixel_space(arch: str | dict[str, Any] | None) -> bool:
     if isinstance(arch, dict):
         return arch.get("in_channels") == 3
     return arch in PRESETS and PRESETS[arch].in_channels == 3
+
+
+def param_count(cfg: XUTConfig) -> int:
+    """Parameters of ``XUT(cfg)`` from the config alone (no torch: the API bounds architecture objects with it;
+    tests compare it with the built model)."""
+    d, p, c = cfg.dim, cfg.patch_size, cfg.in_channels
+    rope = cfg.heads * (cfg.head_dim // 4) * 2
+    attn = 3 * d * d + d * d + d + rope  # qkv (no bias), out, AxialRoPE freqs
+    xattn = d + d * d + 2 * d * d + d * d + d + rope  # pre-norm, q, kv (no bias), out, freqs
+    block = d + attn + d + d * 2 * cfg.mlp_dim + 2 * cfg.mlp_dim + cfg.mlp_dim * d + d  # norms, SwiGLU
+    blocks = cfg.tread_pre + cfg.tread_post + cfg.depth * (cfg.enc_blocks + cfg.dec_blocks)
+    adaln = 2 * d + (d * 4 * d + 4 * d) + (4 * d * 3 * d + 3 * d)
+    total = c * d * p * p + d  # patch embedding (conv)
+    total += 2 * (d // 2) * d + d  # timestep embedding
+    total += 3 * adaln + cfg.ctx_dim * d + d  # shared adaLN x3, ctx projection
+    total += (cfg.addon_dim * d + d + d * d + d) if cfg.addon_dim else 0
+    total += blocks * block + cfg.depth * xattn  # each decoder stage's first block cross-attends
+    return total + d * p * p * c + p * p * c  # unpatch head

@@ -103,6 +103,9 @@ class _Supervisor:
             if not name or name in self.registered or not src.is_file():
                 continue
             dest = get_settings().models_dir / "train" / self.job_id / f"{name}.safetensors"
+            if models.is_deleted(session, dest):  # deleted through the API: a resumed run must not revive it
+                self.registered.add(name)
+                continue
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:  # a copy: the run's retention (keep_last_n) may delete its own folder later
                 if not dest.exists():

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.db import get_sessionmaker
+from app.errors import BadRequest
 from app.models import Job
 from app.services import jobs, presenter
 from app.settings import get_settings
@@ -31,6 +32,15 @@ Prefer = Annotated[str | None, Header(alias="Prefer", max_length=200, descriptio
 EventsAfter = Annotated[
     int | None, Query(ge=0, le=2**62, description="Events after this id (default: Last-Event-ID).")
 ]
+LastEventId = Annotated[
+    str | None,
+    Header(
+        alias="Last-Event-ID",
+        max_length=64,
+        description="Resume an event stream after this event id (a decimal integer; what the stream sent as `id:`).",
+    ),
+]
+MAX_EVENT_ID = 2**62
 SSE_POLL_S = 0.2
 
 
@@ -103,9 +113,25 @@ async def event_stream(job_id: str, after: int) -> AsyncIterator[str]:
         await asyncio.sleep(SSE_POLL_S)
 
 
-def events_response(request: Request, session: Session, job: Job, after: int | None) -> Any:
-    last_id = request.headers.get("last-event-id", "")
-    start = after if after is not None else (int(last_id) if last_id.strip().isdigit() else 0)
+def parse_last_event_id(value: str | None) -> int:
+    """ASCII digits only (``str.isdigit`` accepts '²', which ``int`` rejects), at most the largest event id."""
+    value = (value or "").strip()
+    if not value:
+        return 0
+    if not (value.isascii() and value.isdigit()) or len(value) > 19 or int(value) > MAX_EVENT_ID:
+        raise BadRequest(
+            f"Last-Event-ID must be a decimal event id between 0 and {MAX_EVENT_ID}.",
+            param="Last-Event-ID",
+            code="invalid_value",
+        )
+    return int(value)
+
+
+def events_response(
+    request: Request, session: Session, job: Job, after: int | None, last_event_id: str | None
+) -> Any:
+    resume_from = parse_last_event_id(last_event_id)
+    start = after if after is not None else resume_from
     if "text/event-stream" in request.headers.get("accept", ""):
         return StreamingResponse(
             event_stream(job.id, start),

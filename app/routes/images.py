@@ -16,6 +16,7 @@ from app.routes.common import (
     After,
     EventsAfter,
     IdemKey,
+    LastEventId,
     Limit,
     Prefer,
     events_response,
@@ -97,10 +98,17 @@ def cancel_image(job_id: JobId, request: Request, owner: CallerDep, session: Ses
     responses={200: {"content": {"text/event-stream": {}}}},
 )
 def image_events(
-    job_id: JobId, request: Request, owner: CallerDep, session: SessionDep, after: EventsAfter = None
+    job_id: JobId,
+    request: Request,
+    owner: CallerDep,
+    session: SessionDep,
+    after: EventsAfter = None,
+    last_event_id: LastEventId = None,
 ) -> Any:
     """Progress as Server-Sent Events (``Accept: text/event-stream``) or a JSON list; ``Last-Event-ID`` resumes."""
-    return events_response(request, session, jobs.get_job(session, job_id, "image", owner), after)
+    return events_response(
+        request, session, jobs.get_job(session, job_id, "image", owner), after, last_event_id
+    )
 
 
 @router.get(

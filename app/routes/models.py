@@ -1,31 +1,47 @@
-"""/v1/models: the model registry (files found at start-up, imports, train-job checkpoints)."""
+"""/v1/models: the model registry (files found at start-up, imports, train-job checkpoints), scoped per key:
+shared models and the caller's own fine-tunes; admin keys see and manage all."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
+from sqlalchemy.orm import Session
 
-from app.deps import CallerDep, SessionDep
+from app.auth import Caller
+from app.deps import AdminDep, KeyDep, SessionDep
 from app.responses import Model, ModelDeleted, ModelList
 from app.routes.common import After, Limit
 from app.services import models, presenter
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 ModelId = Annotated[str, PathParam(max_length=300)]
+ConfirmOutside = Annotated[
+    bool, Query(description="Also delete a file outside the service's own folders (models, runs, outputs).")
+]
+
+
+def _scope(caller: Caller) -> str | None:
+    return None if caller.admin else caller.owner
+
+
+def _default_id(session: Session) -> str | None:
+    default = models.default_model(session)
+    return default.id if default else None
 
 
 @router.get("", response_model=ModelList)
-def list_models(_owner: CallerDep, session: SessionDep, limit: Limit = 100, after: After = None) -> Any:
-    rows, more = models.page(session, limit, after)
-    return presenter.page([presenter.model(c) for c in rows], more)
+def list_models(caller: KeyDep, session: SessionDep, limit: Limit = 100, after: After = None) -> Any:
+    rows, more = models.page(session, _scope(caller), limit, after)
+    default = _default_id(session)
+    return {**presenter.page([presenter.model(c, default) for c in rows], more), "default_model": default}
 
 
 @router.get("/{model_id}", response_model=Model)
-def get_model(model_id: ModelId, _owner: CallerDep, session: SessionDep) -> Any:
-    return presenter.model(models.get(session, model_id))
+def get_model(model_id: ModelId, caller: KeyDep, session: SessionDep) -> Any:
+    return presenter.model(models.get(session, model_id, _scope(caller)), _default_id(session))
 
 
 @router.get(
@@ -33,13 +49,22 @@ def get_model(model_id: ModelId, _owner: CallerDep, session: SessionDep) -> Any:
     response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
-def model_file(model_id: ModelId, _owner: CallerDep, session: SessionDep) -> Any:
-    path = models.file_path(models.get(session, model_id))
+def model_file(model_id: ModelId, caller: KeyDep, session: SessionDep) -> Any:
+    path = models.file_path(models.get(session, model_id, _scope(caller)))
     return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
 
+@router.post("/{model_id}/default", response_model=Model)
+def make_default(model_id: ModelId, caller: AdminDep, session: SessionDep) -> Any:
+    """Admin key: requests without ``model`` use this model from now on (it becomes shared)."""
+    ckpt = models.set_default(session, models.get(session, model_id, _scope(caller)))
+    return presenter.model(ckpt, ckpt.id)
+
+
 @router.delete("/{model_id}", response_model=ModelDeleted)
-def delete_model(model_id: ModelId, _owner: CallerDep, session: SessionDep) -> Any:
-    ckpt = models.get(session, model_id)
-    models.delete(session, ckpt)
-    return {"id": ckpt.id, "object": "model", "deleted": True}
+def delete_model(
+    model_id: ModelId, caller: KeyDep, session: SessionDep, confirm_outside: ConfirmOutside = False
+) -> Any:
+    ckpt = models.get(session, model_id, _scope(caller))
+    freed = models.delete(session, ckpt, admin=caller.admin, confirm_outside=confirm_outside)
+    return {"id": ckpt.id, "object": "model", "deleted": True, "file_deleted": freed}

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from app.auth import require_admin, require_caller
 from app.deps import CallerDep, SessionDep
 from app.responses import Health, Readiness, System
 from app.services import system
+from app.settings import get_settings
 
 router = APIRouter(tags=["system"])
 
@@ -32,7 +34,13 @@ def system_info(_owner: CallerDep, session: SessionDep) -> Any:
     return system.system_view(session)
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+def metrics_access(request: Request, session: SessionDep) -> None:
+    """An admin key, unless HDM_METRICS_OPEN (a scraper on a private network) or the server is open."""
+    if not get_settings().metrics_open:
+        require_admin(require_caller(request, session))
+
+
+@router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(metrics_access)])
 def metrics(request: Request, session: SessionDep) -> Any:
     stats = request.app.state.http_stats
     return PlainTextResponse(

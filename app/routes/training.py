@@ -6,11 +6,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from fastapi import Path as PathParam
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 
 from app.deps import CallerDep, SessionDep
 from app.responses import EventList, ModelList, SampleList, TrainJob, TrainJobList
-from app.routes.common import After, EventsAfter, IdemKey, Limit, events_response
+from app.routes.common import After, EventsAfter, IdemKey, LastEventId, Limit, events_response
 from app.schemas import TrainRequest
 from app.services import jobs, presenter, training
 
@@ -57,9 +57,16 @@ def resume_train_job(job_id: JobId, owner: CallerDep, session: SessionDep) -> An
     responses={200: {"content": {"text/event-stream": {}}}},
 )
 def train_events(
-    job_id: JobId, request: Request, owner: CallerDep, session: SessionDep, after: EventsAfter = None
+    job_id: JobId,
+    request: Request,
+    owner: CallerDep,
+    session: SessionDep,
+    after: EventsAfter = None,
+    last_event_id: LastEventId = None,
 ) -> Any:
-    return events_response(request, session, jobs.get_job(session, job_id, "train", owner), after)
+    return events_response(
+        request, session, jobs.get_job(session, job_id, "train", owner), after, last_event_id
+    )
 
 
 @router.get("/{job_id}/checkpoints", response_model=ModelList)
@@ -70,6 +77,24 @@ def train_checkpoints(job_id: JobId, owner: CallerDep, session: SessionDep) -> A
 
 
 @router.get("/{job_id}/samples", response_model=SampleList)
-def train_samples(job_id: JobId, owner: CallerDep, session: SessionDep) -> Any:
+def train_samples(job_id: JobId, request: Request, owner: CallerDep, session: SessionDep) -> Any:
     jobs.get_job(session, job_id, "train", owner)
-    return presenter.page([{"name": name} for name in training.sample_files(job_id)], False)
+    base = str(request.base_url).rstrip("/")
+    files = [
+        {"name": name, "url": f"{base}/v1/train-jobs/{job_id}/samples/{name}"}
+        for name in training.sample_files(job_id)
+    ]
+    return presenter.page(files, False)
+
+
+@router.get(
+    "/{job_id}/samples/{name:path}",
+    response_class=FileResponse,
+    responses={200: {"content": {m: {} for m in training.SAMPLE_MEDIA.values()}}},
+)
+def train_sample_file(
+    job_id: JobId, name: Annotated[str, PathParam(max_length=500)], owner: CallerDep, session: SessionDep
+) -> Any:
+    jobs.get_job(session, job_id, "train", owner)
+    path = training.sample_path(job_id, name)
+    return FileResponse(path, media_type=training.SAMPLE_MEDIA[path.suffix])

@@ -20,14 +20,21 @@ from app.settings import get_settings
 def resolve_path(raw: str) -> Path:
     root = get_settings().data_root.resolve()
     candidate = Path(raw)
-    path = (candidate if candidate.is_absolute() else root / candidate).resolve()
-    if path != root and root not in path.parents:
+    try:
+        path = (candidate if candidate.is_absolute() else root / candidate).resolve()
+        inside = path == root or root in path.parents
+        is_dir = inside and path.is_dir()
+    except RuntimeError:  # Python < 3.13 raises this for a symlink loop
+        raise Invalid("path runs into a symbolic link loop.", param="path", code="symlink_loop") from None
+    except OSError as exc:  # ENAMETOOLONG (a component over 255 bytes), ELOOP, EACCES, ...
+        raise Invalid(f"path cannot be used: {exc.strerror or exc}.", param="path", code="bad_path") from None
+    if not inside:
         raise Forbidden(
             f"path must be inside the server's data root ({root}).",
             param="path",
             code="path_outside_data_root",
         )
-    if not path.is_dir():
+    if not is_dir:
         raise Invalid(f"{raw!r} is not a folder under the data root.", param="path", code="not_a_folder")
     return path
 
@@ -54,7 +61,7 @@ def create(
     )
     session.add(ds)
     session.flush()
-    job, _ = jobs.create_job(
+    job, created = jobs.create_job(
         session,
         kind="dataset",
         owner=owner,
@@ -65,6 +72,13 @@ def create(
         dataset_id=ds.id,
         webhook=req.webhook,
     )
+    if (
+        not created
+    ):  # a concurrent request with the same key won: our row was rolled back, theirs is the answer
+        won = session.get(Dataset, job.dataset_id) if job.dataset_id else None
+        if won is None:
+            raise NotFound("The dataset of this Idempotency-Key is gone.", param="Idempotency-Key")
+        return won, job
     return ds, job
 
 

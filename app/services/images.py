@@ -48,7 +48,7 @@ def create(
     existing = jobs.find_idempotent(session, owner, idempotency_key, jobs.request_hash(raw))
     if existing is not None:
         return existing, False
-    model = models.resolve(session, req.model)
+    model = models.resolve(session, req.model, owner=owner)
     resolved = req.model_dump(mode="json")
     resolved["model"] = model.id
     if resolved["seed"] is None:

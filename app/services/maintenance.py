@@ -1,6 +1,6 @@
 """Periodic upkeep, safe to run in several processes at once (every change is an atomic conditional UPDATE):
 requeue or fail jobs whose worker died, re-publish queued jobs the broker lost, force stuck cancels, release stale
-GPU leases, deliver due webhooks, schedule train jobs."""
+GPU leases, schedule train jobs. Webhooks are sent by their own thread (``webhooks.DeliveryThread``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from app import queue
 from app.db import session_scope
 from app.models import GpuLease, Job
-from app.services import jobs, webhooks
+from app.services import jobs, training
 from app.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -117,15 +117,11 @@ def republish_lost(session: Session) -> int:
     return n
 
 
-def tick() -> None:
-    steps = [recover_stale, force_cancels, republish_lost, webhooks.deliver_due]
-    try:
-        from app.services import training
+STEPS = (recover_stale, force_cancels, republish_lost, training.schedule)
 
-        steps.append(training.schedule)
-    except ImportError:
-        pass
-    for step in steps:
+
+def tick() -> None:
+    for step in STEPS:
         try:
             with session_scope() as session:
                 step(session)

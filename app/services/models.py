@@ -1,10 +1,16 @@
 """The model registry behind /v1/models: checkpoint files found under the models folder, imported with
 ``hdm models import`` or written by train jobs.
 
+Shared models (models folder, imports; owner NULL) are seen by every key; a train job's checkpoints belong to its
+key. The default model is explicit: HDM_DEFAULT_MODEL, else the one marked default (by an admin key, or the first
+model the start-up scan found); a newly registered checkpoint never becomes it. Deleting a model deletes its file
+and leaves a tombstone, so the scan (or a resumed run) does not register it again.
+
 Reads the safetensors header directly (JSON), so the API process does not need torch."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -13,13 +19,13 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import ColumnElement, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
-from app.errors import Conflict, Invalid, NotFound
+from app.errors import Conflict, Forbidden, Invalid, NotFound
 from app.ids import new_id
-from app.models import Checkpoint, Job
+from app.models import Checkpoint, DeletedModel, Job
 from app.settings import get_settings
 from hdm_core.files import sha256_file
 
@@ -53,6 +59,23 @@ def describe(path: Path) -> dict[str, Any]:
     return {"arch": arch, "params": params, "codec": codec}
 
 
+class ModelDeleted(Exception):
+    """The file belongs to a deleted model (tombstone); only an explicit import registers it again."""
+
+
+def _path_key(path: Path) -> str:
+    return hashlib.sha256(str(path).encode()).hexdigest()
+
+
+def is_deleted(session: Session, path: Path) -> bool:
+    return (
+        session.scalar(
+            select(DeletedModel.id).where(DeletedModel.path_sha256 == _path_key(path.resolve())).limit(1)
+        )
+        is not None
+    )
+
+
 def register_file(
     session: Session,
     path: Path,
@@ -61,11 +84,20 @@ def register_file(
     source: str = "file",
     train_job_id: str | None = None,
     step: int | None = None,
+    revive: bool = False,
 ) -> Checkpoint:
+    """Register a checkpoint file (idempotent by path). ``revive``: an explicit import lifts a tombstone."""
     path = path.resolve()
     existing = session.scalar(select(Checkpoint).where(Checkpoint.path == str(path)))
     if existing is not None:
         return existing
+    tomb = select(DeletedModel).where(DeletedModel.path_sha256 == _path_key(path))
+    if revive:
+        for row in session.scalars(tomb):
+            session.delete(row)
+    elif session.scalar(tomb.limit(1)) is not None:
+        raise ModelDeleted(f"{path} belongs to a deleted model")
+    owner = session.scalar(select(Job.owner).where(Job.id == train_job_id)) if train_job_id else None
     info = describe(path)
     base = name or path.stem
     candidate, i = base, 1
@@ -85,6 +117,7 @@ def register_file(
         path=str(path),
         size_bytes=path.stat().st_size,
         created_at=utcnow(),
+        owner=owner,
     )
     session.add(ckpt)
     session.commit()
@@ -106,77 +139,159 @@ def is_xut_checkpoint(path: Path) -> bool:
 
 def scan_models_dir(session: Session) -> int:
     """Register the XUT checkpoints below the models folder. Folders with a ``config.json`` (Hugging Face text
-    encoders, diffusers VAEs) are not entered; other ``*.safetensors`` that are not XUT checkpoints are skipped."""
+    encoders, diffusers VAEs) are not entered; other ``*.safetensors`` that are not XUT checkpoints are skipped.
+    Symbolic links are not followed (no cycles; every registered file is inside the folder) and deleted models'
+    files are not registered again. If nothing is the default yet, the first model found becomes it."""
     folder = get_settings().models_dir
     if not folder.is_dir():
         return 0
     n = 0
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
         dirnames.sort()
         if "config.json" in filenames:
             log.info("models folder: skipping %s (has config.json: a Hugging Face/diffusers folder)", dirpath)
             dirnames.clear()
             continue
         for name in sorted(filenames):
-            if not name.endswith(".safetensors"):
-                continue
             path = Path(dirpath) / name
+            if not name.endswith(".safetensors") or path.is_symlink():
+                continue
             if not is_xut_checkpoint(path):
                 log.info("models folder: skipping %s (not an XUT checkpoint)", path)
                 continue
             try:
                 register_file(session, path)
                 n += 1
+            except ModelDeleted:
+                log.info("models folder: skipping %s (its model was deleted)", path)
             except Exception as exc:  # one unreadable file must not stop start-up
                 session.rollback()
                 log.warning("skipping %s: %s", path, exc)
+    _ensure_default(session)
     return n
 
 
-def resolve(session: Session, ref: str | None, *, param: str = "model") -> Checkpoint:
-    settings = get_settings()
-    ref = ref or settings.default_model
+def _ensure_default(session: Session) -> None:
+    if get_settings().default_model or session.scalar(select(Checkpoint.id).where(Checkpoint.is_default)):
+        return
+    first = session.scalar(
+        select(Checkpoint)
+        .where(Checkpoint.owner.is_(None), Checkpoint.train_job_id.is_(None))
+        .order_by(Checkpoint.created_at, Checkpoint.id)
+        .limit(1)
+    )
+    if first is not None:
+        first.is_default = True
+        session.commit()
+        log.info("default model: %s (%s); change it with POST /v1/models/{id}/default", first.id, first.name)
+
+
+def visible(owner: str | None) -> ColumnElement[bool]:
+    """SQL condition: shared models and the caller's own (``owner`` None: all, for admin keys)."""
+    if owner is None:
+        return true()
+    return or_(Checkpoint.owner.is_(None), Checkpoint.owner == owner)
+
+
+def default_model(session: Session) -> Checkpoint | None:
+    ref = get_settings().default_model
     if ref:
-        ckpt = session.scalar(select(Checkpoint).where(or_(Checkpoint.id == ref, Checkpoint.name == ref)))
+        return session.scalar(select(Checkpoint).where(or_(Checkpoint.id == ref, Checkpoint.name == ref)))
+    return session.scalar(select(Checkpoint).where(Checkpoint.is_default).limit(1))
+
+
+def resolve(session: Session, ref: str | None, *, owner: str | None, param: str = "model") -> Checkpoint:
+    if ref:
+        ckpt = session.scalar(
+            select(Checkpoint).where(or_(Checkpoint.id == ref, Checkpoint.name == ref), visible(owner))
+        )
         if ckpt is None:
             raise Invalid(f"Unknown model {ref!r}; see GET /v1/models.", param=param, code="unknown_model")
         return ckpt
-    ckpt = session.scalar(select(Checkpoint).order_by(Checkpoint.id.desc()).limit(1))
+    ckpt = default_model(session)
     if ckpt is None:
+        setting = get_settings().default_model
         raise Invalid(
-            "No model is registered; put a .safetensors file in the models folder or run "
-            "'hdm models import'.",
+            f"HDM_DEFAULT_MODEL {setting!r} is not a registered model."
+            if setting
+            else "No default model: name one in 'model', set HDM_DEFAULT_MODEL, or mark one with "
+            "POST /v1/models/{id}/default (admin key).",
             param=param,
             code="no_model",
         )
     return ckpt
 
 
-def get(session: Session, model_id: str) -> Checkpoint:
+def get(session: Session, model_id: str, owner: str | None) -> Checkpoint:
     ckpt = session.scalar(
-        select(Checkpoint).where(or_(Checkpoint.id == model_id, Checkpoint.name == model_id))
+        select(Checkpoint).where(or_(Checkpoint.id == model_id, Checkpoint.name == model_id), visible(owner))
     )
     if ckpt is None:
         raise NotFound(f"No model {model_id!r}.", param="id")
     return ckpt
 
 
-def delete(session: Session, ckpt: Checkpoint) -> None:
+def page(session: Session, owner: str | None, limit: int, after: str | None) -> tuple[list[Checkpoint], bool]:
+    q = select(Checkpoint).where(visible(owner))
+    if after:
+        q = q.where(Checkpoint.id < after)
+    rows = list(session.scalars(q.order_by(Checkpoint.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def set_default(session: Session, ckpt: Checkpoint) -> Checkpoint:
+    """Admin: this model answers requests without ``model``; it becomes shared (every key can use the default)."""
+    if get_settings().default_model:
+        raise Conflict(
+            "HDM_DEFAULT_MODEL pins the default model; change the setting instead.", code="default_pinned"
+        )
+    session.execute(
+        update(Checkpoint).where(Checkpoint.is_default, Checkpoint.id != ckpt.id).values(is_default=False)
+    )
+    ckpt.is_default, ckpt.owner = True, None
+    session.commit()
+    return ckpt
+
+
+def service_folders() -> list[Path]:
+    s = get_settings()
+    return [p.resolve() for p in (s.models_dir, s.runs_dir, s.outputs_dir)]
+
+
+def delete(session: Session, ckpt: Checkpoint, *, admin: bool, confirm_outside: bool = False) -> bool:
+    """Deletes the row and the file; returns whether a file was removed. Shared models need an admin key; a file
+    outside the service's folders only with ``confirm_outside``."""
+    if ckpt.owner is None and not admin:
+        raise Forbidden(f"Model {ckpt.id} is shared; deleting it needs an admin key.", code="admin_required")
     busy = session.scalar(
         select(Job.id).where(Job.model_id == ckpt.id, Job.status.in_(("queued", "running"))).limit(1)
     )
     if busy:
         raise Conflict(f"Model {ckpt.id} is used by job {busy}; cancel it or wait.", code="model_in_use")
+    default = default_model(session)
+    if default is not None and default.id == ckpt.id:
+        raise Conflict(
+            f"Model {ckpt.id} is the default model; make another one the default first.",
+            code="model_is_default",
+        )
+    path = Path(ckpt.path).resolve()
+    inside = any(path.is_relative_to(folder) for folder in service_folders())
+    if not inside and not confirm_outside:
+        raise Conflict(
+            f"The file of model {ckpt.id} is outside the service's folders ({path}); repeat with "
+            "confirm_outside=true to delete it too.",
+            param="confirm_outside",
+            code="confirm_required",
+        )
+    session.add(DeletedModel(path=str(path), path_sha256=_path_key(path), deleted_at=utcnow()))
     session.delete(ckpt)
     session.commit()
-
-
-def page(session: Session, limit: int, after: str | None) -> tuple[list[Checkpoint], bool]:
-    q = select(Checkpoint)
-    if after:
-        q = q.where(Checkpoint.id < after)
-    rows = list(session.scalars(q.order_by(Checkpoint.id.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    log.info("deleted model %s and its file %s", ckpt.id, path)
+    return True
 
 
 def file_path(ckpt: Checkpoint) -> Path:

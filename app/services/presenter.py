@@ -137,7 +137,7 @@ def dataset(ds: Dataset) -> dict[str, Any]:
     }
 
 
-def model(ckpt: Checkpoint) -> dict[str, Any]:
+def model(ckpt: Checkpoint, default_id: str | None = None) -> dict[str, Any]:
     return {
         "id": ckpt.id,
         "object": "model",
@@ -153,6 +153,8 @@ def model(ckpt: Checkpoint) -> dict[str, Any]:
         "size_bytes": ckpt.size_bytes,
         "created_at": iso(ckpt.created_at),
         "samplers": SAMPLERS,
+        "shared": ckpt.owner is None,
+        "default": ckpt.id == default_id,
     }
 
 

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app.errors import Conflict, Invalid
+from app.errors import Conflict, Invalid, NotFound
 from app.models import Checkpoint, Dataset, Job
 from app.schemas import TrainRequest
 from app.services import jobs, leases, models, webhooks
 from app.settings import get_settings
-from hdm_core.config import PRESETS, XUTConfig, is_pixel_space
+from hdm_core.config import PRESETS, XUTConfig, is_pixel_space, param_count
 
 log = logging.getLogger(__name__)
-SAMPLE_EXTS = (".png", ".jpg", ".webp")
+SAMPLE_MEDIA = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp"}
+SAMPLE_EXTS = tuple(SAMPLE_MEDIA)
 
 
 def create(
@@ -35,16 +38,24 @@ def create(
         raise Invalid(
             f"Dataset {ds.id} failed validation: {(ds.error or {}).get('message')}", param="dataset"
         )
-    base = models.resolve(session, req.base_model, param="base_model") if req.base_model else None
+    base = (
+        models.resolve(session, req.base_model, owner=owner, param="base_model") if req.base_model else None
+    )
     if isinstance(req.arch, str) and req.arch not in PRESETS:
         raise Invalid(
             f"Unknown preset {req.arch!r}; one of {list(PRESETS)} or an architecture object.", param="arch"
         )
     if isinstance(req.arch, dict):
-        try:  # the trainer's own validation, so a bad object is a 422 now rather than a failed job later
-            XUTConfig.from_dict(req.arch)
-        except (TypeError, ValueError) as exc:
-            raise Invalid(f"Invalid architecture object: {exc}", param="arch") from None
+        check_arch(req.arch, settings.max_arch_params)
+    first = req.stages[0].grad_checkpointing
+    for i, stage in enumerate(
+        req.stages
+    ):  # the trainer has one model-wide switch ([model] gradient_checkpointing)
+        if stage.grad_checkpointing != first:
+            raise Invalid(
+                "grad_checkpointing applies to the whole run: give every stage the same value.",
+                param=f"stages.{i}.grad_checkpointing",
+            )
     if req.nodes > 1:
         raise Invalid(
             "Multi-node runs are not scheduled by the service yet; launch hdm_core.train with torchrun "
@@ -96,6 +107,53 @@ def create(
         job.progress_total = sum(s.steps or 0 for s in req.stages)
         session.commit()
     return job, created
+
+
+# Per-field bounds of architecture objects (well above every preset): a typo like dim 10^6 is a 422 now, not a
+# trainer that exhausts the host's memory building blocks. The parameter count bounds their product.
+ARCH_LIMITS = {
+    "patch_size": 16,
+    "in_channels": 64,
+    "dim": 16384,
+    "ctx_dim": 16384,
+    "ctx_size": 4096,
+    "heads": 256,
+    "head_dim": 512,
+    "mlp_dim": 65536,
+    "depth": 64,
+    "enc_blocks": 64,
+    "dec_blocks": 64,
+    "tread_pre": 64,
+    "tread_post": 64,
+    "addon_dim": 64,
+}
+
+
+def check_arch(arch: dict[str, Any], max_params: int) -> XUTConfig:
+    """The trainer's own validation (XUTConfig), per-field limits and a parameter budget; errors name
+    ``arch.<field>``."""
+    for key, value in arch.items():
+        limit = ARCH_LIMITS.get(key)
+        if limit is not None and isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            raise Invalid(f"arch.{key} must be at most {limit}, got {value}.", param=f"arch.{key}")
+    try:
+        cfg = XUTConfig.from_dict(arch)
+    except (TypeError, ValueError) as exc:
+        text = str(exc)
+        m = re.search(r"XUTConfig\.(\w+)|unknown field\(s\) \['(\w+)'", text)
+        field = (m.group(1) or m.group(2)) if m else ("heads" if "heads * head_dim" in text else None)
+        raise Invalid(
+            f"Invalid architecture object: {text}", param=f"arch.{field}" if field else "arch"
+        ) from None
+    n = param_count(cfg)
+    if n > max_params:
+        raise Invalid(
+            f"The architecture has {n:,} parameters; this server accepts at most {max_params:,} "
+            "(HDM_MAX_ARCH_PARAMS).",
+            param="arch",
+            code="arch_too_large",
+        )
+    return cfg
 
 
 def pixel_space(arch: str | dict[str, Any] | None, base: Checkpoint | None) -> bool:
@@ -194,3 +252,16 @@ def sample_files(job_id: str) -> list[str]:
     if not folder.is_dir():
         return []
     return [str(p.relative_to(folder)) for p in sorted(folder.glob("**/*")) if p.suffix in SAMPLE_EXTS]
+
+
+def sample_path(job_id: str, name: str) -> Path:
+    """A listed sample file of the run (never a path outside its samples folder)."""
+    folder = (get_settings().runs_dir / job_id / "samples").resolve()
+    try:
+        path = (folder / name).resolve()
+        ok = path.is_relative_to(folder) and path.suffix in SAMPLE_MEDIA and path.is_file()
+    except (OSError, RuntimeError):
+        ok = False
+    if not ok:
+        raise NotFound(f"Train job {job_id} has no sample {name!r}.", param="name")
+    return path

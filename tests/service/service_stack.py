@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FINAL = ("succeeded", "failed", "cancelled")
 API_KEY = "test-key-" + secrets.token_hex(8)
 OTHER_KEY = "other-key-" + secrets.token_hex(8)
+ADMIN_KEY = "admin-key-" + secrets.token_hex(8)
 
 
 def free_port() -> int:
@@ -187,6 +189,16 @@ class Stack:
         return "\n".join(out)
 
 
+def _reserved_port() -> int:
+    """A loopback port for test webhook receivers, fixed for the session so the stack can allow-list it."""
+    return free_port()
+
+
+WEBHOOK_PORT = _reserved_port()
+WEBHOOK_BASE = f"http://127.0.0.1:{WEBHOOK_PORT}"
+SLOW_WEBHOOK_PORT = _reserved_port()  # a second receiver's: its late retries never reach the first one
+
+
 def stack_env(tmp: Path, assets: dict[str, Path], db_url: str, broker: str, prefix: str) -> dict[str, str]:
     (tmp / "data").mkdir(exist_ok=True)
     return {
@@ -199,6 +211,7 @@ def stack_env(tmp: Path, assets: dict[str, Path], db_url: str, broker: str, pref
         "HDM_RUNS_DIR": str(tmp / "runs"),
         "HDM_TEXT_ENCODER": str(assets["te"]),
         "HDM_API_KEYS": f"{API_KEY},{OTHER_KEY}",
+        "HDM_ADMIN_KEYS": ADMIN_KEY,
         "HDM_IMAGE_MIN_SIZE": "32",
         "HDM_HEARTBEAT_S": "0.5",
         "HDM_STALE_AFTER_S": "4",
@@ -209,7 +222,7 @@ def stack_env(tmp: Path, assets: dict[str, Path], db_url: str, broker: str, pref
         "HDM_SLOTS": "0",
         "HDM_FORCE_CANCEL_AFTER_S": "20",
         "HDM_WEBHOOK_SECRET": "whsec-test",
-        "HDM_WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
+        "HDM_WEBHOOK_ALLOW_HOSTS": f"{WEBHOOK_BASE},http://127.0.0.1:{SLOW_WEBHOOK_PORT}",
     }
 
 
@@ -243,3 +256,52 @@ def children(pid: int) -> list[int]:
                 if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
                     out.append(int(d.name))
     return out
+
+
+class TcpProxy:
+    """A loopback TCP forwarder: a database outage under a running API is ``stop()`` (listener and every
+    connection closed, new connections refused)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.conns: list[socket.socket] = []
+        self.stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.stopped.is_set():
+                client.close()
+                return
+            upstream = socket.create_connection(self.target)
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        with contextlib.suppress(
+            OSError
+        ):  # close() alone does not wake a thread blocked in accept() on Linux
+            self.listener.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self.listener.close()
+        for s in self.conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                s.close()

@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from service_stack import OTHER_KEY, ROOT, Stack
+from service_stack import ADMIN_KEY, OTHER_KEY, ROOT, Stack
 
 SMALL = {"width": 32, "height": 32, "steps": 2}
 
@@ -225,7 +225,8 @@ def test_system_endpoints(stack: Stack) -> None:
         sysinfo = c.get("/v1/system").json()
         assert sysinfo["mode"] == "celery" and [g["index"] for g in sysinfo["gpus"]] == [0]
         assert set(sysinfo["queue_depth"]) == {"image", "train", "dataset"}
-        metrics = c.get("/metrics").text
+        with stack.client(key=ADMIN_KEY) as admin:
+            metrics = admin.get("/metrics").text
         assert "hdm_jobs{" in metrics and "hdm_http_requests_total{" in metrics
         models = c.get("/v1/models").json()["data"]
         assert [m["name"] for m in models] == ["tiny"]

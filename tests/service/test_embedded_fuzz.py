@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -172,12 +173,17 @@ def test_hdm_serve_embedded_end_to_end(tmp_path: Path, assets: dict[str, Path]) 
             r = c.get(f"/v1/images/{slow['id']}", headers={"Prefer": "wait=10"})
             assert r.json()["status"] == "cancelled"
         assert "API is OPEN" in log.read_text()
+        assert (
+            "HDM_WEBHOOK_SECRET is the default" in log.read_text()
+        )  # open local server: a warning, not a stop
         assert (tmp_path / "hdm.db").is_file()
     finally:
         _stop(proc)
 
 
-def _fuzz(base: str, key: str, cwd: Path) -> None:
+def _fuzz(base: str, key: str, cwd: Path, max_examples: int = 40) -> int:
+    """Runs schemathesis (every phase: examples, coverage, fuzzing, stateful) with the not-a-5xx check; returns
+    how many test cases it generated."""
     exe = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
     if not Path(exe).exists():
         pytest.skip("schemathesis not installed")
@@ -188,7 +194,7 @@ def _fuzz(base: str, key: str, cwd: Path) -> None:
         "--checks",
         "not_a_server_error",
         "--max-examples",
-        "40",
+        str(max_examples),
         "--workers",
         "1",
         "-H",
@@ -209,6 +215,9 @@ def _fuzz(base: str, key: str, cwd: Path) -> None:
             break
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert "passed" in out.stdout and "Server error" not in out.stdout
+    generated = re.search(r"Test cases:\s*(\d+) generated", out.stdout)
+    assert generated, out.stdout[-3000:]
+    return int(generated.group(1))
 
 
 def test_schemathesis_fuzz_sqlite_embedded(tmp_path: Path, assets: dict[str, Path]) -> None:
@@ -218,7 +227,12 @@ def test_schemathesis_fuzz_sqlite_embedded(tmp_path: Path, assets: dict[str, Pat
     proc, base, _ = _serve(
         tmp_path,
         assets,
-        {"HDM_API_KEYS": key, "HDM_MAX_WAIT_S": "1", "HDM_QUEUE_LIMIT": "1000"},
+        {
+            "HDM_API_KEYS": key,
+            "HDM_MAX_WAIT_S": "1",
+            "HDM_QUEUE_LIMIT": "1000",
+            "HDM_WEBHOOK_SECRET": "whsec-fuzz",
+        },
         ["--no-worker"],
     )
     try:
@@ -239,6 +253,15 @@ def test_schemathesis_fuzz_postgres_redis(
     s.migrate()
     s.start_api()
     try:
-        _fuzz(s.base_url, "fuzz-key", tmp_path)
+        spec = httpx.get(f"{s.base_url}/openapi.json").json()
+        headers = {
+            p["name"]
+            for ops in spec["paths"].values()
+            for op in ops.values()
+            for p in op.get("parameters", [])
+            if p["in"] == "header"
+        }
+        assert {"Last-Event-ID", "Idempotency-Key", "Prefer"} <= headers, headers  # generated like any field
+        assert _fuzz(s.base_url, "fuzz-key", tmp_path, max_examples=100) >= 2000
     finally:
         s.stop()

@@ -134,8 +134,11 @@ def test_train_job_validation(stack: Stack, dataset_id: str) -> None:
             ({**_train_body(dataset_id, 8), "text_max_length": 0}, "text_max_length"),
             ({**_train_body(dataset_id, 8), "text_max_length": 1025}, "text_max_length"),
             ({**_train_body(dataset_id, 8), "t_logit_std": 0}, "t_logit_std"),
-            ({**_train_body(dataset_id, 8), "arch": {"in_channels": 3, "dim": 100, "heads": 3}}, "arch"),
-            ({**_train_body(dataset_id, 8), "arch": {"in_channels": 3, "depht": 2}}, "arch"),
+            (
+                {**_train_body(dataset_id, 8), "arch": {"in_channels": 3, "dim": 100, "heads": 3}},
+                "arch.heads",
+            ),
+            ({**_train_body(dataset_id, 8), "arch": {"in_channels": 3, "depht": 2}}, "arch.depht"),
             ({**_train_body(dataset_id, 8), "t_logit_mean": 9}, "t_logit_mean"),
         ]
         for body, param in bad:

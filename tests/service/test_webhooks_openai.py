@@ -15,7 +15,7 @@ from typing import Any
 import openai
 import pytest
 from PIL import Image
-from service_stack import Stack
+from service_stack import WEBHOOK_PORT, Stack
 
 SMALL = {"width": 32, "height": 32, "steps": 2}
 SECRET = "whsec-test"
@@ -48,7 +48,10 @@ class Receiver:
             def log_message(self, *_a: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        ThreadingHTTPServer.allow_reuse_address = True
+        self.server = ThreadingHTTPServer(
+            ("127.0.0.1", WEBHOOK_PORT), Handler
+        )  # the port the stack allow-lists
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
