@@ -20,7 +20,8 @@ services:
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check hdm_core
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports  # the layering contract in pyproject.toml [tool.importlinter]
 
 test: $(STAMP) services lint
 	$(BIN)/python -m pytest -q tests

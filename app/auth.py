@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import logging
 import time
+from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy import select
@@ -43,7 +44,7 @@ def auth_open(session: Session) -> bool:
     return not settings.api_key_list and not settings.require_api_keys and not _db_keys(session)
 
 
-def require_key(request: Request, session: Session = Depends(get_session)) -> str:
+def require_key(request: Request, session: Annotated[Session, Depends(get_session)]) -> str:
     """Returns the caller's owner id; 401 when the key is missing or unknown."""
     settings = get_settings()
     header = request.headers.get("authorization", "")
@@ -54,8 +55,11 @@ def require_key(request: Request, session: Session = Depends(get_session)) -> st
     if not configured and not db_keys and not settings.require_api_keys:
         return key_owner(token) if token else ANONYMOUS
     if scheme.lower() != "bearer" or not token:
-        raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthorized(
+            "Missing API key: send 'Authorization: Bearer <key>'.",
+            code="missing_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     ok = False
     for candidate in configured:  # no early exit: time does not depend on which key matched
         ok |= hmac.compare_digest(candidate.encode(), token.encode())

@@ -47,8 +47,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cmd = [sys.executable, "-m", "app.cli", "worker"]
         # the worker dies with this process even when it is SIGKILLed (PR_SET_PDEATHSIG; the embedded poll loop
         # also checks its parent pid)
-        worker = subprocess.Popen(cmd, env={**os.environ, PARENT_PID_ENV: str(os.getpid())},
-                                  preexec_fn=die_with_parent(signal.SIGTERM))
+        worker = subprocess.Popen(
+            cmd,
+            env={**os.environ, PARENT_PID_ENV: str(os.getpid())},
+            preexec_fn=die_with_parent(signal.SIGTERM),
+        )
         log.info("worker pid %d (%s)", worker.pid, "embedded" if settings.embedded else "celery")
     try:
         uvicorn.run("app.main:app", host=args.host, port=args.port, log_level="info")
@@ -66,29 +69,49 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.slot is not None:
         os.environ["HDM_GPU_INDEX"] = str(args.slot)
     settings = _settings()
-    if settings.embedded:
-        from worker.embedded import main
-
-        main()
-        return 0
+    if settings.embedded:  # the jobs table is the queue: worker/embedded.py (app never imports worker)
+        os.execv(sys.executable, [sys.executable, "-m", "worker.embedded"])
     if args.trainer:
         # the trainer service: sees every GPU of its machine, runs only train jobs (hdm.train.<slot> for the
         # machine's slots) and gives torchrun CUDA_VISIBLE_DEVICES = the leased slots (worker/training.py)
         if settings.gpu_index is not None:
             log.error("hdm worker --trainer must not be pinned to one slot (unset HDM_GPU_INDEX)")
             return 2
-        queues = args.queues or settings.worker_queues or ",".join(
-            settings.train_queue(s) for s in settings.local_slot_list)
+        queues = (
+            args.queues
+            or settings.worker_queues
+            or ",".join(settings.train_queue(s) for s in settings.local_slot_list)
+        )
         name = args.name or "trainer@%h"
     else:
         slot = settings.gpu_index if settings.gpu_index is not None else settings.slot_list[0]
         os.environ["HDM_GPU_INDEX"] = str(slot)
-        queues = args.queues or settings.worker_queues or ",".join(
-            [settings.slot_queue(slot), settings.image_queue, settings.train_queue(slot)])
+        queues = (
+            args.queues
+            or settings.worker_queues
+            or ",".join([settings.slot_queue(slot), settings.image_queue, settings.train_queue(slot)])
+        )
         name = args.name or f"slot{slot}@%h"
-    argv = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--concurrency",
-            str(args.concurrency), "--prefetch-multiplier", "1", "-Q", queues, "--loglevel", args.loglevel,
-            "-n", name, "--without-gossip", "--without-mingle"]
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--concurrency",
+        str(args.concurrency),
+        "--prefetch-multiplier",
+        "1",
+        "-Q",
+        queues,
+        "--loglevel",
+        args.loglevel,
+        "-n",
+        name,
+        "--without-gossip",
+        "--without-mingle",
+    ]
     os.execv(sys.executable, argv)
     return 0  # pragma: no cover
 
@@ -96,8 +119,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from hdm_core import imagefile
     from hdm_core.pipeline import Camera, HDMPipeline
-    from worker import imagefile
 
     settings = _settings()
     te = args.text_encoder or settings.text_encoder
@@ -105,29 +128,49 @@ def cmd_generate(args: argparse.Namespace) -> int:
         log.error("give --text-encoder or set HDM_TEXT_ENCODER")
         return 2
     pipe = HDMPipeline.from_paths(args.model, te, device=args.device or settings.device, dtype=torch.float32)
-    res = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, n=args.n, width=args.width,
-                        height=args.height, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
-                        sampler=args.sampler, camera=Camera(args.x_shift, args.y_shift, args.zoom))
+    res = pipe.generate(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        n=args.n,
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        sampler=args.sampler,
+        camera=Camera(args.x_shift, args.y_shift, args.zoom),
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    req = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
-           "sampler": args.sampler, "guidance_scale": args.guidance_scale, "width": args.width,
-           "height": args.height, "camera": {"x_shift": args.x_shift, "y_shift": args.y_shift, "zoom": args.zoom}}
+    req = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "steps": args.steps,
+        "sampler": args.sampler,
+        "guidance_scale": args.guidance_scale,
+        "width": args.width,
+        "height": args.height,
+        "camera": {"x_shift": args.x_shift, "y_shift": args.y_shift, "zoom": args.zoom},
+    }
     for img, seed in zip(res.images, res.seeds, strict=True):
         path = out / f"{seed}.png"
-        imagefile.save(img, path, "png", imagefile.parameters_text(req, seed=seed, model_name=Path(args.model).stem,
-                                                                   model_hash=None))
+        imagefile.save(
+            img,
+            path,
+            "png",
+            imagefile.parameters_text(req, seed=seed, model_name=Path(args.model).stem, model_hash=None),
+        )
         print(path)
     return 0
 
 
 def cmd_models_import(args: argparse.Namespace) -> int:
     from app.db import session_scope
-    from app.services import checkpoints
+    from app.services import models
 
     _settings()
     with session_scope() as session:
-        ckpt = checkpoints.register_file(session, Path(args.path), name=args.name)
+        ckpt = models.register_file(session, Path(args.path), name=args.name)
         print(ckpt.id, ckpt.name)
     return 0
 
@@ -143,8 +186,12 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     _settings()
     key = "hdm_" + secrets.token_urlsafe(32)
     with session_scope() as session:
-        row = ApiKey(id=new_id("key"), name=args.name, key_sha256=hashlib.sha256(key.encode()).hexdigest(),
-                     created_at=utcnow())
+        row = ApiKey(
+            id=new_id("key"),
+            name=args.name,
+            key_sha256=hashlib.sha256(key.encode()).hexdigest(),
+            created_at=utcnow(),
+        )
         session.add(row)
         session.flush()
         print(row.id, key)  # shown once; only its hash is stored
@@ -186,8 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--queues", default=None)
     w.add_argument("--name", default=None)
     w.add_argument("--loglevel", default="INFO")
-    w.add_argument("--trainer", action="store_true",
-                   help="train jobs only, for a process that sees all of its machine's GPUs (compose 'trainer')")
+    w.add_argument(
+        "--trainer",
+        action="store_true",
+        help="train jobs only, for a process that sees all of its machine's GPUs (compose 'trainer')",
+    )
     w.set_defaults(func=cmd_worker)
     m = sub.add_parser("migrate", help="upgrade the database schema (alembic)")
     m.add_argument("--url", default=None)

@@ -17,8 +17,14 @@ class ServiceError(Exception):
     status = 400
     code = "bad_request"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
@@ -63,6 +69,10 @@ class Unavailable(ServiceError):
     status, code = 503, "unavailable"
 
 
+class GenerationFailed(ServiceError):
+    status, code = 503, "generation_failed"
+
+
 def error_body(code: str, message: str, param: str | None = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "param": param}}
 
@@ -84,32 +94,52 @@ async def _validation_handler(_request: Request, exc: RequestValidationError) ->
     etype = str(first.get("type", "value_error"))
     msg = str(first.get("msg", "invalid value"))
     if etype == "json_invalid":
-        return JSONResponse(error_body("invalid_json", f"Request body is not valid JSON: {msg}"), status_code=400)
+        return JSONResponse(
+            error_body("invalid_json", f"Request body is not valid JSON: {msg}"), status_code=400
+        )
     message = f"{param}: {msg}" if param else msg
     if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more problem(s): " + "; ".join(
-            f"{_param(e.get('loc', ())) or 'body'}: {e.get('msg')}" for e in errors[1:4]) + ")"
+        message += (
+            f" (and {len(errors) - 1} more problem(s): "
+            + "; ".join(f"{_param(e.get('loc', ())) or 'body'}: {e.get('msg')}" for e in errors[1:4])
+            + ")"
+        )
     return JSONResponse(error_body(_CODES.get(etype, "invalid_value"), message, param), status_code=422)
 
 
 async def _service_handler(_request: Request, exc: ServiceError) -> JSONResponse:
-    return JSONResponse(error_body(exc.code, exc.message, exc.param), status_code=exc.status, headers=exc.headers)
+    return JSONResponse(
+        error_body(exc.code, exc.message, exc.param), status_code=exc.status, headers=exc.headers
+    )
 
 
-_HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "too_large",
-               415: "unsupported_media_type", 429: "rate_limited", 503: "unavailable"}
+_HTTP_CODES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+    503: "unavailable",
+}
 
 
 async def _http_handler(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = _HTTP_CODES.get(exc.status_code, "http_error")
-    return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
-                        headers=getattr(exc, "headers", None))
+    return JSONResponse(
+        error_body(code, str(exc.detail)), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+    )
 
 
 async def _unhandled(_request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error: %s", type(exc).__name__)
-    return JSONResponse(error_body("internal_error", "Internal server error; see the server log."), status_code=500)
+    return JSONResponse(
+        error_body("internal_error", "Internal server error; see the server log."), status_code=500
+    )
 
 
 def install(app: FastAPI) -> None:

@@ -19,7 +19,9 @@ from app.routes import datasets, images, models, openai_compat, system, training
 from app.settings import get_settings
 
 log = logging.getLogger("app")
-MAX_BODY_BYTES = 1_000_000  # the largest valid request (two 8000-char prompts and a train config) is far smaller
+MAX_BODY_BYTES = (
+    1_000_000  # the largest valid request (two 8000-char prompts and a train config) is far smaller
+)
 
 
 class HttpStats:
@@ -45,12 +47,15 @@ class GuardAndCount:
         status = 500
         bad = _nul_param(scope)
         if bad is not None:  # PostgreSQL cannot store NUL; reject it here for every route
-            await self._reject(scope, send, 400, "invalid_value", "NUL characters are not allowed in the URL.",
-                               bad or None)
+            await self._reject(
+                scope, send, 400, "invalid_value", "NUL characters are not allowed in the URL.", bad or None
+            )
             return
         length = dict(scope.get("headers") or []).get(b"content-length", b"0")
         if length.isdigit() and int(length) > MAX_BODY_BYTES:
-            await self._reject(scope, send, 413, "too_large", f"Request body over {MAX_BODY_BYTES} bytes.", None)
+            await self._reject(
+                scope, send, 413, "too_large", f"Request body over {MAX_BODY_BYTES} bytes.", None
+            )
             return
 
         async def _send(message: Message) -> None:
@@ -66,12 +71,17 @@ class GuardAndCount:
             self.counts[(scope["method"], route, status)] += 1
             self.seconds[(scope["method"], route)] += time.perf_counter() - start
 
-
-    async def _reject(self, scope: Scope, send: Send, status: int, code: str, message: str,
-                      param: str | None) -> None:
+    async def _reject(
+        self, scope: Scope, send: Send, status: int, code: str, message: str, param: str | None
+    ) -> None:
         body = json.dumps(errors.error_body(code, message, param)).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
         self.counts[(scope["method"], "rejected", status)] += 1
 
@@ -91,15 +101,17 @@ def _nul_param(scope: Scope) -> str | None:
 
 def _startup() -> None:
     from app.auth import auth_open
-    from app.services import checkpoints
+    from app.services import models
 
     settings = get_settings()
     with session_scope() as session:
         if auth_open(session):
-            log.warning("!!! NO API KEYS CONFIGURED: the API is OPEN to anyone who can reach it. "
-                        "Set HDM_API_KEYS for any deployment beyond this machine. !!!")
+            log.warning(
+                "!!! NO API KEYS CONFIGURED: the API is OPEN to anyone who can reach it. "
+                "Set HDM_API_KEYS for any deployment beyond this machine. !!!"
+            )
         try:
-            n = checkpoints.scan_models_dir(session)
+            n = models.scan_models_dir(session)
             log.info("models folder %s: %d checkpoint(s) registered", settings.models_dir, n)
         except Exception as exc:  # database not migrated yet: /readyz says so
             log.warning("model scan skipped: %s", exc)
@@ -121,10 +133,14 @@ def create_app() -> FastAPI:
         if thread is not None:
             thread.stop()
 
-    app = FastAPI(title="HDM Serve", version="1.0.0", lifespan=lifespan,
-                  description="Train and serve HDM (XUT flow-matching text-to-image) models on your own GPUs. "
-                              "Auth: `Authorization: Bearer <key>`. Errors: "
-                              '`{"error": {"code", "message", "param"}}`.')
+    app = FastAPI(
+        title="HDM Serve",
+        version="1.0.0",
+        lifespan=lifespan,
+        description="Train and serve HDM (XUT flow-matching text-to-image) models on your own GPUs. "
+        "Auth: `Authorization: Bearer <key>`. Errors: "
+        '`{"error": {"code", "message", "param"}}`.',
+    )
     errors.install(app)
     for module in (images, openai_compat, training, models, datasets, system):
         app.include_router(module.router)

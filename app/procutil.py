@@ -74,7 +74,9 @@ def kill_tree(tree: dict[int, int], sig: int) -> None:
         if st is None or st[1] != started:
             continue
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            if os.getpgid(pid) == pid:  # a group leader (torchrun, or a rank in its own session): its whole group
+            if (
+                os.getpgid(pid) == pid
+            ):  # a group leader (torchrun, or a rank in its own session): its whole group
                 os.killpg(pid, sig)
             else:
                 os.kill(pid, sig)

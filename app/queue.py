@@ -60,8 +60,15 @@ def publish(kind: str, job_id: str, queue: str, enqueue_count: int, countdown: f
     settings = get_settings()
     if settings.embedded:
         return
-    get_celery().send_task(TASKS[kind], args=[job_id], task_id=task_id(job_id, enqueue_count), queue=queue,
-                           exchange="", routing_key=queue, countdown=countdown)
+    get_celery().send_task(
+        TASKS[kind],
+        args=[job_id],
+        task_id=task_id(job_id, enqueue_count),
+        queue=queue,
+        exchange="",
+        routing_key=queue,
+        countdown=countdown,
+    )
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,19 @@
-"""Request/response schemas (pydantic v2) with limits and examples; these are the OpenAPI contract."""
+"""Request schemas (pydantic v2) with limits and examples: what the API accepts (responses: app/responses.py)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field, UrlConstraints, model_validator
+
+from hdm_core.train.config import (
+    ObjectiveSection,
+    SamplingSection,
+    StageSection,
+    TextEncoderSection,
+    TrainSection,
+)
 
 MAX_SEED = 2**63 - 1
 
@@ -23,8 +32,10 @@ def _url(v: AnyHttpUrl) -> str:
 
 
 _HttpUrl = Annotated[AnyHttpUrl, UrlConstraints(max_length=2000), AfterValidator(_url)]
-WebhookUrl = Annotated[_HttpUrl | None, Field(
-    None, description="Called with the job object (signed) when the job reaches a final status.")]
+WebhookUrl = Annotated[
+    _HttpUrl | None,
+    Field(None, description="Called with the job object (signed) when the job reaches a final status."),
+]
 
 
 class Strict(BaseModel):
@@ -65,115 +76,107 @@ class ImageParams(Strict):
 
 
 class ImageRequest(ImageParams):
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "prompt": "a watercolor fox in a misty forest", "negative_prompt": "blurry", "width": 1024, "height": 1024,
-        "steps": 24, "guidance_scale": 3.0, "seed": 42, "n": 1, "output_format": "png"}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "a watercolor fox in a misty forest",
+                    "negative_prompt": "blurry",
+                    "width": 1024,
+                    "height": 1024,
+                    "steps": 24,
+                    "guidance_scale": 3.0,
+                    "seed": 42,
+                    "n": 1,
+                    "output_format": "png",
+                }
+            ]
+        }
+    )
 
     prompt: Text = Field(min_length=1, max_length=8000)
-    width: int = Field(1024, ge=16, le=8192, description="Multiple of 16; 256..2048 by default (server setting).")
-    height: int = Field(1024, ge=16, le=8192, description="Multiple of 16; 256..2048 by default (server setting).")
+    width: int = Field(
+        1024, ge=16, le=8192, description="Multiple of 16; 256..2048 by default (server setting)."
+    )
+    height: int = Field(
+        1024, ge=16, le=8192, description="Multiple of 16; 256..2048 by default (server setting)."
+    )
 
 
 class OpenAIImageRequest(ImageParams):
     """OpenAI ``images.generate`` body plus the extension fields; unknown OpenAI options are ignored."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, json_schema_extra={"examples": [
-        {"prompt": "a lighthouse at dusk", "size": "1024x1024", "n": 1, "response_format": "b64_json"}]})
+    model_config = ConfigDict(
+        extra="ignore",
+        allow_inf_nan=False,
+        json_schema_extra={
+            "examples": [
+                {"prompt": "a lighthouse at dusk", "size": "1024x1024", "n": 1, "response_format": "b64_json"}
+            ]
+        },
+    )
 
     prompt: Text = Field(min_length=1, max_length=8000)
     size: Text = Field("1024x1024", max_length=20, pattern=r"^\d{1,5}x\d{1,5}$", description="WxH")
     response_format: Literal["b64_json", "url"] = "b64_json"
 
 
-class Progress(BaseModel):
-    step: int
-    total: int
-
-
-class ModelRef(BaseModel):
-    id: str | None
-    name: str | None
-
-
-class ImageOut(BaseModel):
-    index: int
-    seed: int
-    width: int
-    height: int
-    url: str
-
-
-class JobError(BaseModel):
-    code: str
-    message: str
-
-
-class ImageJob(BaseModel):
-    id: str = Field(examples=["img_0192f3a1b2c3d4e5f6a7b8"])
-    object: Literal["image_job"] = "image_job"
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
-    created_at: str
-    started_at: str | None
-    finished_at: str | None
-    queue_position: int | None
-    progress: Progress
-    request: dict[str, Any]
-    model: ModelRef
-    images: list[ImageOut]
-    error: JobError | None
-    timings: dict[str, float | None]
-    attempts: int
-    model_cache_hit: bool | None = Field(None, description="The worker had this model loaded already.")
-
-
-class ImageJobList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ImageJob]
-    has_more: bool
-
-
-class OpenAIImage(BaseModel):
-    b64_json: str | None = None
-    url: str | None = None
-    revised_prompt: str | None = None
-
-
-class OpenAIImagesResponse(BaseModel):
-    created: int
-    data: list[OpenAIImage]
-
-
-class Event(BaseModel):
-    id: int
-    type: str
-    data: dict[str, Any]
-    created_at: str
+def _core(section: type[BaseModel], name: str, *, optional: bool = True, **limits: Any) -> Any:
+    """A train-config field's type and rules as hdm_core/train/config.py declares them (the one definition the
+    trainer validates with); the API adds its server limits (``limits``) and defaults on top. ``optional=False`` drops a ``None``
+    the trainer allows (the API always sends a value)."""
+    field = section.model_fields[name]
+    annotation = field.annotation
+    if not optional and get_origin(annotation) in (Union, UnionType):
+        (annotation,) = [a for a in get_args(annotation) if a is not type(None)]
+    # the API's limits come last: where both bound the same side, the API's (tighter) bound is the one applied
+    return Annotated[annotation, *field.metadata, Field(**limits)]
 
 
 class Stage(Strict):
-    resolution: int = Field(256, ge=16, le=4096)
-    steps: int | None = Field(None, ge=1, le=10_000_000)
-    epochs: int | None = Field(None, ge=1, le=100_000)
-    batch_size: int = Field(8, ge=1, le=4096)
-    grad_accum: int = Field(1, ge=1, le=1024)
-    lr: float = Field(1e-4, gt=0, le=1)
-    tread_rate: float = Field(0.5, ge=0, le=0.9)
-    grad_checkpointing: bool = False
-    caption_dropout: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int = Field(0, ge=0, le=10_000_000)
+    """A progressive-resolution stage: the trainer's [[stages]] (StageSection) with the server's limits."""
+
+    resolution: _core(StageSection, "resolution", ge=16, le=4096) = 256  # type: ignore[valid-type]
+    steps: _core(StageSection, "steps", le=10_000_000) = None  # type: ignore[valid-type]
+    epochs: int | None = Field(
+        None, ge=1, le=100_000, description="Whole epochs (the trainer also takes fractions)."
+    )
+    batch_size: _core(StageSection, "batch_size", le=4096) = 8  # type: ignore[valid-type]
+    grad_accum: _core(StageSection, "grad_accum", le=1024) = 1  # type: ignore[valid-type]
+    lr: _core(StageSection, "lr", le=1) = 1e-4  # type: ignore[valid-type]
+    tread_rate: _core(StageSection, "tread_rate", le=0.9) = 0.5  # type: ignore[valid-type]
+    grad_checkpointing: bool = Field(
+        False, description="Any stage asking for it turns on [model] gradient_checkpointing."
+    )
+    caption_dropout: _core(StageSection, "caption_dropout", optional=False) = 0.1  # type: ignore[valid-type]
+    warmup_steps: _core(StageSection, "warmup_steps", optional=False, le=10_000_000) = 0  # type: ignore[valid-type]
 
     @model_validator(mode="after")
     def _one_length(self) -> Stage:
-        if (self.steps is None) == (self.epochs is None):
+        if (self.steps is None) == (self.epochs is None):  # StageSection's rule, checked here for a 422
             raise ValueError("give exactly one of steps or epochs")
         return self
 
 
 class TrainRequest(Strict):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={"examples": [{
-        "name": "pixel-debug", "base_model": None, "arch": "xut-pixel-debug", "dataset": "ds_0192f3a1b2c3d4e5f6a7b8",
-        "stages": [{"resolution": 64, "steps": 100, "batch_size": 4, "lr": 3e-4}], "gpus": 1, "precision": "fp32",
-        "text_max_length": 64}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "pixel-debug",
+                    "base_model": None,
+                    "arch": "xut-pixel-debug",
+                    "dataset": "ds_0192f3a1b2c3d4e5f6a7b8",
+                    "stages": [{"resolution": 64, "steps": 100, "batch_size": 4, "lr": 3e-4}],
+                    "gpus": 1,
+                    "precision": "fp32",
+                    "text_max_length": 64,
+                }
+            ]
+        },
+    )
 
     name: Text = Field("", max_length=200)
     base_model: Text | None = Field(None, max_length=300)
@@ -182,19 +185,28 @@ class TrainRequest(Strict):
     stages: list[Stage] = Field(min_length=1, max_length=16)
     gpus: int = Field(1, ge=1, le=64)
     nodes: int = Field(1, ge=1, le=64)
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    precision: _core(TrainSection, "precision") = "bf16"  # type: ignore[valid-type]
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    checkpoint_every: int = Field(1000, ge=1, le=10_000_000)
-    keep_last_n: int = Field(3, ge=1, le=1000)
-    sample_every: int = Field(0, ge=0, le=10_000_000)
+    checkpoint_every: _core(TrainSection, "checkpoint_every", le=10_000_000) = 1000  # type: ignore[valid-type]
+    keep_last_n: _core(TrainSection, "keep_last_n", le=1000) = 3  # type: ignore[valid-type]
+    sample_every: _core(SamplingSection, "every", le=10_000_000) = 0  # type: ignore[valid-type]
     sample_prompts: list[Annotated[Text, Field(max_length=2000)]] = Field(default_factory=list, max_length=16)
-    text_max_length: int = Field(256, ge=1, le=1024, description=(
-        "Captions are padded/truncated to this many tokens in training ([text_encoder] max_length). Small values "
-        "make short-caption and CPU runs much faster."), examples=[64])
-    t_logit_mean: float = Field(0.0, ge=-4, le=4, description=(
-        "Flow-matching times are drawn as sigmoid(N(t_logit_mean, t_logit_std)); the reference uses (0, 1). A "
-        "positive mean trains more at high noise, where composition is decided."))
-    t_logit_std: float = Field(1.0, gt=0, le=4)
+    text_max_length: _core(TextEncoderSection, "max_length", le=1024) = Field(  # type: ignore[valid-type]
+        256,
+        description=(
+            "Captions are padded/truncated to this many tokens in training ([text_encoder] max_length). Small values "
+            "make short-caption and CPU runs much faster."
+        ),
+        examples=[64],
+    )
+    t_logit_mean: _core(ObjectiveSection, "t_logit_mean") = Field(  # type: ignore[valid-type]
+        0.0,
+        description=(
+            "Flow-matching times are drawn as sigmoid(N(t_logit_mean, t_logit_std)); the reference uses (0, 1). A "
+            "positive mean trains more at high noise, where composition is decided."
+        ),
+    )
+    t_logit_std: _core(ObjectiveSection, "t_logit_std") = 1.0  # type: ignore[valid-type]
     webhook: WebhookUrl = None
 
     @model_validator(mode="after")
@@ -207,7 +219,9 @@ class TrainRequest(Strict):
 
 
 class DatasetRequest(Strict):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "cats", "path": "cats"}]})
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"name": "cats", "path": "cats"}]}
+    )
     name: Text = Field(min_length=1, max_length=300)
     path: Text = Field(min_length=1, max_length=1000, description="Folder under the server's data root.")
     webhook: WebhookUrl = None

@@ -63,8 +63,12 @@ class Settings(BaseSettings):
     max_wait_s: int = 60
     sync_timeout_s: int = 600  # /v1/images/generations
     train_kill_grace_s: float = 15.0  # SIGTERM to the trainer's process group, then SIGKILL after this
-    cpu_threads: int = 0  # torch intra-op threads per trainer process ([train] num_threads); 0 = torch's default
-    train_command: str = ""  # override the trainer launcher (tests use a stand-in); default torchrun hdm_core.train
+    cpu_threads: int = (
+        0  # torch intra-op threads per trainer process ([train] num_threads); 0 = torch's default
+    )
+    train_command: str = (
+        ""  # override the trainer launcher (tests use a stand-in); default torchrun hdm_core.train
+    )
 
     @field_validator("text_encoder", "vae", mode="before")
     @classmethod
@@ -116,10 +120,11 @@ class Settings(BaseSettings):
 
     @property
     def all_queues(self) -> list[str]:
-        return [self.image_queue, *(self.slot_queue(s) for s in self.slot_list),
-                *(self.train_queue(s) for s in self.slot_list)]
-
-
+        return [
+            self.image_queue,
+            *(self.slot_queue(s) for s in self.slot_list),
+            *(self.train_queue(s) for s in self.slot_list),
+        ]
 
 
 @functools.cache

@@ -145,7 +145,7 @@ def cmd_step(args: argparse.Namespace) -> None:
 
 
 def _opt_cfg() -> Any:
-    from hdm_core.train_config import config_from_dict
+    from hdm_core.train.config import config_from_dict
 
     return config_from_dict(
         {

@@ -12,30 +12,28 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
 
 KEEP_SEPARATOR = "|||"
 GROUP_SEPARATOR = "%%"
 JOINER = ", "
 
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
-@dataclass(frozen=True)
-class CaptionConfig:
-    """How captions are processed; every probability is in [0, 1]."""
 
-    tag_separator: str = "$$"
-    tag_dropout: float = 0.0  # reference pretraining: 0.25
-    group_dropout: float = 0.0  # reference pretraining: 0.3
+class CaptionConfig(BaseModel):
+    """How captions are processed (the `[data.captions]` table); every probability is in [0, 1]."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+    tag_separator: Annotated[str, Field(min_length=1)] = "$$"
+    tag_dropout: Probability = 0.0  # reference pretraining: 0.25
+    group_dropout: Probability = 0.0  # reference pretraining: 0.3
     shuffle_tags: bool = True
     shuffle_groups: bool = True
-    caption_dropout: float = 0.1
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.tag_separator, str) or not self.tag_separator:
-            raise ValueError(f"captions.tag_separator must be a non-empty string, got {self.tag_separator!r}")
-        for name in ("tag_dropout", "group_dropout", "caption_dropout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"captions.{name} must be a number in [0, 1], got {value!r}")
+    caption_dropout: Probability = 0.1
 
 
 @dataclass(frozen=True)

@@ -25,14 +25,23 @@ def render_item(type_: str, obj: object, autogen_context: object) -> str | bool:
 
 
 def _url() -> str:
-    return context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option(
-        "sqlalchemy.url") or get_settings().database_url
+    return (
+        context.get_x_argument(as_dictionary=True).get("url")
+        or config.get_main_option("sqlalchemy.url")
+        or get_settings().database_url
+    )
 
 
 def run_migrations_offline() -> None:
     url = _url()
-    context.configure(url=url, target_metadata=target_metadata, literal_binds=True, compare_type=True,
-                      render_as_batch=url.startswith("sqlite"), render_item=render_item)
+    context.configure(
+        url=url,
+        target_metadata=target_metadata,
+        literal_binds=True,
+        compare_type=True,
+        render_as_batch=url.startswith("sqlite"),
+        render_item=render_item,
+    )
     with context.begin_transaction():
         context.run_migrations()
 
@@ -41,8 +50,13 @@ def run_migrations_online() -> None:
     url = _url()
     engine = make_engine(url)
     with engine.connect() as connection:
-        context.configure(connection=connection, target_metadata=target_metadata, compare_type=True,
-                          render_as_batch=url.startswith("sqlite"), render_item=render_item)
+        context.configure(
+            connection=connection,
+            target_metadata=target_metadata,
+            compare_type=True,
+            render_as_batch=url.startswith("sqlite"),
+            render_item=render_item,
+        )
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()

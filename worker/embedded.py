@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 def next_job(slot: int) -> tuple[str, str] | None:
     with session_scope() as session:
-        row = session.execute(select(Job.id, Job.kind, Job.slots).where(Job.status == "queued")
-                              .order_by(Job.id).limit(200)).all()
+        row = session.execute(
+            select(Job.id, Job.kind, Job.slots).where(Job.status == "queued").order_by(Job.id).limit(200)
+        ).all()
     for job_id, kind, slots in row:
         if kind == "train" and not (slots and slots[0] == slot):
             continue  # waits for the scheduler to give it this slot
@@ -49,7 +50,9 @@ def run_one(job_id: str, kind: str, worker: str, slot: int) -> str:
         _running.pop("train", None)
 
 
-_running: dict[str, str] = {}  # "busy": the job being run; "train": the run it supervises (preempted on SIGTERM)
+_running: dict[
+    str, str
+] = {}  # "busy": the job being run; "train": the run it supervises (preempted on SIGTERM)
 
 
 def run_loop(stop: threading.Event, slot: int = 0, poll_s: float = 0.2) -> None:

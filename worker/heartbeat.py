@@ -6,9 +6,8 @@ import logging
 import threading
 
 from app.db import session_scope
-from app.services import jobs
+from app.services import jobs, leases
 from app.settings import get_settings
-from worker import leases
 
 log = logging.getLogger(__name__)
 

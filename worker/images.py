@@ -1,4 +1,4 @@
-"""Run one image job by id. Idempotent: a redelivered message for a job that is not queued does nothing."""
+"""Run one image job by id (claimed through worker/claim.py): sample, write the files, record them."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ from typing import Any
 from sqlalchemy import delete, update
 
 from app.db import session_scope, utcnow
-from app.models import Checkpoint, Image, Job
-from app.services import jobs
+from app.models import Image, Job
+from app.services import jobs, leases
 from app.settings import get_settings
-from worker import imagefile, leases, model_cache
+from hdm_core import imagefile
+from worker import model_cache
+from worker.claim import claim
 from worker.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
-BOUNCE_S = 2.0
 
 
 class _Progress:
@@ -36,30 +37,21 @@ class _Progress:
             now = time.monotonic()
             if step >= total or now - self.last_write >= 0.2:
                 self.last_write = now
-                session.execute(update(Job).where(Job.id == self.job_id).values(
-                    progress_step=step, progress_total=total, heartbeat_at=utcnow()))
+                session.execute(
+                    update(Job)
+                    .where(Job.id == self.job_id)
+                    .values(progress_step=step, progress_total=total, heartbeat_at=utcnow())
+                )
                 jobs.add_event(session, self.job_id, "progress", {"step": step, "total": total})
 
 
 def run_image_job(job_id: str, *, worker: str, slot: int | None) -> str:
     """Returns what happened (for logs/tests): skipped | bounced | succeeded | failed | cancelled."""
-    with session_scope() as session:
-        job = session.get(Job, job_id)
-        if job is None or job.status != "queued":
-            log.info("job %s is %s; nothing to do", job_id, job.status if job else "missing")
-            return "skipped"
-        if slot is not None and not leases.acquire(session, slot, job_id, worker):
-            log.info("slot %s is leased to another job; job %s goes back to the queue", slot, job_id)
-            jobs.enqueue(session, job, countdown=BOUNCE_S)
-            return "bounced"
-        if not jobs.claim(session, job_id, worker):
-            leases.release(session, job_id)
-            return "skipped"
-        session.refresh(job)
-        attempt = job.attempts
-        req: dict[str, Any] = dict(job.request)
-        ckpt = session.get(Checkpoint, job.model_id) if job.model_id else None
-        ckpt_info = (ckpt.path, ckpt.name, ckpt.sha256, ckpt.codec) if ckpt else None
+    c = claim(job_id, worker, slot=slot)
+    if isinstance(c, str):
+        return c
+    attempt, req = c.attempt, c.request
+    ckpt_info = (c.model.path, c.model.name, c.model.sha256, c.model.codec) if c.model else None
     try:
         with Heartbeat(job_id):
             outcome, error, timings = _generate(job_id, req, ckpt_info)
@@ -70,13 +62,18 @@ def run_image_job(job_id: str, *, worker: str, slot: int | None) -> str:
         cache_hit = timings.pop("cache_hit", None)
         result = {"timings": timings, "cache_hit": None if cache_hit is None else bool(cache_hit)}
         if not jobs.finish(session, job_id, outcome, error=error, result=result, attempt=attempt):
-            log.warning("job %s: finishing as %s was refused (requeued or finished elsewhere)", job_id, outcome)
+            log.warning(
+                "job %s: finishing as %s was refused (requeued or finished elsewhere)", job_id, outcome
+            )
     log.info("job %s %s in %.2fs", job_id, outcome, sum(v or 0 for v in timings.values()))
     return outcome
 
 
-def _generate(job_id: str, req: dict[str, Any], ckpt: tuple[str, str, str | None, str | None] | None,
-              ) -> tuple[str, dict[str, Any] | None, dict[str, float]]:
+def _generate(
+    job_id: str,
+    req: dict[str, Any],
+    ckpt: tuple[str, str, str | None, str | None] | None,
+) -> tuple[str, dict[str, Any] | None, dict[str, float]]:
     from hdm_core.pipeline import Camera, TreadGuidance
     from hdm_core.sampler import SamplingCancelled
 
@@ -94,10 +91,19 @@ def _generate(job_id: str, req: dict[str, Any], ckpt: tuple[str, str, str | None
         timings["load_s"] = round(time.perf_counter() - t0, 4)
         t1 = time.perf_counter()
         result = pipe.generate(
-            req["prompt"], negative_prompt=req.get("negative_prompt", ""), n=req["n"], width=req["width"],
-            height=req["height"], steps=req["steps"], guidance_scale=req["guidance_scale"], seed=req["seed"],
-            sampler=req["sampler"], camera=Camera(**req["camera"]), tread=TreadGuidance(**req["tread_guidance"]),
-            callback=_Progress(job_id, req["steps"]))
+            req["prompt"],
+            negative_prompt=req.get("negative_prompt", ""),
+            n=req["n"],
+            width=req["width"],
+            height=req["height"],
+            steps=req["steps"],
+            guidance_scale=req["guidance_scale"],
+            seed=req["seed"],
+            sampler=req["sampler"],
+            camera=Camera(**req["camera"]),
+            tread=TreadGuidance(**req["tread_guidance"]),
+            callback=_Progress(job_id, req["steps"]),
+        )
         timings["sample_s"] = round(time.perf_counter() - t1, 4)
         t2 = time.perf_counter()
         fmt = req.get("output_format", "png")
@@ -105,10 +111,23 @@ def _generate(job_id: str, req: dict[str, Any], ckpt: tuple[str, str, str | None
         rows = []
         for i, (img, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
             file = out_dir / f"{i}.{imagefile.EXT[fmt]}"
-            imagefile.save(img, file, fmt, imagefile.parameters_text(req, seed=seed, model_name=model_name,
-                                                                     model_hash=sha))
-            rows.append(Image(job_id=job_id, index=i, seed=seed, width=img.width, height=img.height, format=fmt,
-                              path=str(Path(file).resolve())))
+            imagefile.save(
+                img,
+                file,
+                fmt,
+                imagefile.parameters_text(req, seed=seed, model_name=model_name, model_hash=sha),
+            )
+            rows.append(
+                Image(
+                    job_id=job_id,
+                    index=i,
+                    seed=seed,
+                    width=img.width,
+                    height=img.height,
+                    format=fmt,
+                    path=str(Path(file).resolve()),
+                )
+            )
         with session_scope() as session:
             for row in rows:  # replace rows a killed earlier attempt may have left
                 session.execute(delete(Image).where(Image.job_id == job_id, Image.index == row.index))

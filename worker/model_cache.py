@@ -13,8 +13,9 @@ _lock = threading.Lock()
 _current: tuple[tuple[str, str, str, str], Any] | None = None
 
 
-def get_pipeline(checkpoint: str, text_encoder: Path | None, device: str,
-                 vae: Path | None = None) -> tuple[Any, bool]:
+def get_pipeline(
+    checkpoint: str, text_encoder: Path | None, device: str, vae: Path | None = None
+) -> tuple[Any, bool]:
     """Returns (pipeline, loaded_now). ``vae``: a diffusers folder for a checkpoint that carries no VAE."""
     global _current
     import torch

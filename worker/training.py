@@ -1,5 +1,6 @@
-"""Run a train job: write the trainer's TOML config, start ``torchrun -m hdm_core.train`` as its own process
-group, supervise it (metrics -> events, checkpoints -> models, cancel -> SIGTERM then SIGKILL, heartbeats)."""
+"""Supervise a train job's run: start ``torchrun -m hdm_core.train`` (config and command: worker/train_config.py)
+as its own process group and watch it (metrics -> events, checkpoints -> models, cancel -> SIGTERM then SIGKILL,
+preemption -> back to the queue, heartbeats)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,114 +20,14 @@ from sqlalchemy import select
 from app.db import session_scope
 from app.models import Checkpoint, Job
 from app.procutil import alive, die_with_parent, kill_tree, process_tree
-from app.services import checkpoints, jobs
+from app.services import jobs, leases, models
 from app.settings import get_settings
-from hdm_core.config import is_pixel_space
-from worker import leases
+from hdm_core.train.config import write_config
+from worker.claim import claim
 from worker.heartbeat import Heartbeat
+from worker.train_config import command, trainer_config, trainer_env
 
 log = logging.getLogger(__name__)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
-def to_toml(cfg: dict[str, Any]) -> str:
-    lines = [f"{k} = {_toml_value(v)}" for k, v in cfg.items() if not isinstance(v, dict | list)]
-    for k, v in cfg.items():
-        if isinstance(v, dict):
-            lines += ["", f"[{k}]", *(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items() if vv is not None)]
-    for k, v in cfg.items():
-        if isinstance(v, list) and v and isinstance(v[0], dict):
-            for item in v:
-                lines += ["", f"[[{k}]]", *(f"{kk} = {_toml_value(vv)}" for kk, vv in item.items() if vv is not None)]
-    return "\n".join(lines) + "\n"
-
-
-def trainer_config(req: dict[str, Any], codec: str | None) -> dict[str, Any]:
-    settings = get_settings()
-    model: dict[str, Any] = {"gradient_checkpointing": any(s.get("grad_checkpointing") for s in req["stages"])}
-    if req.get("base_model_path"):
-        model["init_from"] = req["base_model_path"]
-    elif isinstance(req.get("arch"), dict):
-        model["arch"] = req["arch"]
-    else:
-        model["preset"] = req.get("arch") or "xut-small"
-    # codec: the base checkpoint's ("pixel" | "vae" | "none" | None), or the architecture's
-    if req.get("base_model_path"):
-        pixel = codec == "pixel" or (req.get("base_arch") or {}).get("in_channels") == 3
-    else:
-        pixel = is_pixel_space(model.get("arch") or model.get("preset"))
-    codec_section: dict[str, Any] = {"kind": "pixel" if pixel else "vae"}
-    if not pixel and not (req.get("base_model_path") and codec == "vae") and settings.vae is not None:
-        codec_section["path"] = str(settings.vae)  # the base's own VAE wins: its latent space is what it learned
-    stages = [{k: s.get(k) for k in ("resolution", "batch_size", "lr", "steps", "epochs", "grad_accum", "tread_rate",
-                                     "caption_dropout", "warmup_steps")} for s in req["stages"]]
-    train: dict[str, Any] = {
-        "precision": req.get("precision", "fp32"), "checkpoint_every": req.get("checkpoint_every", 1000),
-        "keep_last_n": req.get("keep_last_n", 3), "device": "cpu" if settings.device.startswith("cpu") else "cuda"}
-    if settings.cpu_threads > 0:
-        train["num_threads"] = settings.cpu_threads
-    return {
-        "seed": req.get("seed", 0),
-        "model": model,
-        "text_encoder": {"path": str(settings.text_encoder or ""), "max_length": int(req.get("text_max_length", 256))},
-        "data": {"path": req["dataset_path"]},
-        "codec": codec_section,
-        "objective": {"t_logit_mean": req.get("t_logit_mean", 0.0), "t_logit_std": req.get("t_logit_std", 1.0)},
-        "train": train,
-        "sampling": {"every": req.get("sample_every", 0), "prompts": req.get("sample_prompts", [])},
-        "stages": stages,
-    }
-
-
-def command(config: Path, run_dir: Path, nproc: int, resume: bool) -> list[str]:
-    settings = get_settings()
-    if settings.train_command:
-        cmd = shlex.split(settings.train_command.format(config=config, run_dir=run_dir, nproc=nproc,
-                                                        python=sys.executable))
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "hdm_core.train", str(config), "--run-dir", str(run_dir)]
-    return [*cmd, "--resume"] if resume else cmd
-
-
-def trainer_env(slots: list[int], environ: dict[str, str]) -> dict[str, str]:
-    """The trainer's environment, the one rule for every layout (docs/deployment.md):
-
-    - CPU slots (tests, CPU boxes): no CUDA variables; torchrun runs one process per leased slot.
-    - The trainer service (``hdm worker --trainer``, no ``HDM_GPU_INDEX``, sees all GPUs of its machine):
-      ``CUDA_VISIBLE_DEVICES`` = the leased slots' local GPU indices (position in ``HDM_LOCAL_SLOTS``), so torchrun's
-      ranks use exactly the GPUs leased to the job; image workers stay off them through the leases.
-    - A worker pinned to one GPU (``HDM_GPU_INDEX``; compose gives its container one device): it keeps the one
-      GPU it sees and can only run 1-slot jobs; a multi-GPU job there is a deployment error, reported as such."""
-    settings = get_settings()
-    env = dict(environ)
-    if not settings.device.startswith("cuda") or not slots:
-        return env
-    if settings.gpu_index is not None:
-        if len(slots) > 1:
-            raise RuntimeError(f"this worker sees one GPU (slot {settings.gpu_index}) but the job leased slots "
-                               f"{slots}: run the trainer service (hdm worker --trainer, all GPUs visible) for "
-                               "multi-GPU train jobs")
-        return env
-    local = settings.local_slot_list
-    missing = [s for s in slots if s not in local]
-    if missing:
-        raise RuntimeError(f"slots {missing} are not on this trainer's machine (HDM_LOCAL_SLOTS={local})")
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(local.index(s)) for s in slots)
-    return env
 
 
 class _Supervisor:
@@ -135,7 +35,9 @@ class _Supervisor:
         self.job_id, self.run_dir = job_id, run_dir
         self.metrics_offset = 0
         self.metrics_inode: int | None = None
-        self.skip_upto = -1  # after a resume the trainer rewrites the log up to its checkpoint: those lines are old
+        self.skip_upto = (
+            -1
+        )  # after a resume the trainer rewrites the log up to its checkpoint: those lines are old
         self.registered: set[str] = set()
         self.latest: dict[str, Any] = {}
 
@@ -159,8 +61,12 @@ class _Supervisor:
             st = path.stat()
         except FileNotFoundError:
             return []
-        if (self.metrics_inode is not None and st.st_ino != self.metrics_inode) or st.st_size < self.metrics_offset:
-            self.metrics_offset = 0  # replaced (truncated to the resume checkpoint): re-read, skip what was sent
+        if (
+            self.metrics_inode is not None and st.st_ino != self.metrics_inode
+        ) or st.st_size < self.metrics_offset:
+            self.metrics_offset = (
+                0  # replaced (truncated to the resume checkpoint): re-read, skip what was sent
+            )
             self.skip_upto = self._newest_checkpoint_step()
         self.metrics_inode = st.st_ino
         with path.open("rb") as f:
@@ -203,10 +109,17 @@ class _Supervisor:
                     tmp = dest.with_name(dest.name + ".tmp")
                     shutil.copyfile(src, tmp)
                     os.replace(tmp, dest)
-                ckpt = checkpoints.register_file(session, dest, name=f"{self.job_id}-{name}", source="train_job",
-                                                 train_job_id=self.job_id, step=e.get("step"))
-                jobs.add_event(session, self.job_id, "log", {"message": f"checkpoint {ckpt.id} at step "
-                                                                        f"{e.get('step')}"})
+                ckpt = models.register_file(
+                    session,
+                    dest,
+                    name=f"{self.job_id}-{name}",
+                    source="train_job",
+                    train_job_id=self.job_id,
+                    step=e.get("step"),
+                )
+                jobs.add_event(
+                    session, self.job_id, "log", {"message": f"checkpoint {ckpt.id} at step {e.get('step')}"}
+                )
                 session.commit()
                 self.registered.add(name)
             except Exception as exc:
@@ -221,8 +134,11 @@ def request_preempt(worker: str) -> int:
     """Mark the train jobs this worker runs for preemption (a file the supervisor polls); returns how many."""
     settings = get_settings()
     with session_scope() as session:
-        rows = list(session.scalars(select(Job).where(Job.kind == "train", Job.status == "running",
-                                                      Job.worker == worker)))
+        rows = list(
+            session.scalars(
+                select(Job).where(Job.kind == "train", Job.status == "running", Job.worker == worker)
+            )
+        )
     for job in rows:
         folder = settings.runs_dir / job.id
         folder.mkdir(parents=True, exist_ok=True)
@@ -233,31 +149,33 @@ def request_preempt(worker: str) -> int:
 
 def run_train_job(job_id: str, *, worker: str) -> str:
     settings = get_settings()
-    with session_scope() as session:
-        job = session.get(Job, job_id)
-        if job is None or job.status != "queued" or not jobs.claim(session, job_id, worker):
-            return "skipped"
-        session.refresh(job)
-        attempt, req, slots = job.attempts, dict(job.request), list(job.slots or [])
-        for slot in slots:
-            leases.acquire(session, slot, job_id, worker)
-        base = session.get(Checkpoint, job.model_id) if job.model_id else None
-        codec = base.codec if base else None
-        if base is not None:
-            req["base_arch"] = base.arch
+    c = claim(job_id, worker)
+    if isinstance(c, str):
+        return c
+    attempt, req, slots = c.attempt, dict(c.request), c.slots
+    codec = c.model.codec if c.model else None
+    if c.model is not None:
+        req["base_arch"] = c.model.arch
     run_dir = settings.runs_dir / job_id
     run_dir.mkdir(parents=True, exist_ok=True)
     config = run_dir / "config.toml"
-    config.write_text(to_toml(trainer_config(req, codec)))
-    resume = bool(req.get("resume")) or (attempt > 1 and (run_dir / "checkpoints" / "manifest.json").is_file())
+    write_config(trainer_config(req, codec), config)
+    resume = bool(req.get("resume")) or (
+        attempt > 1 and (run_dir / "checkpoints" / "manifest.json").is_file()
+    )
     cmd = command(config, run_dir, max(1, len(slots)), resume)
     try:
         env = trainer_env(slots, dict(os.environ))
     except RuntimeError as exc:
         with session_scope() as session:
             leases.release(session, job_id)
-            jobs.finish(session, job_id, "failed", error={"code": "gpus_not_visible", "message": str(exc)},
-                        attempt=attempt)
+            jobs.finish(
+                session,
+                job_id,
+                "failed",
+                error={"code": "gpus_not_visible", "message": str(exc)},
+                attempt=attempt,
+            )
         return "failed"
     log.info("job %s: %s", job_id, shlex.join(cmd))
     sup = _Supervisor(job_id, run_dir)
@@ -268,12 +186,21 @@ def run_train_job(job_id: str, *, worker: str) -> str:
     else:
         metrics_file.unlink(missing_ok=True)
     with session_scope() as session:
-        sup.registered = {c.name.removeprefix(f"{job_id}-") for c in
-                          session.query(Checkpoint).filter_by(train_job_id=job_id)}
+        sup.registered = {
+            c.name.removeprefix(f"{job_id}-")
+            for c in session.query(Checkpoint).filter_by(train_job_id=job_id)
+        }
     outcome, error = "failed", None
     with Heartbeat(job_id), (run_dir / "train.log").open("ab") as logf:
-        proc = subprocess.Popen(cmd, cwd=run_dir, stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, preexec_fn=die_with_parent(signal.SIGTERM))
+        proc = subprocess.Popen(
+            cmd,
+            cwd=run_dir,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGTERM),
+        )
         cancelled_at: float | None = None
         preempted = False
         (run_dir / PREEMPT).unlink(missing_ok=True)
@@ -315,13 +242,25 @@ def run_train_job(job_id: str, *, worker: str) -> str:
         final = run_dir / "final.safetensors"
         if final.is_file():
             with session_scope() as session:
-                checkpoints.register_file(session, final, name=f"{job_id}-final", source="train_job",
-                                          train_job_id=job_id, step=sup.latest.get("step"))
+                models.register_file(
+                    session,
+                    final,
+                    name=f"{job_id}-final",
+                    source="train_job",
+                    train_job_id=job_id,
+                    step=sup.latest.get("step"),
+                )
     else:
         tail = (run_dir / "train.log").read_bytes()[-2000:].decode(errors="replace")
         error = {"code": "trainer_failed", "message": f"trainer exited with {rc}: {tail}"}
     with session_scope() as session:
         leases.release(session, job_id)
-        jobs.finish(session, job_id, outcome, error=error,
-                    result={"metrics": sup.latest, "run_dir": str(run_dir), "returncode": rc}, attempt=attempt)
+        jobs.finish(
+            session,
+            job_id,
+            outcome,
+            error=error,
+            result={"metrics": sup.latest, "run_dir": str(run_dir), "returncode": rc},
+            attempt=attempt,
+        )
     return outcome

@@ -11,20 +11,26 @@ from typing import Annotated, Any
 
 from fastapi import Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.db import get_sessionmaker
 from app.models import Job
-from app.services import jobs
+from app.services import jobs, presenter
 from app.settings import get_settings
 
 Limit = Annotated[int, Query(ge=1, le=100, description="Page size (newest first).")]
 After = Annotated[str | None, Query(max_length=64, description="Cursor: the last id of the previous page.")]
-IdemKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255,
-                                       description="Same key + same body returns the first job.")]
+IdemKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key", max_length=255, description="Same key + same body returns the first job."
+    ),
+]
 Prefer = Annotated[str | None, Header(alias="Prefer", max_length=200, description="wait=N (N <= 60 seconds)")]
+EventsAfter = Annotated[
+    int | None, Query(ge=0, le=2**62, description="Events after this id (default: Last-Event-ID).")
+]
 SSE_POLL_S = 0.2
 
 
@@ -37,7 +43,7 @@ def prefer_wait(prefer: str | None) -> float:
 
 def _status(job_id: str) -> str | None:
     with get_sessionmaker()() as session:
-        return session.scalar(select(Job.status).where(Job.id == job_id))
+        return jobs.status_of(session, job_id)
 
 
 def _reload(session: Session, job: Job) -> Job:
@@ -68,8 +74,7 @@ def _sse(ev_id: int, type_: str, data: Any) -> str:
 def _poll_events(job_id: str, after: int) -> tuple[list[tuple[int, str, dict[str, Any]]], str]:
     with get_sessionmaker()() as session:
         events = [(e.id, e.type, e.data) for e in jobs.events_after(session, job_id, after)]
-        job = session.get(Job, job_id)
-        return events, (job.status if job else "failed")
+        return events, jobs.status_of(session, job_id) or "failed"
 
 
 async def event_stream(job_id: str, after: int) -> AsyncIterator[str]:
@@ -102,7 +107,10 @@ def events_response(request: Request, session: Session, job: Job, after: int | N
     last_id = request.headers.get("last-event-id", "")
     start = after if after is not None else (int(last_id) if last_id.strip().isdigit() else 0)
     if "text/event-stream" in request.headers.get("accept", ""):
-        return StreamingResponse(event_stream(job.id, start), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            event_stream(job.id, start),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     events = jobs.events_after(session, job.id, start, limit=1001)
-    return {"object": "list", "data": [jobs.event_view(e) for e in events[:1000]], "has_more": len(events) > 1000}
+    return presenter.page([presenter.event(e) for e in events[:1000]], len(events) > 1000)

@@ -4,36 +4,36 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
-from sqlalchemy.orm import Session
 
-from app.auth import require_key
-from app.db import get_session
+from app.deps import CallerDep, SessionDep
+from app.responses import Dataset, DatasetCreated, DatasetList
 from app.routes.common import After, IdemKey, Limit
 from app.schemas import DatasetRequest
-from app.services import datasets
+from app.services import datasets, presenter
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
-@router.post("", status_code=202)
-def create_dataset(req: DatasetRequest, idempotency_key: IdemKey = None, owner: str = Depends(require_key),
-                   session: Session = Depends(get_session)) -> Any:
+@router.post("", status_code=202, response_model=DatasetCreated)
+def create_dataset(
+    req: DatasetRequest, owner: CallerDep, session: SessionDep, idempotency_key: IdemKey = None
+) -> Any:
     ds, job = datasets.create(session, req, owner=owner, idempotency_key=idempotency_key)
-    body = {**datasets.view(ds), "validation_job": job.id}
+    body = {**presenter.dataset(ds), "validation_job": job.id}
     return JSONResponse(body, status_code=202, headers={"Location": f"/v1/datasets/{ds.id}"})
 
 
-@router.get("")
-def list_datasets(limit: Limit = 20, after: After = None, owner: str = Depends(require_key),
-                  session: Session = Depends(get_session)) -> Any:
+@router.get("", response_model=DatasetList)
+def list_datasets(owner: CallerDep, session: SessionDep, limit: Limit = 20, after: After = None) -> Any:
     rows, more = datasets.list_(session, owner, limit, after)
-    return {"object": "list", "data": [datasets.view(d) for d in rows], "has_more": more}
+    return presenter.page([presenter.dataset(d) for d in rows], more)
 
 
-@router.get("/{dataset_id}")
-def get_dataset(dataset_id: Annotated[str, PathParam(max_length=64)], owner: str = Depends(require_key),
-                session: Session = Depends(get_session)) -> Any:
-    return datasets.view(datasets.get(session, dataset_id, owner))
+@router.get("/{dataset_id}", response_model=Dataset)
+def get_dataset(
+    dataset_id: Annotated[str, PathParam(max_length=64)], owner: CallerDep, session: SessionDep
+) -> Any:
+    return presenter.dataset(datasets.get(session, dataset_id, owner))

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.auth import require_key
-from app.db import get_session
-from app.errors import NotFound
+from app.deps import CallerDep, SessionDep
+from app.responses import EventList, ImageJob, ImageJobList
 from app.routes.common import (
     After,
+    EventsAfter,
     IdemKey,
     Limit,
     Prefer,
@@ -24,73 +23,94 @@ from app.routes.common import (
     prefer_wait,
     wait_final,
 )
-from app.schemas import ImageJob, ImageJobList, ImageRequest
-from app.services import images, jobs
+from app.schemas import ImageRequest
+from app.services import images, jobs, presenter
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 JobId = Annotated[str, PathParam(max_length=64)]
-MEDIA = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+StatusFilter = Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")]
 
 
-@router.post("", status_code=202, response_model=ImageJob,
-             responses={200: {"model": ImageJob, "description": "finished within Prefer: wait"}})
-async def create_image(req: ImageRequest, request: Request, idempotency_key: IdemKey = None,
-                       prefer: Prefer = None, owner: str = Depends(require_key),
-                       session: Session = Depends(get_session)) -> Any:
-    job, _ = await run_in_threadpool(images.create, session, req, owner=owner,
-                                           idempotency_key=idempotency_key)
+@router.post(
+    "",
+    status_code=202,
+    response_model=ImageJob,
+    responses={200: {"model": ImageJob, "description": "finished within Prefer: wait"}},
+)
+async def create_image(
+    req: ImageRequest,
+    request: Request,
+    owner: CallerDep,
+    session: SessionDep,
+    idempotency_key: IdemKey = None,
+    prefer: Prefer = None,
+) -> Any:
+    job, _ = await run_in_threadpool(
+        images.create, session, req, owner=owner, idempotency_key=idempotency_key
+    )
     wait = prefer_wait(prefer)
     if wait:
         job = await wait_final(session, job, wait)
-    body = await run_in_threadpool(images.view, session, job, str(request.base_url))
+    body = await run_in_threadpool(presenter.image_job, session, job, str(request.base_url))
     return job_response(body, final=job.status in jobs.FINAL, location=f"/v1/images/{job.id}")
 
 
 @router.get("", response_model=ImageJobList)
-def list_images(request: Request, limit: Limit = 20, after: After = None,
-                status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")] = None,
-                owner: str = Depends(require_key), session: Session = Depends(get_session)) -> Any:
+def list_images(
+    request: Request,
+    owner: CallerDep,
+    session: SessionDep,
+    limit: Limit = 20,
+    after: After = None,
+    status: StatusFilter = None,
+) -> Any:
     rows, more = jobs.list_jobs(session, "image", owner, limit, after, status)
     base = str(request.base_url)
-    return {"object": "list", "data": [images.view(session, j, base) for j in rows], "has_more": more}
+    return presenter.page([presenter.image_job(session, j, base) for j in rows], more)
 
 
 @router.get("/{job_id}", response_model=ImageJob)
-async def get_image(job_id: JobId, request: Request, prefer: Prefer = None, owner: str = Depends(require_key),
-                    session: Session = Depends(get_session)) -> Any:
+async def get_image(
+    job_id: JobId, request: Request, owner: CallerDep, session: SessionDep, prefer: Prefer = None
+) -> Any:
     wait = prefer_wait(prefer)
     if not wait:  # the common case: one thread hop
         return await run_in_threadpool(_get_view, session, job_id, owner, str(request.base_url))
     job = await run_in_threadpool(jobs.get_job, session, job_id, "image", owner)
     job = await wait_final(session, job, wait)
-    return await run_in_threadpool(images.view, session, job, str(request.base_url))
+    return await run_in_threadpool(presenter.image_job, session, job, str(request.base_url))
 
 
 def _get_view(session: Session, job_id: str, owner: str, base: str) -> dict[str, Any]:
-    return images.view(session, jobs.get_job(session, job_id, "image", owner), base)
+    return presenter.image_job(session, jobs.get_job(session, job_id, "image", owner), base)
 
 
 @router.post("/{job_id}/cancel", response_model=ImageJob)
-def cancel_image(job_id: JobId, request: Request, owner: str = Depends(require_key),
-                 session: Session = Depends(get_session)) -> Any:
+def cancel_image(job_id: JobId, request: Request, owner: CallerDep, session: SessionDep) -> Any:
     job = jobs.cancel(session, jobs.get_job(session, job_id, "image", owner))
-    return images.view(session, job, str(request.base_url))
+    return presenter.image_job(session, job, str(request.base_url))
 
 
-@router.get("/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}}})
-def image_events(job_id: JobId, request: Request,
-                 after: Annotated[int | None, Query(ge=0, le=2**62)] = None,
-                 owner: str = Depends(require_key), session: Session = Depends(get_session)) -> Any:
+@router.get(
+    "/{job_id}/events",
+    response_model=EventList,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+def image_events(
+    job_id: JobId, request: Request, owner: CallerDep, session: SessionDep, after: EventsAfter = None
+) -> Any:
     """Progress as Server-Sent Events (``Accept: text/event-stream``) or a JSON list; ``Last-Event-ID`` resumes."""
     return events_response(request, session, jobs.get_job(session, job_id, "image", owner), after)
 
 
-@router.get("/{job_id}/files/{index}", response_class=FileResponse,
-            responses={200: {"content": {"image/png": {}, "image/webp": {}, "image/jpeg": {}}}})
-def image_file(job_id: JobId, index: Annotated[int, PathParam(ge=0, le=7)], owner: str = Depends(require_key),
-               session: Session = Depends(get_session)) -> Any:
+@router.get(
+    "/{job_id}/files/{index}",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}, "image/webp": {}, "image/jpeg": {}}}},
+)
+def image_file(
+    job_id: JobId, index: Annotated[int, PathParam(ge=0, le=7)], owner: CallerDep, session: SessionDep
+) -> Any:
     jobs.get_job(session, job_id, "image", owner)
-    row = images.image_row(session, job_id, index)
-    if row is None or not Path(row.path).is_file():
-        raise NotFound(f"Job {job_id} has no image {index} (yet).", param="index")
-    return FileResponse(row.path, media_type=MEDIA.get(row.format, "application/octet-stream"))
+    path, media_type = images.image_file(session, job_id, index)
+    return FileResponse(path, media_type=media_type)

@@ -1,9 +1,9 @@
-"""Datasets: a folder under the data root of images with same-stem .txt captions, validated by a worker job."""
+"""Datasets: a folder under the data root of images with same-stem .txt captions, validated by a worker job
+(worker/datasets.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -16,22 +16,25 @@ from app.schemas import DatasetRequest
 from app.services import jobs, webhooks
 from app.settings import get_settings
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-
 
 def resolve_path(raw: str) -> Path:
     root = get_settings().data_root.resolve()
     candidate = Path(raw)
     path = (candidate if candidate.is_absolute() else root / candidate).resolve()
     if path != root and root not in path.parents:
-        raise Forbidden(f"path must be inside the server's data root ({root}).", param="path",
-                        code="path_outside_data_root")
+        raise Forbidden(
+            f"path must be inside the server's data root ({root}).",
+            param="path",
+            code="path_outside_data_root",
+        )
     if not path.is_dir():
         raise Invalid(f"{raw!r} is not a folder under the data root.", param="path", code="not_a_folder")
     return path
 
 
-def create(session: Session, req: DatasetRequest, *, owner: str, idempotency_key: str | None) -> tuple[Dataset, Job]:
+def create(
+    session: Session, req: DatasetRequest, *, owner: str, idempotency_key: str | None
+) -> tuple[Dataset, Job]:
     webhooks.check_url(req.webhook)
     raw = req.model_dump(mode="json", exclude_unset=True)
     existing = jobs.find_idempotent(session, owner, idempotency_key, jobs.request_hash(raw))
@@ -40,13 +43,28 @@ def create(session: Session, req: DatasetRequest, *, owner: str, idempotency_key
         if ds is not None:
             return ds, existing
     path = resolve_path(req.path)
-    ds = Dataset(id=new_id("ds"), name=req.name, path=str(path), owner=owner, status="validating",
-                 created_at=utcnow(), updated_at=utcnow())
+    ds = Dataset(
+        id=new_id("ds"),
+        name=req.name,
+        path=str(path),
+        owner=owner,
+        status="validating",
+        created_at=utcnow(),
+        updated_at=utcnow(),
+    )
     session.add(ds)
     session.flush()
-    job, _ = jobs.create_job(session, kind="dataset", owner=owner, idempotency_key=idempotency_key, raw_body=raw,
-                             request={"dataset": ds.id, "path": str(path)}, queue_name=get_settings().image_queue,
-                             dataset_id=ds.id, webhook=req.webhook)
+    job, _ = jobs.create_job(
+        session,
+        kind="dataset",
+        owner=owner,
+        idempotency_key=idempotency_key,
+        raw_body=raw,
+        request={"dataset": ds.id, "path": str(path)},
+        queue_name=get_settings().image_queue,
+        dataset_id=ds.id,
+        webhook=req.webhook,
+    )
     return ds, job
 
 
@@ -63,40 +81,3 @@ def list_(session: Session, owner: str, limit: int, after: str | None) -> tuple[
         q = q.where(Dataset.id < after)
     rows = list(session.scalars(q.order_by(Dataset.id.desc()).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
-
-
-def view(ds: Dataset) -> dict[str, Any]:
-    return {"id": ds.id, "object": "dataset", "name": ds.name, "path": ds.path, "status": ds.status,
-            "stats": ds.stats, "error": ds.error, "created_at": jobs.iso(ds.created_at),
-            "updated_at": jobs.iso(ds.updated_at)}
-
-
-def scan(folder: Path, max_pixels: int = 64_000_000) -> dict[str, Any]:
-    """Counts, unreadable/oversized images, missing captions, size histogram (runs in the worker)."""
-    from PIL import Image as PILImage
-
-    stats: dict[str, Any] = {"images": 0, "captioned": 0, "missing_captions": [], "unreadable": [],
-                             "oversized": [], "size_histogram": {}}
-    hist: dict[str, int] = {}
-    for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() not in IMAGE_EXTS or not path.is_file():
-            continue
-        stats["images"] += 1
-        rel = str(path.relative_to(folder))
-        if path.with_suffix(".txt").is_file():
-            stats["captioned"] += 1
-        elif len(stats["missing_captions"]) < 100:
-            stats["missing_captions"].append(rel)
-        try:
-            with PILImage.open(path) as im:
-                w, h = im.size
-                im.verify()
-        except Exception:
-            stats["unreadable"].append(rel)
-            continue
-        if w * h > max_pixels:
-            stats["oversized"].append(rel)
-        bucket = f"{(max(w, h) // 256) * 256}+"
-        hist[bucket] = hist.get(bucket, 0) + 1
-    stats["size_histogram"] = dict(sorted(hist.items(), key=lambda kv: int(kv[0][:-1])))
-    return stats

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import queue
-from app.db import as_utc, utcnow
+from app.db import utcnow
 from app.errors import Conflict, NotFound, TooMany
 from app.ids import new_id
 from app.models import Job, JobEvent, WebhookDelivery
@@ -29,11 +29,6 @@ def request_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def iso(value: datetime | None) -> str | None:
-    v = as_utc(value)
-    return v.isoformat().replace("+00:00", "Z") if v else None
-
-
 def add_event(session: Session, job_id: str, type_: str, data: dict[str, Any]) -> None:
     session.add(JobEvent(job_id=job_id, type=type_, data=data, created_at=utcnow()))
 
@@ -44,8 +39,11 @@ def find_idempotent(session: Session, owner: str, key: str | None, digest: str) 
         return None
     job = session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
     if job is not None and job.request_sha256 != digest:
-        raise Conflict("Idempotency-Key was already used with a different request body.",
-                       param="Idempotency-Key", code="idempotency_key_reused")
+        raise Conflict(
+            "Idempotency-Key was already used with a different request body.",
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
+        )
     return job
 
 
@@ -62,17 +60,35 @@ def lock_owner_queue(session: Session, owner: str) -> None:
 def check_queue_limit(session: Session, owner: str) -> None:
     """Call with the owner's queue locked (``lock_owner_queue``) in the transaction that inserts the job."""
     settings = get_settings()
-    n = session.scalar(select(func.count()).select_from(Job).where(Job.owner == owner, Job.status == "queued")) or 0
+    n = (
+        session.scalar(
+            select(func.count()).select_from(Job).where(Job.owner == owner, Job.status == "queued")
+        )
+        or 0
+    )
     if n >= settings.queue_limit:
         session.rollback()  # ends the transaction: the lock goes with it
-        raise TooMany(f"Too many queued jobs for this key ({n} >= {settings.queue_limit}); retry later.",
-                      headers={"Retry-After": str(settings.retry_after_s)})
+        raise TooMany(
+            f"Too many queued jobs for this key ({n} >= {settings.queue_limit}); retry later.",
+            headers={"Retry-After": str(settings.retry_after_s)},
+        )
 
 
-def create_job(session: Session, *, kind: str, owner: str, idempotency_key: str | None, raw_body: dict[str, Any],
-               request: dict[str, Any], queue_name: str | None, model_id: str | None = None,
-               dataset_id: str | None = None, webhook: str | None = None, status: str = "queued",
-               publish: bool = True) -> tuple[Job, bool]:
+def create_job(
+    session: Session,
+    *,
+    kind: str,
+    owner: str,
+    idempotency_key: str | None,
+    raw_body: dict[str, Any],
+    request: dict[str, Any],
+    queue_name: str | None,
+    model_id: str | None = None,
+    dataset_id: str | None = None,
+    webhook: str | None = None,
+    status: str = "queued",
+    publish: bool = True,
+) -> tuple[Job, bool]:
     """Returns (job, created). Same key + same body returns the first job; different body raises 409."""
     idempotency_key = (idempotency_key or "").strip() or None
     digest = request_hash(raw_body)
@@ -81,9 +97,21 @@ def create_job(session: Session, *, kind: str, owner: str, idempotency_key: str 
         return existing, False
     lock_owner_queue(session, owner)
     check_queue_limit(session, owner)
-    job = Job(id=new_id(PREFIX[kind]), kind=kind, status=status, owner=owner, idempotency_key=idempotency_key,
-              request_sha256=digest, request=request, model_id=model_id, dataset_id=dataset_id, webhook=webhook,
-              queue=queue_name, created_at=utcnow(), progress_total=int(request.get("steps", 0) or 0))
+    job = Job(
+        id=new_id(PREFIX[kind]),
+        kind=kind,
+        status=status,
+        owner=owner,
+        idempotency_key=idempotency_key,
+        request_sha256=digest,
+        request=request,
+        model_id=model_id,
+        dataset_id=dataset_id,
+        webhook=webhook,
+        queue=queue_name,
+        created_at=utcnow(),
+        progress_total=int(request.get("steps", 0) or 0),
+    )
     session.add(job)
     try:
         session.flush()
@@ -126,8 +154,9 @@ def get_job(session: Session, job_id: str, kind: str, owner: str | None = None) 
     return job
 
 
-def list_jobs(session: Session, kind: str, owner: str, limit: int, after: str | None,
-              status: str | None = None) -> tuple[list[Job], bool]:
+def list_jobs(
+    session: Session, kind: str, owner: str, limit: int, after: str | None, status: str | None = None
+) -> tuple[list[Job], bool]:
     q = select(Job).where(Job.kind == kind, Job.owner == owner)
     if after:
         q = q.where(Job.id < after)
@@ -137,19 +166,21 @@ def list_jobs(session: Session, kind: str, owner: str, limit: int, after: str | 
     return rows[:limit], len(rows) > limit
 
 
-def queue_position(session: Session, job: Job) -> int | None:
-    if job.status != "queued":
-        return None
-    return int(session.scalar(select(func.count()).select_from(Job).where(
-        Job.kind == job.kind, Job.status == "queued", Job.id < job.id)) or 0)
-
-
 def claim(session: Session, job_id: str, worker: str) -> bool:
     """queued -> running, atomically; False if another delivery already took it (or it is final)."""
     now = utcnow()
-    res = session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
-        status="running", started_at=now, heartbeat_at=now, worker=worker, attempts=Job.attempts + 1,
-        progress_step=0))
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued")
+        .values(
+            status="running",
+            started_at=now,
+            heartbeat_at=now,
+            worker=worker,
+            attempts=Job.attempts + 1,
+            progress_step=0,
+        )
+    )
     if res.rowcount != 1:  # type: ignore[attr-defined]
         session.rollback()
         return False
@@ -159,13 +190,22 @@ def claim(session: Session, job_id: str, worker: str) -> bool:
 
 
 def heartbeat(session: Session, job_id: str) -> None:
-    session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(heartbeat_at=utcnow()))
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.status == "running").values(heartbeat_at=utcnow())
+    )
     session.commit()
 
 
-def finish(session: Session, job_id: str, status: str, *, error: dict[str, Any] | None = None,
-           result: dict[str, Any] | None = None, from_status: tuple[str, ...] = ("running",),
-           attempt: int | None = None) -> bool:
+def finish(
+    session: Session,
+    job_id: str,
+    status: str,
+    *,
+    error: dict[str, Any] | None = None,
+    result: dict[str, Any] | None = None,
+    from_status: tuple[str, ...] = ("running",),
+    attempt: int | None = None,
+) -> bool:
     """Move to a final status once (later calls do nothing); records events and the webhook delivery."""
     values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "error": error}
     if result is not None:
@@ -216,8 +256,9 @@ def cancel(session: Session, job: Job) -> Job:
     if job.status == "cancelled":
         return job
     now = utcnow()
-    session.execute(update(Job).where(Job.id == job.id, Job.cancel_requested_at.is_(None)).values(
-        cancel_requested_at=now))
+    session.execute(
+        update(Job).where(Job.id == job.id, Job.cancel_requested_at.is_(None)).values(cancel_requested_at=now)
+    )
     session.commit()
     if not finish(session, job.id, "cancelled", from_status=("queued", "validating")):
         add_event(session, job.id, "log", {"message": "cancel requested"})
@@ -231,13 +272,19 @@ def cancel_requested(session: Session, job_id: str) -> bool:
     return row is None or row[0] is not None or row[1] != "running"
 
 
+def status_of(session: Session, job_id: str) -> str | None:
+    return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
 def events_after(session: Session, job_id: str, after: int, limit: int = 500) -> list[JobEvent]:
-    return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
-                                .order_by(JobEvent.id).limit(limit)))
-
-
-def event_view(ev: JobEvent) -> dict[str, Any]:
-    return {"id": ev.id, "type": ev.type, "data": ev.data, "created_at": iso(ev.created_at)}
+    return list(
+        session.scalars(
+            select(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.id > after)
+            .order_by(JobEvent.id)
+            .limit(limit)
+        )
+    )
 
 
 def stale_before(seconds: float) -> datetime:

@@ -23,21 +23,40 @@ log = logging.getLogger(__name__)
 def recover_stale(session: Session) -> int:
     settings = get_settings()
     stale = jobs.stale_before(settings.stale_after_s)
-    rows = list(session.scalars(select(Job).where(
-        Job.status == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale))))
+    rows = list(
+        session.scalars(
+            select(Job).where(
+                Job.status == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale)
+            )
+        )
+    )
     for job in rows:
         if job.cancel_requested_at is not None:
             jobs.finish(session, job.id, "cancelled")
         elif job.attempts >= settings.max_attempts:
-            log.warning("job %s: worker lost on attempt %d of %d; failing it", job.id, job.attempts,
-                        settings.max_attempts)
-            jobs.finish(session, job.id, "failed", error={
-                "code": "worker_lost", "message": f"The worker died {job.attempts} times running this job."})
+            log.warning(
+                "job %s: worker lost on attempt %d of %d; failing it",
+                job.id,
+                job.attempts,
+                settings.max_attempts,
+            )
+            jobs.finish(
+                session,
+                job.id,
+                "failed",
+                error={
+                    "code": "worker_lost",
+                    "message": f"The worker died {job.attempts} times running this job.",
+                },
+            )
         else:
             log.warning("job %s: worker %s lost (attempt %d); re-queueing", job.id, job.worker, job.attempts)
             jobs.requeue(session, job, "worker_lost", stale=stale)
-    session.execute(update(GpuLease).where(GpuLease.job_id.is_not(None), GpuLease.heartbeat_at < stale)
-                    .values(job_id=None, worker=None))
+    session.execute(
+        update(GpuLease)
+        .where(GpuLease.job_id.is_not(None), GpuLease.heartbeat_at < stale)
+        .values(job_id=None, worker=None)
+    )
     session.commit()
     return len(rows)
 
@@ -50,11 +69,14 @@ def force_cancels(session: Session) -> int:
     for job in rows:
         if not settings.embedded:
             try:
-                queue.get_celery().control.revoke(queue.task_id(job.id, job.enqueue_count), terminate=True,
-                                                  signal="SIGTERM")
+                queue.get_celery().control.revoke(
+                    queue.task_id(job.id, job.enqueue_count), terminate=True, signal="SIGTERM"
+                )
             except Exception as exc:
                 log.warning("revoke %s: %s", job.id, exc)
-        jobs.finish(session, job.id, "cancelled", error={"code": "cancelled", "message": "forced after timeout"})
+        jobs.finish(
+            session, job.id, "cancelled", error={"code": "cancelled", "message": "forced after timeout"}
+        )
         session.execute(update(GpuLease).where(GpuLease.job_id == job.id).values(job_id=None, worker=None))
         session.commit()
     return len(rows)
@@ -96,7 +118,9 @@ def republish_lost(session: Session) -> int:
         if job.id in view.stuck:
             # delivered long ago and never acknowledged: the worker holding it died (item 1 of issue 10)
             queue.drop_unacked(settings, view.stuck[job.id])
-            log.warning("job %s is queued but its message is stuck with a dead worker; publishing it again", job.id)
+            log.warning(
+                "job %s is queued but its message is stuck with a dead worker; publishing it again", job.id
+            )
         else:
             log.warning("job %s is queued but not in the broker; publishing it again", job.id)
         jobs.enqueue(session, job)
@@ -135,5 +159,3 @@ class MaintenanceThread(threading.Thread):
 
     def stop(self) -> None:
         self.stop_event.set()
-
-

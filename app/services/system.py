@@ -12,7 +12,8 @@ from app import queue
 from app.db import as_utc, get_engine
 from app.migrate import current_revision, head_revision
 from app.models import GpuLease, Job
-from app.services.jobs import iso, stale_before
+from app.services.jobs import stale_before
+from app.services.presenter import iso
 from app.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -49,27 +50,43 @@ def system_view(session: Session) -> dict[str, Any]:
         lease = leases.get(slot)
         hb = lease.heartbeat_at if lease else None
         live = lease is not None and lease.job_id is not None and hb is not None and as_utc(hb) >= stale  # type: ignore[operator]
-        gpus.append({"index": slot, "job": lease.job_id if live and lease else None,
-                     "worker": lease.worker if lease else None, "heartbeat_at": iso(hb)})
+        gpus.append(
+            {
+                "index": slot,
+                "job": lease.job_id if live and lease else None,
+                "worker": lease.worker if lease else None,
+                "heartbeat_at": iso(hb),
+            }
+        )
     workers = sorted({w for (w,) in session.execute(select(Job.worker).where(Job.status == "running")) if w})
     c = counts(session)
     depth = {kind: c.get((kind, "queued"), 0) for kind in ("image", "train", "dataset")}
-    return {"object": "system", "mode": "embedded" if settings.embedded else "celery", "gpus": gpus,
-            "workers": workers, "queue_depth": depth,
-            "running": {kind: c.get((kind, "running"), 0) for kind in ("image", "train", "dataset")}}
+    return {
+        "object": "system",
+        "mode": "embedded" if settings.embedded else "celery",
+        "gpus": gpus,
+        "workers": workers,
+        "queue_depth": depth,
+        "running": {kind: c.get((kind, "running"), 0) for kind in ("image", "train", "dataset")},
+    }
 
 
-def metrics_text(session: Session, http_counts: dict[tuple[str, str, int], int],
-                 http_seconds: dict[tuple[str, str], float]) -> str:
+def metrics_text(
+    session: Session, http_counts: dict[tuple[str, str, int], int], http_seconds: dict[tuple[str, str], float]
+) -> str:
     lines = ["# HELP hdm_jobs Jobs by kind and status.", "# TYPE hdm_jobs gauge"]
     for (kind, status), n in sorted(counts(session).items()):
         lines.append(f'hdm_jobs{{kind="{kind}",status="{status}"}} {n}')
-    lines += ["# HELP hdm_http_requests_total HTTP requests by route and status.",
-              "# TYPE hdm_http_requests_total counter"]
+    lines += [
+        "# HELP hdm_http_requests_total HTTP requests by route and status.",
+        "# TYPE hdm_http_requests_total counter",
+    ]
     for (method, route, status), n in sorted(http_counts.items()):
         lines.append(f'hdm_http_requests_total{{method="{method}",route="{route}",status="{status}"}} {n}')
-    lines += ["# HELP hdm_http_request_seconds_total Time spent serving requests.",
-              "# TYPE hdm_http_request_seconds_total counter"]
+    lines += [
+        "# HELP hdm_http_request_seconds_total Time spent serving requests.",
+        "# TYPE hdm_http_request_seconds_total counter",
+    ]
     for (method, route), s in sorted(http_seconds.items()):
         lines.append(f'hdm_http_request_seconds_total{{method="{method}",route="{route}"}} {s:.6f}')
     return "\n".join(lines) + "\n"

@@ -5,21 +5,23 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app.db import utcnow
 from app.errors import Conflict, Invalid
-from app.models import Checkpoint, Dataset, GpuLease, Job
+from app.models import Checkpoint, Dataset, Job
 from app.schemas import TrainRequest
-from app.services import checkpoints, jobs, webhooks
+from app.services import jobs, leases, models, webhooks
 from app.settings import get_settings
 from hdm_core.config import PRESETS, XUTConfig, is_pixel_space
 
 log = logging.getLogger(__name__)
+SAMPLE_EXTS = (".png", ".jpg", ".webp")
 
 
-def create(session: Session, req: TrainRequest, *, owner: str, idempotency_key: str | None) -> tuple[Job, bool]:
+def create(
+    session: Session, req: TrainRequest, *, owner: str, idempotency_key: str | None
+) -> tuple[Job, bool]:
     settings = get_settings()
     webhooks.check_url(req.webhook)
     raw = req.model_dump(mode="json", exclude_unset=True)
@@ -30,38 +32,66 @@ def create(session: Session, req: TrainRequest, *, owner: str, idempotency_key: 
     if ds is None or ds.owner != owner:
         raise Invalid(f"Unknown dataset {req.dataset!r}; create it with POST /v1/datasets.", param="dataset")
     if ds.status == "invalid":
-        raise Invalid(f"Dataset {ds.id} failed validation: {(ds.error or {}).get('message')}", param="dataset")
-    base = checkpoints.resolve(session, req.base_model, param="base_model") if req.base_model else None
+        raise Invalid(
+            f"Dataset {ds.id} failed validation: {(ds.error or {}).get('message')}", param="dataset"
+        )
+    base = models.resolve(session, req.base_model, param="base_model") if req.base_model else None
     if isinstance(req.arch, str) and req.arch not in PRESETS:
-        raise Invalid(f"Unknown preset {req.arch!r}; one of {list(PRESETS)} or an architecture object.",
-                      param="arch")
+        raise Invalid(
+            f"Unknown preset {req.arch!r}; one of {list(PRESETS)} or an architecture object.", param="arch"
+        )
     if isinstance(req.arch, dict):
         try:  # the trainer's own validation, so a bad object is a 422 now rather than a failed job later
             XUTConfig.from_dict(req.arch)
         except (TypeError, ValueError) as exc:
             raise Invalid(f"Invalid architecture object: {exc}", param="arch") from None
     if req.nodes > 1:
-        raise Invalid("Multi-node runs are not scheduled by the service yet; launch hdm_core.train with torchrun "
-                      "rendezvous on each machine (docs/training.md).", param="nodes", code="unsupported")
+        raise Invalid(
+            "Multi-node runs are not scheduled by the service yet; launch hdm_core.train with torchrun "
+            "rendezvous on each machine (docs/training.md).",
+            param="nodes",
+            code="unsupported",
+        )
     if not pixel_space(req.arch, base) and not carries_vae(base) and settings.vae is None:
-        what = (f"Base model {base.name!r} carries no VAE" if base else
-                f"Architecture {req.arch if isinstance(req.arch, str) else 'object'!r} is a latent (non-pixel) model")
-        raise Invalid(f"{what} and the server has no VAE configured: set HDM_VAE to a diffusers AutoencoderKL folder "
-                      "on the workers, fine-tune a checkpoint that carries its VAE, or train a pixel-space "
-                      "architecture (in_channels 3, e.g. xut-pixel-debug).",
-                      param="base_model" if base else "arch", code="vae_required")
+        what = (
+            f"Base model {base.name!r} carries no VAE"
+            if base
+            else f"Architecture {req.arch if isinstance(req.arch, str) else 'object'!r} is a latent (non-pixel) model"
+        )
+        raise Invalid(
+            f"{what} and the server has no VAE configured: set HDM_VAE to a diffusers AutoencoderKL folder "
+            "on the workers, fine-tune a checkpoint that carries its VAE, or train a pixel-space "
+            "architecture (in_channels 3, e.g. xut-pixel-debug).",
+            param="base_model" if base else "arch",
+            code="vae_required",
+        )
     if req.gpus > len(settings.slot_list):
-        raise Invalid(f"This server has {len(settings.slot_list)} GPU slot(s); asked for {req.gpus}.", param="gpus")
+        raise Invalid(
+            f"This server has {len(settings.slot_list)} GPU slot(s); asked for {req.gpus}.", param="gpus"
+        )
     biggest = max(len(g) for g in settings.slot_group_list)
     if req.gpus > biggest:
-        raise Invalid(f"One machine of this server has at most {biggest} GPU slot(s); asked for {req.gpus} "
-                      "(multi-node runs are not scheduled).", param="gpus")
+        raise Invalid(
+            f"One machine of this server has at most {biggest} GPU slot(s); asked for {req.gpus} "
+            "(multi-node runs are not scheduled).",
+            param="gpus",
+        )
     request = req.model_dump(mode="json")
     request["dataset_path"] = ds.path
     request["base_model_path"] = base.path if base else None
-    job, created = jobs.create_job(session, kind="train", owner=owner, idempotency_key=idempotency_key, raw_body=raw,
-                                   request=request, queue_name=None, model_id=base.id if base else None,
-                                   dataset_id=ds.id, webhook=req.webhook, publish=False)
+    job, created = jobs.create_job(
+        session,
+        kind="train",
+        owner=owner,
+        idempotency_key=idempotency_key,
+        raw_body=raw,
+        request=request,
+        queue_name=None,
+        model_id=base.id if base else None,
+        dataset_id=ds.id,
+        webhook=req.webhook,
+        publish=False,
+    )
     if created:
         job.progress_total = sum(s.steps or 0 for s in req.stages)
         session.commit()
@@ -80,57 +110,47 @@ def carries_vae(base: Checkpoint | None) -> bool:
     return base is not None and base.codec == "vae"
 
 
-def _free(session: Session) -> list[int]:
-    settings = get_settings()
-    slots = settings.slot_list
-    have = set(session.scalars(select(GpuLease.slot).where(GpuLease.slot.in_(slots))))
-    for slot in slots:
-        if slot not in have:
-            session.add(GpuLease(slot=slot))
-    session.commit()
-    stale = jobs.stale_before(settings.stale_after_s)
-    return list(session.scalars(select(GpuLease.slot).where(
-        GpuLease.slot.in_(slots), or_(GpuLease.job_id.is_(None), GpuLease.heartbeat_at < stale))
-        .order_by(GpuLease.slot)))
-
-
 def schedule(session: Session) -> int:
     """Give queued train jobs free slots (oldest first), then publish them to their first slot's queue."""
     settings = get_settings()
     # keep reservations of scheduled-but-not-started jobs alive
-    waiting = [j.id for j in session.scalars(select(Job).where(
-        Job.kind == "train", Job.status == "queued", Job.slots.is_not(None)))]
+    waiting = [
+        j.id
+        for j in session.scalars(
+            select(Job).where(Job.kind == "train", Job.status == "queued", Job.slots.is_not(None))
+        )
+    ]
     if waiting:
-        session.execute(update(GpuLease).where(GpuLease.job_id.in_(waiting)).values(heartbeat_at=utcnow()))
-        session.commit()
-    pending = list(session.scalars(select(Job).where(Job.kind == "train", Job.status == "queued",
-                                                     Job.slots.is_(None)).order_by(Job.id)))
+        leases.beat(session, waiting)
+    pending = list(
+        session.scalars(
+            select(Job)
+            .where(Job.kind == "train", Job.status == "queued", Job.slots.is_(None))
+            .order_by(Job.id)
+        )
+    )
     n = 0
     for job in pending:
         need = int(job.request.get("gpus", 1))
-        free_all = _free(session)
+        free_all = leases.free_slots(session, settings.slot_list)
         # one machine: torchrun --standalone cannot span the slot groups (HDM_SLOT_GROUPS)
-        free = next((f for g in settings.slot_group_list if len(f := [s for s in free_all if s in g]) >= need), [])
+        free = next(
+            (f for g in settings.slot_group_list if len(f := [s for s in free_all if s in g]) >= need), []
+        )
         if len(free) < need:
             break  # FIFO: do not let smaller jobs overtake
-        stale = jobs.stale_before(settings.stale_after_s)
-        got: list[int] = []
-        for slot in free[:need]:
-            res = session.execute(update(GpuLease).where(
-                GpuLease.slot == slot, or_(GpuLease.job_id.is_(None), GpuLease.heartbeat_at < stale)).values(
-                job_id=job.id, worker=None, acquired_at=utcnow(), heartbeat_at=utcnow()))
-            if res.rowcount == 1:  # type: ignore[attr-defined]
-                got.append(slot)
+        got = [slot for slot in free[:need] if leases.reserve(session, slot, job.id)]
         if len(got) < need:
-            session.execute(update(GpuLease).where(GpuLease.job_id == job.id).values(job_id=None))
-            session.commit()
+            leases.release(session, job.id)
             break
-        res = session.execute(update(Job).where(Job.id == job.id, Job.status == "queued", Job.slots.is_(None))
-                              .values(slots=got, queue=settings.train_queue(got[0])))
+        res = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == "queued", Job.slots.is_(None))
+            .values(slots=got, queue=settings.train_queue(got[0]))
+        )
         session.commit()
         if res.rowcount != 1:  # type: ignore[attr-defined]
-            session.execute(update(GpuLease).where(GpuLease.job_id == job.id).values(job_id=None))
-            session.commit()
+            leases.release(session, job.id)
             continue
         session.refresh(job)
         jobs.add_event(session, job.id, "log", {"message": f"scheduled on slot(s) {got}"})
@@ -139,15 +159,27 @@ def schedule(session: Session) -> int:
     return n
 
 
-
 def resume(session: Session, job: Job) -> Job:
     if job.status not in ("failed", "cancelled"):
-        raise Conflict(f"Only failed or cancelled train jobs can be resumed; {job.id} is {job.status}.",
-                       code="not_resumable")
+        raise Conflict(
+            f"Only failed or cancelled train jobs can be resumed; {job.id} is {job.status}.",
+            code="not_resumable",
+        )
     request = {**job.request, "resume": True}
-    res = session.execute(update(Job).where(Job.id == job.id, Job.status == job.status).values(
-        status="queued", slots=None, queue=None, cancel_requested_at=None, finished_at=None, error=None,
-        request=request, attempts=0))
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == job.status)
+        .values(
+            status="queued",
+            slots=None,
+            queue=None,
+            cancel_requested_at=None,
+            finished_at=None,
+            error=None,
+            request=request,
+            attempts=0,
+        )
+    )
     if res.rowcount != 1:  # type: ignore[attr-defined]
         raise Conflict("The job changed meanwhile; retry.", code="conflict")
     jobs.add_event(session, job.id, "status", {"status": "queued", "reason": "resume"})
@@ -156,22 +188,9 @@ def resume(session: Session, job: Job) -> Job:
     return job
 
 
-def job_checkpoints(session: Session, job_id: str) -> list[Checkpoint]:
-    return list(session.scalars(select(Checkpoint).where(Checkpoint.train_job_id == job_id)
-                                .order_by(Checkpoint.step, Checkpoint.id)))
-
-
-def view(session: Session, job: Job) -> dict[str, Any]:
-    result = job.result or {}
-    m = result.get("metrics") or {}
-    return {
-        "id": job.id, "object": "train_job", "name": job.request.get("name", ""), "status": job.status,
-        "created_at": jobs.iso(job.created_at), "started_at": jobs.iso(job.started_at),
-        "finished_at": jobs.iso(job.finished_at), "request": job.request, "base_model": job.model_id,
-        "dataset": job.dataset_id, "stage": m.get("stage"), "step": job.progress_step,
-        "total_steps": job.progress_total or None, "epoch": m.get("epoch"),
-        "metrics": {"loss": m.get("loss"), "lr": m.get("lr"), "images_per_s": m.get("images_per_s"),
-                    "eta_s": m.get("eta_s")},
-        "gpus": job.slots or [], "checkpoints": [c.id for c in job_checkpoints(session, job.id)],
-        "error": job.error, "attempts": job.attempts,
-    }
+def sample_files(job_id: str) -> list[str]:
+    """The sample images a run wrote so far, relative to its samples folder."""
+    folder = get_settings().runs_dir / job_id / "samples"
+    if not folder.is_dir():
+        return []
+    return [str(p.relative_to(folder)) for p in sorted(folder.glob("**/*")) if p.suffix in SAMPLE_EXTS]

@@ -9,7 +9,6 @@ import json
 import logging
 import time
 from datetime import timedelta
-from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -19,6 +18,7 @@ from sqlalchemy.orm import Session
 from app.db import utcnow
 from app.errors import Invalid
 from app.models import Job, WebhookDelivery
+from app.services import presenter
 from app.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,11 @@ def host_allowed(url: str) -> bool:
 
 def check_url(url: str | None) -> None:
     if url and not host_allowed(url):
-        raise Invalid("webhook host is not on the server's allow-list (HDM_WEBHOOK_ALLOW_HOSTS).", param="webhook",
-                      code="webhook_host_not_allowed")
+        raise Invalid(
+            "webhook host is not on the server's allow-list (HDM_WEBHOOK_ALLOW_HOSTS).",
+            param="webhook",
+            code="webhook_host_not_allowed",
+        )
 
 
 def sign(body: bytes, timestamp: int, secret: str | None = None) -> str:
@@ -53,38 +56,40 @@ def verify(body: bytes, header: str, secret: str, tolerance_s: int = 300) -> boo
     return hmac.compare_digest(sign(body, ts, secret), f"t={ts},v1={parts.get('v1', '')}")
 
 
-def job_body(session: Session, job: Job) -> dict[str, Any]:
-    if job.kind == "image":
-        from app.services import images
-
-        return images.view(session, job)
-    if job.kind == "train":
-        from app.services import training
-
-        return training.view(session, job)
-    return {"id": job.id, "object": f"{job.kind}_job", "status": job.status, "error": job.error}
-
-
 def deliver_due(session: Session, limit: int = 20) -> int:
     """Attempt every due delivery once; returns how many were attempted."""
     settings = get_settings()
     now = utcnow()
-    due = list(session.scalars(select(WebhookDelivery).where(
-        WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now).limit(limit)))
+    due = list(
+        session.scalars(
+            select(WebhookDelivery)
+            .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now)
+            .limit(limit)
+        )
+    )
     done = 0
     for d in due:
         lease_until = utcnow() + timedelta(seconds=settings.webhook_timeout_s + 30)
-        res = session.execute(update(WebhookDelivery).where(
-            WebhookDelivery.id == d.id, WebhookDelivery.status == "pending",
-            WebhookDelivery.next_attempt_at <= now).values(status="sending", next_attempt_at=lease_until))
+        res = session.execute(
+            update(WebhookDelivery)
+            .where(
+                WebhookDelivery.id == d.id,
+                WebhookDelivery.status == "pending",
+                WebhookDelivery.next_attempt_at <= now,
+            )
+            .values(status="sending", next_attempt_at=lease_until)
+        )
         session.commit()
         if res.rowcount != 1:  # type: ignore[attr-defined]
             continue  # another runner took it
         done += 1
         _attempt(session, d.id)
     # deliveries stuck in "sending" (runner died) become pending again
-    session.execute(update(WebhookDelivery).where(WebhookDelivery.status == "sending",
-                                                  WebhookDelivery.next_attempt_at < now).values(status="pending"))
+    session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.status == "sending", WebhookDelivery.next_attempt_at < now)
+        .values(status="pending")
+    )
     session.commit()
     return done
 
@@ -102,12 +107,22 @@ def _attempt(session: Session, delivery_id: int) -> None:
         error = "host not on the allow-list"
         attempts = settings.webhook_max_attempts
     else:
-        body = json.dumps(job_body(session, job), separators=(",", ":")).encode()
-        headers = {"Content-Type": "application/json", "X-HDM-Signature": sign(body, int(time.time())),
-                   "X-HDM-Event": f"job.{job.status}", "X-HDM-Delivery": str(d.id), "User-Agent": "hdm-serve"}
+        body = json.dumps(presenter.job_body(session, job), separators=(",", ":")).encode()
+        headers = {
+            "Content-Type": "application/json",
+            "X-HDM-Signature": sign(body, int(time.time())),
+            "X-HDM-Event": f"job.{job.status}",
+            "X-HDM-Delivery": str(d.id),
+            "User-Agent": "hdm-serve",
+        }
         try:
-            r = httpx.post(d.url, content=body, headers=headers, timeout=settings.webhook_timeout_s,
-                           follow_redirects=False)
+            r = httpx.post(
+                d.url,
+                content=body,
+                headers=headers,
+                timeout=settings.webhook_timeout_s,
+                follow_redirects=False,
+            )
             if not 200 <= r.status_code < 300:
                 error = f"HTTP {r.status_code}"
         except httpx.HTTPError as exc:

@@ -23,8 +23,9 @@ from service_stack import API_KEY, Stack, stack_env  # noqa: E402
 def pg_admin() -> Iterator[Any]:
     psycopg = pytest.importorskip("psycopg")
     try:
-        conn = psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True,
-                               connect_timeout=5)
+        conn = psycopg.connect(
+            "host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True, connect_timeout=5
+        )
     except Exception as exc:  # pragma: no cover
         pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is required (make services): {exc}")
     yield conn
@@ -66,8 +67,10 @@ def redis_url() -> Iterator[str]:
     except Exception as exc:  # pragma: no cover
         pytest.fail(f"Redis at 127.0.0.1:6379 is required (make services): {exc}")
     candidates = random.sample(range(1, 15), 14)
-    db = next((n for n in candidates if redis.Redis.from_url(f"redis://127.0.0.1:6379/{n}").dbsize() == 0),
-              candidates[0])
+    db = next(
+        (n for n in candidates if redis.Redis.from_url(f"redis://127.0.0.1:6379/{n}").dbsize() == 0),
+        candidates[0],
+    )
     url = f"redis://127.0.0.1:6379/{db}"
     yield url
     redis.Redis.from_url(url).flushdb()
@@ -95,8 +98,13 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory, assets: dict[str, Path], pg_url: str, redis_url: str,
-          queue_prefix: str) -> Iterator[Stack]:
+def stack(
+    tmp_path_factory: pytest.TempPathFactory,
+    assets: dict[str, Path],
+    pg_url: str,
+    redis_url: str,
+    queue_prefix: str,
+) -> Iterator[Stack]:
 
     tmp = tmp_path_factory.mktemp("stack")
     s = Stack(stack_env(tmp, assets, pg_url, redis_url, queue_prefix), tmp, API_KEY)

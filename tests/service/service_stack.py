@@ -45,16 +45,37 @@ class Stack:
         return (self.workdir / f"{self._n:02d}-{name}.log").open("wb")
 
     def migrate(self) -> None:
-        subprocess.run([sys.executable, "-m", "app.cli", "migrate"], env=self.env, cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "app.cli", "migrate"],
+            env=self.env,
+            cwd=ROOT,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     def start_api(self, extra_env: dict[str, str] | None = None) -> str:
         port = free_port()
         self.api = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "warning"], env={**self.env, **(extra_env or {})}, cwd=ROOT,
-            stdout=self._log("api"), stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=die_with_parent(signal.SIGKILL))
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "app.main:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            env={**self.env, **(extra_env or {})},
+            cwd=ROOT,
+            stdout=self._log("api"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGKILL),
+        )
         self.base_url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -68,8 +89,13 @@ class Stack:
             time.sleep(0.2)
         raise RuntimeError("API did not start")
 
-    def start_worker(self, slot: int = 0, embedded: bool = False, extra_env: dict[str, str] | None = None,
-                     trainer: bool = False) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self,
+        slot: int = 0,
+        embedded: bool = False,
+        extra_env: dict[str, str] | None = None,
+        trainer: bool = False,
+    ) -> subprocess.Popen[bytes]:
         """A pinned worker for ``slot`` with `hdm worker`'s default queues (its slot, images, train jobs whose first
         slot it is), or with ``trainer`` the trainer service (`hdm worker --trainer`: train queues of all slots)."""
         env = {**self.env, "HDM_GPU_INDEX": str(slot), **(extra_env or {})}
@@ -81,15 +107,37 @@ class Stack:
             env[PARENT_PID_ENV] = str(os.getpid())  # exits on its own if pytest dies
         else:
             prefix = env.get("HDM_QUEUE_PREFIX", "hdm")
-            cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--concurrency", "1",
-                   "--prefetch-multiplier", "1", "-Q", f"{prefix}.gpu.{slot},{prefix}.images,{prefix}.train.{slot}",
-                   "--loglevel",
-                   "INFO", "-n", f"slot{slot}-{self._n}@%h", "--without-gossip", "--without-mingle",
-                   "--without-heartbeat"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.celery_app",
+                "worker",
+                "--concurrency",
+                "1",
+                "--prefetch-multiplier",
+                "1",
+                "-Q",
+                f"{prefix}.gpu.{slot},{prefix}.images,{prefix}.train.{slot}",
+                "--loglevel",
+                "INFO",
+                "-n",
+                f"slot{slot}-{self._n}@%h",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ]
         # own process group (killed as a group, trainer included); SIGTERM (warm shutdown) if pytest dies
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=self._log(f"worker{slot}"),
-                                stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=die_with_parent(signal.SIGTERM))
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=ROOT,
+            stdout=self._log(f"worker{slot}"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGTERM),
+        )
         self.workers.append(proc)
         return proc
 
@@ -114,8 +162,14 @@ class Stack:
         headers = {"Authorization": f"Bearer {k}"} if k else {}
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
 
-    def wait_job(self, job_id: str, statuses: tuple[str, ...] = FINAL, timeout: float = 60,
-                 path: str = "/v1/images", pred: Any = None) -> dict[str, Any]:
+    def wait_job(
+        self,
+        job_id: str,
+        statuses: tuple[str, ...] = FINAL,
+        timeout: float = 60,
+        path: str = "/v1/images",
+        pred: Any = None,
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         job: dict[str, Any] = {}
         with self.client() as c:
@@ -136,14 +190,26 @@ class Stack:
 def stack_env(tmp: Path, assets: dict[str, Path], db_url: str, broker: str, prefix: str) -> dict[str, str]:
     (tmp / "data").mkdir(exist_ok=True)
     return {
-        "HDM_DATABASE_URL": db_url, "HDM_BROKER_URL": broker, "HDM_QUEUE_PREFIX": prefix,
-        "HDM_DATA_ROOT": str(tmp / "data"), "HDM_MODELS_DIR": str(assets["models"]),
-        "HDM_OUTPUTS_DIR": str(tmp / "outputs"), "HDM_RUNS_DIR": str(tmp / "runs"),
-        "HDM_TEXT_ENCODER": str(assets["te"]), "HDM_API_KEYS": f"{API_KEY},{OTHER_KEY}",
-        "HDM_IMAGE_MIN_SIZE": "32", "HDM_HEARTBEAT_S": "0.5", "HDM_STALE_AFTER_S": "4",
-        "HDM_MAINTENANCE_INTERVAL_S": "0.5", "HDM_REENQUEUE_GRACE_S": "1", "HDM_WEBHOOK_BACKOFF_S": "0.5",
-        "HDM_QUEUE_LIMIT": "40", "HDM_SLOTS": "0", "HDM_FORCE_CANCEL_AFTER_S": "20",
-        "HDM_WEBHOOK_SECRET": "whsec-test", "HDM_WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
+        "HDM_DATABASE_URL": db_url,
+        "HDM_BROKER_URL": broker,
+        "HDM_QUEUE_PREFIX": prefix,
+        "HDM_DATA_ROOT": str(tmp / "data"),
+        "HDM_MODELS_DIR": str(assets["models"]),
+        "HDM_OUTPUTS_DIR": str(tmp / "outputs"),
+        "HDM_RUNS_DIR": str(tmp / "runs"),
+        "HDM_TEXT_ENCODER": str(assets["te"]),
+        "HDM_API_KEYS": f"{API_KEY},{OTHER_KEY}",
+        "HDM_IMAGE_MIN_SIZE": "32",
+        "HDM_HEARTBEAT_S": "0.5",
+        "HDM_STALE_AFTER_S": "4",
+        "HDM_MAINTENANCE_INTERVAL_S": "0.5",
+        "HDM_REENQUEUE_GRACE_S": "1",
+        "HDM_WEBHOOK_BACKOFF_S": "0.5",
+        "HDM_QUEUE_LIMIT": "40",
+        "HDM_SLOTS": "0",
+        "HDM_FORCE_CANCEL_AFTER_S": "20",
+        "HDM_WEBHOOK_SECRET": "whsec-test",
+        "HDM_WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
     }
 
 
@@ -177,4 +243,3 @@ def children(pid: int) -> list[int]:
                 if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
                     out.append(int(d.name))
     return out
-

@@ -27,10 +27,17 @@ def _assert_error(r: httpx.Response, status: int, param: str | None = None, code
 
 
 def test_api_process_never_imports_torch() -> None:
-    code = ("import sys, app.main, app.cli, app.queue, worker.celery_app, worker.tasks; "
-            "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HDM_DATABASE_URL": "sqlite://"})
+    code = (
+        "import sys, app.main, app.cli, app.queue, worker.celery_app, worker.tasks; "
+        "assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HDM_DATABASE_URL": "sqlite://"},
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
@@ -56,8 +63,12 @@ def test_idempotency_key(stack: Stack) -> None:
         assert a.json()["id"] == b.json()["id"]
         ids = [j["id"] for j in c.get("/v1/images", params={"limit": 100}).json()["data"]]
         assert ids.count(a.json()["id"]) == 1
-        _assert_error(c.post("/v1/images", json={**body, "seed": 4}, headers={"Idempotency-Key": "k-123"}), 409,
-                      param="Idempotency-Key", code="idempotency_key_reused")
+        _assert_error(
+            c.post("/v1/images", json={**body, "seed": 4}, headers={"Idempotency-Key": "k-123"}),
+            409,
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
+        )
     with stack.client(key=OTHER_KEY) as c:  # keys are scoped to the API key
         other = c.post("/v1/images", json=body, headers={"Idempotency-Key": "k-123"})
         assert other.status_code == 202 and other.json()["id"] != a.json()["id"]
@@ -113,8 +124,9 @@ def _parse_sse(text: str) -> list[dict]:
 def test_sse_events_and_last_event_id_resume(live_worker: Stack) -> None:
     with live_worker.client() as c:
         job = c.post("/v1/images", json={"prompt": "stream", **SMALL, "steps": 3}).json()
-        with c.stream("GET", f"/v1/images/{job['id']}/events", headers={"Accept": "text/event-stream"},
-                      timeout=60) as r:
+        with c.stream(
+            "GET", f"/v1/images/{job['id']}/events", headers={"Accept": "text/event-stream"}, timeout=60
+        ) as r:
             assert r.headers["content-type"].startswith("text/event-stream")
             text = "".join(r.iter_text())
         events = _parse_sse(text)
@@ -124,8 +136,11 @@ def test_sse_events_and_last_event_id_resume(live_worker: Stack) -> None:
         ids = [e["id"] for e in events]
         assert ids == sorted(ids) and len(set(ids)) == len(ids)
         mid = ids[len(ids) // 2]
-        with c.stream("GET", f"/v1/images/{job['id']}/events",
-                      headers={"Accept": "text/event-stream", "Last-Event-ID": str(mid)}) as r:
+        with c.stream(
+            "GET",
+            f"/v1/images/{job['id']}/events",
+            headers={"Accept": "text/event-stream", "Last-Event-ID": str(mid)},
+        ) as r:
             resumed = _parse_sse("".join(r.iter_text()))
         assert [e["id"] for e in resumed] == [i for i in ids if i > mid]
 
@@ -171,17 +186,31 @@ def test_bad_image_input_names_the_field(stack: Stack, body: dict, param: str) -
 
 def test_malformed_requests(stack: Stack) -> None:
     with stack.client() as c:
-        _assert_error(c.post("/v1/images", content=b"{not json", headers={"Content-Type": "application/json"}),
-                      400, code="invalid_json")
-        _assert_error(c.post("/v1/images", content=b"[1,2]", headers={"Content-Type": "application/json"}), 422)
+        _assert_error(
+            c.post("/v1/images", content=b"{not json", headers={"Content-Type": "application/json"}),
+            400,
+            code="invalid_json",
+        )
+        _assert_error(
+            c.post("/v1/images", content=b"[1,2]", headers={"Content-Type": "application/json"}), 422
+        )
         _assert_error(c.get("/v1/images/img_nope"), 404, param="id")
-        assert c.post("/v1/images", json={"prompt": "null ok", "webhook": None, "seed": None, **SMALL}).status_code == 202
+        assert (
+            c.post(
+                "/v1/images", json={"prompt": "null ok", "webhook": None, "seed": None, **SMALL}
+            ).status_code
+            == 202
+        )
         _assert_error(c.get("/v1/images", params={"limit": 0}), 422, param="limit")
         _assert_error(c.get("/v1/images", params={"limit": 1000}), 422, param="limit")
         _assert_error(c.get("/v1/nowhere"), 404)
         _assert_error(c.delete("/v1/images"), 405)
-        _assert_error(c.post("/v1/images/generations", json={"prompt": "x", "size": "big"}), 422, param="size")
-        _assert_error(c.post("/v1/images/generations", json={"prompt": "x", "size": "30x30"}), 422, param="size")
+        _assert_error(
+            c.post("/v1/images/generations", json={"prompt": "x", "size": "big"}), 422, param="size"
+        )
+        _assert_error(
+            c.post("/v1/images/generations", json={"prompt": "x", "size": "30x30"}), 422, param="size"
+        )
         _assert_error(c.post("/v1/datasets", json={"name": "x", "path": "/etc"}), 403, param="path")
         _assert_error(c.post("/v1/datasets", json={"name": "x", "path": "../.."}), 403, param="path")
         _assert_error(c.post("/v1/images", json={"prompt": "x" * 2_000_000}), 413, code="too_large")
@@ -201,20 +230,40 @@ def test_system_endpoints(stack: Stack) -> None:
         models = c.get("/v1/models").json()["data"]
         assert [m["name"] for m in models] == ["tiny"]
         m = models[0]
-        assert m["id"].startswith("ckpt_") and m["source"] == "file" and m["params"] > 0 and len(m["sha256"]) == 64
+        assert (
+            m["id"].startswith("ckpt_")
+            and m["source"] == "file"
+            and m["params"] > 0
+            and len(m["sha256"]) == 64
+        )
         assert c.get(f"/v1/models/{m['id']}").json()["arch"]["in_channels"] == 3
         f = c.get(f"/v1/models/{m['id']}/file")
         assert f.status_code == 200 and len(f.content) == m["size_bytes"]
         spec = c.get("/openapi.json").json()
-        for path in ("/v1/images", "/v1/images/generations", "/v1/train-jobs", "/v1/models", "/v1/datasets",
-                     "/v1/system", "/healthz", "/readyz", "/metrics"):
+        for path in (
+            "/v1/images",
+            "/v1/images/generations",
+            "/v1/train-jobs",
+            "/v1/models",
+            "/v1/datasets",
+            "/v1/system",
+            "/healthz",
+            "/readyz",
+            "/metrics",
+        ):
             assert path in spec["paths"], path
 
 
 def test_database_api_keys_create_and_revoke(stack: Stack) -> None:
     def cli(*args: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=stack.env, capture_output=True,
-                             text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-m", "app.cli", *args],
+            cwd=ROOT,
+            env=stack.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return out.stdout.strip()
 
     key_id, key = cli("keys", "create", "ci").split()

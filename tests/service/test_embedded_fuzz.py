@@ -17,20 +17,32 @@ import pytest
 from service_stack import ROOT, Stack, children, free_port, process_alive, stop_group
 
 
-def _serve(tmp: Path, assets: dict[str, Path], extra: dict[str, str], args: list[str]) -> tuple[
-        subprocess.Popen[bytes], str, Path]:
+def _serve(
+    tmp: Path, assets: dict[str, Path], extra: dict[str, str], args: list[str]
+) -> tuple[subprocess.Popen[bytes], str, Path]:
     port = free_port()
     env = {
-        "HDM_DATABASE_URL": f"sqlite:///{tmp / 'hdm.db'}", "HDM_DATA_ROOT": str(tmp / "data"),
-        "HDM_MODELS_DIR": str(assets["models"]), "HDM_OUTPUTS_DIR": str(tmp / "out"),
-        "HDM_RUNS_DIR": str(tmp / "runs"), "HDM_TEXT_ENCODER": str(assets["te"]), "HDM_IMAGE_MIN_SIZE": "32",
-        "HDM_MAINTENANCE_INTERVAL_S": "0.5", **extra,
+        "HDM_DATABASE_URL": f"sqlite:///{tmp / 'hdm.db'}",
+        "HDM_DATA_ROOT": str(tmp / "data"),
+        "HDM_MODELS_DIR": str(assets["models"]),
+        "HDM_OUTPUTS_DIR": str(tmp / "out"),
+        "HDM_RUNS_DIR": str(tmp / "runs"),
+        "HDM_TEXT_ENCODER": str(assets["te"]),
+        "HDM_IMAGE_MIN_SIZE": "32",
+        "HDM_MAINTENANCE_INTERVAL_S": "0.5",
+        **extra,
     }
     s = Stack(env, tmp, None)
     s.env.pop("HDM_BROKER_URL", None)
     log = tmp / "serve.log"
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), *args], cwd=ROOT,
-                            env=s.env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), *args],
+        cwd=ROOT,
+        env=s.env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -77,7 +89,9 @@ def test_embedded_worker_dies_with_sigkilled_serve(tmp_path: Path, assets: dict[
         while "polling the database" not in log.read_text():
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
-        proc.send_signal(signal.SIGKILL)  # the leader only; the worker is in the same group but gets no signal
+        proc.send_signal(
+            signal.SIGKILL
+        )  # the leader only; the worker is in the same group but gets no signal
         proc.wait(timeout=10)
         _wait_gone(worker, 5)
     finally:
@@ -87,14 +101,28 @@ def test_embedded_worker_dies_with_sigkilled_serve(tmp_path: Path, assets: dict[
 
 def test_idle_embedded_worker_stops_on_sigterm_and_when_orphaned(tmp_path: Path) -> None:
     """Standalone `python -m worker.embedded` on a migrated SQLite file (no server start needed)."""
-    s = Stack({"HDM_DATABASE_URL": f"sqlite:///{tmp_path / 'worker.db'}", "HDM_BROKER_URL": "db://",
-               "HDM_MAINTENANCE_INTERVAL_S": "0.5", "HDM_MODELS_DIR": str(tmp_path / "models")}, tmp_path, None)
+    s = Stack(
+        {
+            "HDM_DATABASE_URL": f"sqlite:///{tmp_path / 'worker.db'}",
+            "HDM_BROKER_URL": "db://",
+            "HDM_MAINTENANCE_INTERVAL_S": "0.5",
+            "HDM_MODELS_DIR": str(tmp_path / "models"),
+        },
+        tmp_path,
+        None,
+    )
     s.migrate()
 
     def start(extra: dict[str, str], name: str) -> tuple[subprocess.Popen[bytes], Path]:
         out = tmp_path / name
-        proc = subprocess.Popen([sys.executable, "-m", "worker.embedded"], env={**s.env, **extra}, cwd=ROOT,
-                                stdout=out.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.embedded"],
+            env={**s.env, **extra},
+            cwd=ROOT,
+            stdout=out.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         return proc, out
 
     idle, out = start({}, "idle.log")
@@ -125,12 +153,17 @@ def test_hdm_serve_embedded_end_to_end(tmp_path: Path, assets: dict[str, Path]) 
         with httpx.Client(base_url=base, timeout=60) as c:  # open mode: no key configured
             info = c.get("/v1/system").json()
             assert info["mode"] == "embedded"
-            r = c.post("/v1/images", json={"prompt": "embedded", "width": 32, "height": 32, "steps": 2},
-                       headers={"Prefer": "wait=45"})
+            r = c.post(
+                "/v1/images",
+                json={"prompt": "embedded", "width": 32, "height": 32, "steps": 2},
+                headers={"Prefer": "wait=45"},
+            )
             assert r.status_code == 200, r.text
             assert r.json()["status"] == "succeeded"
             assert c.get(r.json()["images"][0]["url"]).status_code == 200
-            slow = c.post("/v1/images", json={"prompt": "slow", "width": 64, "height": 64, "steps": 200}).json()
+            slow = c.post(
+                "/v1/images", json={"prompt": "slow", "width": 64, "height": 64, "steps": 200}
+            ).json()
             deadline = time.monotonic() + 30
             while c.get(f"/v1/images/{slow['id']}").json()["progress"]["step"] < 1:
                 assert time.monotonic() < deadline
@@ -148,9 +181,26 @@ def _fuzz(base: str, key: str, cwd: Path) -> None:
     exe = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
     if not Path(exe).exists():
         pytest.skip("schemathesis not installed")
-    cmd = [exe, "run", f"{base}/openapi.json", "--checks", "not_a_server_error", "--max-examples", "40",
-           "--workers", "1", "-H", f"Authorization: Bearer {key}", "--exclude-path", "/v1/images/generations",
-           "--request-timeout", "20", "--generation-deterministic", "--suppress-health-check", "all"]
+    cmd = [
+        exe,
+        "run",
+        f"{base}/openapi.json",
+        "--checks",
+        "not_a_server_error",
+        "--max-examples",
+        "40",
+        "--workers",
+        "1",
+        "-H",
+        f"Authorization: Bearer {key}",
+        "--exclude-path",
+        "/v1/images/generations",
+        "--request-timeout",
+        "20",
+        "--generation-deterministic",
+        "--suppress-health-check",
+        "all",
+    ]
     for _ in range(2):
         out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
         (cwd / "schemathesis.out").write_text(out.stdout + out.stderr)
@@ -165,16 +215,21 @@ def test_schemathesis_fuzz_sqlite_embedded(tmp_path: Path, assets: dict[str, Pat
     """No worker runs: generated jobs stay queued (a 2048 px, 200-step job would take hours on CPU)."""
     key = "fuzz-key"
     (tmp_path / "data" / "set").mkdir(parents=True)
-    proc, base, _ = _serve(tmp_path, assets, {"HDM_API_KEYS": key, "HDM_MAX_WAIT_S": "1", "HDM_QUEUE_LIMIT": "1000"},
-                           ["--no-worker"])
+    proc, base, _ = _serve(
+        tmp_path,
+        assets,
+        {"HDM_API_KEYS": key, "HDM_MAX_WAIT_S": "1", "HDM_QUEUE_LIMIT": "1000"},
+        ["--no-worker"],
+    )
     try:
         _fuzz(base, key, tmp_path)
     finally:
         _stop(proc)
 
 
-def test_schemathesis_fuzz_postgres_redis(tmp_path: Path, assets: dict[str, Path], fresh_pg_url: str,
-                                          redis_url: str) -> None:
+def test_schemathesis_fuzz_postgres_redis(
+    tmp_path: Path, assets: dict[str, Path], fresh_pg_url: str, redis_url: str
+) -> None:
     from service_stack import stack_env
 
     env = stack_env(tmp_path, assets, fresh_pg_url, redis_url, f"fuzz{tmp_path.name[-6:]}")

@@ -15,8 +15,10 @@ SMALL = {"width": 32, "height": 32, "steps": 2, "guidance_scale": 3.0}
 def test_image_job_queued_running_succeeded(live_worker: Stack) -> None:
     s = live_worker
     with s.client() as c:
-        r = c.post("/v1/images", json={"prompt": "a red circle", "negative_prompt": "blurry", "seed": 1234,
-                                       "n": 2, **SMALL})
+        r = c.post(
+            "/v1/images",
+            json={"prompt": "a red circle", "negative_prompt": "blurry", "seed": 1234, "n": 2, **SMALL},
+        )
         assert r.status_code == 202, r.text
         job = r.json()
         assert r.headers["location"] == f"/v1/images/{job['id']}"
@@ -29,8 +31,11 @@ def test_image_job_queued_running_succeeded(live_worker: Stack) -> None:
         assert [im["seed"] for im in done["images"]] == [1234, 1235]
         assert done["progress"] == {"step": 2, "total": 2}
         assert done["timings"]["sample_s"] is not None and done["timings"]["queued_s"] is not None
-        statuses = [e["data"].get("status") for e in c.get(f"/v1/images/{job['id']}/events").json()["data"]
-                    if e["type"] == "status"]
+        statuses = [
+            e["data"].get("status")
+            for e in c.get(f"/v1/images/{job['id']}/events").json()["data"]
+            if e["type"] == "status"
+        ]
         assert statuses == ["queued", "running", "succeeded"]
         r = c.get(f"/v1/images/{job['id']}/files/1")
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
@@ -54,7 +59,9 @@ def test_prefer_wait_returns_finished_job(live_worker: Stack) -> None:
 
 def test_same_seed_reproduces_image(live_worker: Stack) -> None:
     with live_worker.client() as c:
-        a = c.post("/v1/images", json={"prompt": "same", "seed": 7, "n": 2, **SMALL}, headers={"Prefer": "wait=30"})
+        a = c.post(
+            "/v1/images", json={"prompt": "same", "seed": 7, "n": 2, **SMALL}, headers={"Prefer": "wait=30"}
+        )
         b = c.post("/v1/images", json={"prompt": "same", "seed": 8, **SMALL}, headers={"Prefer": "wait=30"})
         assert a.status_code == b.status_code == 200
         # image 1 of the first job used seed 8: the same pixels as image 0 of a job with seed 8 alone
@@ -66,15 +73,20 @@ def test_same_seed_reproduces_image(live_worker: Stack) -> None:
 def test_webp_and_jpeg_carry_parameters_in_exif(live_worker: Stack) -> None:
     with live_worker.client() as c:
         for fmt, mime in (("webp", "image/webp"), ("jpeg", "image/jpeg")):
-            r = c.post("/v1/images", json={"prompt": f"exif {fmt}", "output_format": fmt, "seed": 9, **SMALL},
-                       headers={"Prefer": "wait=30"})
+            r = c.post(
+                "/v1/images",
+                json={"prompt": f"exif {fmt}", "output_format": fmt, "seed": 9, **SMALL},
+                headers={"Prefer": "wait=30"},
+            )
             assert r.json()["status"] == "succeeded", r.text
             f = c.get(f"/v1/images/{r.json()['id']}/files/0")
             assert f.headers["content-type"] == mime
             img = Image.open(io.BytesIO(f.content))
             comment = img.getexif().get_ifd(0x8769)[0x9286]
             text = comment[8:].decode("utf-16-be")
-            assert comment.startswith(b"UNICODE\x00") and text.startswith(f"exif {fmt}\n") and "Seed: 9" in text
+            assert (
+                comment.startswith(b"UNICODE\x00") and text.startswith(f"exif {fmt}\n") and "Seed: 9" in text
+            )
 
 
 def test_model_import_and_delete_refused_while_in_use(stack: Stack, tmp_path: Path) -> None:
@@ -88,8 +100,14 @@ def test_model_import_and_delete_refused_while_in_use(stack: Stack, tmp_path: Pa
     src = Path(stack.env["HDM_MODELS_DIR"]) / "tiny.safetensors"
     copy = tmp_path / "imported.safetensors"
     shutil.copyfile(src, copy)
-    out = subprocess.run([sys.executable, "-m", "app.cli", "models", "import", str(copy), "--name", "imported"],
-                         cwd=ROOT, env=stack.env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "app.cli", "models", "import", str(copy), "--name", "imported"],
+        cwd=ROOT,
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     model_id = out.stdout.split()[0]
     for p in list(stack.workers):
         stack.kill_worker(p, signal.SIGTERM)
@@ -115,12 +133,19 @@ def test_model_cache_hit_and_eviction(live_worker: Stack, tmp_path: Path) -> Non
 
     copy = tmp_path / "second.safetensors"
     shutil.copyfile(Path(live_worker.env["HDM_MODELS_DIR"]) / "tiny.safetensors", copy)
-    subprocess.run([sys.executable, "-m", "app.cli", "models", "import", str(copy), "--name", "second"], cwd=ROOT,
-                   env=live_worker.env, capture_output=True, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "app.cli", "models", "import", str(copy), "--name", "second"],
+        cwd=ROOT,
+        env=live_worker.env,
+        capture_output=True,
+        check=True,
+    )
     hits = []
     with live_worker.client() as c:
         for model in ("tiny", "tiny", "second", "second", "tiny"):
-            r = c.post("/v1/images", json={"prompt": "cache", "model": model, **SMALL}, headers={"Prefer": "wait=60"})
+            r = c.post(
+                "/v1/images", json={"prompt": "cache", "model": model, **SMALL}, headers={"Prefer": "wait=60"}
+            )
             assert r.json()["status"] == "succeeded", r.text
             hits.append(r.json()["model_cache_hit"])
     assert hits[1:] == [True, False, True, False], hits

@@ -30,8 +30,18 @@ def _job(session, job_id: str, attempts: int, heartbeat_age_s: float, status: st
     from app.models import Job
 
     now = db.utcnow()
-    job = Job(id=job_id, kind="image", status=status, owner="o", request_sha256="x", request={"steps": 2},
-              queue="hdm.images", attempts=attempts, started_at=now, heartbeat_at=now - timedelta(seconds=heartbeat_age_s))
+    job = Job(
+        id=job_id,
+        kind="image",
+        status=status,
+        owner="o",
+        request_sha256="x",
+        request={"steps": 2},
+        queue="hdm.images",
+        attempts=attempts,
+        started_at=now,
+        heartbeat_at=now - timedelta(seconds=heartbeat_age_s),
+    )
     session.add(job)
     session.commit()
     return job
@@ -62,7 +72,7 @@ def test_lost_jobs_are_retried_then_failed(sqlite_db: None) -> None:
 
 def test_stale_lease_frees_the_slot(sqlite_db: None) -> None:
     from app.models import GpuLease
-    from worker import leases
+    from app.services import leases
 
     with db.session_scope() as s:
         assert leases.acquire(s, 0, "img_a", "w1")

@@ -10,8 +10,16 @@ from sqlalchemy import create_engine, inspect
 
 from app.migrate import alembic_config, current_revision, head_revision
 
-TABLES = {"api_keys", "checkpoints", "datasets", "gpu_leases", "images", "job_events", "jobs",
-          "webhook_deliveries"}
+TABLES = {
+    "api_keys",
+    "checkpoints",
+    "datasets",
+    "gpu_leases",
+    "images",
+    "job_events",
+    "jobs",
+    "webhook_deliveries",
+}
 
 
 def _roundtrip(url: str) -> None:

@@ -12,7 +12,7 @@ import pytest
 from app.db import reset_caches, session_scope
 from app.migrate import upgrade
 from app.models import Checkpoint
-from app.services.checkpoints import is_xut_checkpoint, scan_models_dir
+from app.services.models import is_xut_checkpoint, scan_models_dir
 from app.settings import get_settings
 
 
@@ -42,7 +42,9 @@ def test_scan_registers_only_xut_checkpoints(tmp_path: Path, monkeypatch: pytest
     _safetensors(models / "lora.safetensors", ["lora_unet_down.weight"])
     (models / "broken.safetensors").write_bytes(b"nonsense")
     assert is_xut_checkpoint(models / "released.safetensors")
-    assert not is_xut_checkpoint(models / "lora.safetensors") and not is_xut_checkpoint(models / "broken.safetensors")
+    assert not is_xut_checkpoint(models / "lora.safetensors") and not is_xut_checkpoint(
+        models / "broken.safetensors"
+    )
 
     url = f"sqlite:///{tmp_path / 'hdm.db'}"
     monkeypatch.setenv("HDM_DATABASE_URL", url)

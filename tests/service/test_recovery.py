@@ -52,8 +52,9 @@ def test_cancel_queued_job_is_immediate(stack: Stack) -> None:
 def test_worker_sigkill_mid_job_is_retried(live_worker: Stack) -> None:
     s = live_worker
     with s.client() as c:
-        job = c.post("/v1/images", json={"prompt": "survive", "width": 64, "height": 64, "steps": 16,
-                                         "seed": 5}).json()
+        job = c.post(
+            "/v1/images", json={"prompt": "survive", "width": 64, "height": 64, "steps": 16, "seed": 5}
+        ).json()
         _wait_running(s, job["id"], min_step=2)
         for p in list(s.workers):
             s.kill_worker(p, signal.SIGKILL)  # the whole worker (main + pool child), no cleanup

@@ -23,13 +23,19 @@ COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "
 
 # -- a stack with two CPU slots (overrides the session's one-slot `stack` for this module) ----------------------
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, assets: dict[str, Path], pg_admin: Any,
-          redis_url: str) -> Iterator[Stack]:
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, assets: dict[str, Path], pg_admin: Any, redis_url: str
+) -> Iterator[Stack]:
     name = f"hdm_test_{secrets.token_hex(6)}"
     pg_admin.execute(f'CREATE DATABASE "{name}"')
     tmp = tmp_path_factory.mktemp("slots2")
-    env = stack_env(tmp, assets, f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", redis_url,
-                    f"hdms{secrets.token_hex(4)}")
+    env = stack_env(
+        tmp,
+        assets,
+        f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
+        redis_url,
+        f"hdms{secrets.token_hex(4)}",
+    )
     env.update({"HDM_SLOTS": "0,1", "HDM_CPU_THREADS": "1", "HDM_TRAIN_KILL_GRACE_S": "10"})
     s = Stack(env, tmp, API_KEY)
     try:
@@ -85,9 +91,18 @@ def two_workers(stack: Stack) -> Iterator[Stack]:
 
 
 def _train_body(dataset: str, steps: int, gpus: int, **kw: object) -> dict[str, Any]:
-    return {"name": "squares", "arch": "xut-pixel-debug", "dataset": dataset, "precision": "fp32", "seed": 1,
-            "checkpoint_every": 3, "keep_last_n": 2, "gpus": gpus,
-            "stages": [{"resolution": 16, "steps": steps, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0}], **kw}
+    return {
+        "name": "squares",
+        "arch": "xut-pixel-debug",
+        "dataset": dataset,
+        "precision": "fp32",
+        "seed": 1,
+        "checkpoint_every": 3,
+        "keep_last_n": 2,
+        "gpus": gpus,
+        "stages": [{"resolution": 16, "steps": steps, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0}],
+        **kw,
+    }
 
 
 # -- /proc helpers ---------------------------------------------------------------------------------------------
@@ -97,7 +112,7 @@ def _stat(pid: int) -> tuple[str, int, int] | None:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = raw[raw.rfind(")") + 2:].split()
+    fields = raw[raw.rfind(")") + 2 :].split()
     return fields[0], int(fields[1]), int(fields[2])
 
 
@@ -192,7 +207,9 @@ def _wait_ranks(s: Stack, job_id: str, n: int, timeout: float = 150) -> tuple[di
 def _worker_of(c: Any, path: str, job_id: str) -> str:
     """The worker that ran a job: the `worker` of its `running` status event."""
     events = c.get(f"{path}/{job_id}/events").json()["data"]
-    running = [e["data"]["worker"] for e in events if e["type"] == "status" and e["data"].get("status") == "running"]
+    running = [
+        e["data"]["worker"] for e in events if e["type"] == "status" and e["data"].get("status") == "running"
+    ]
     assert running, events
     return str(running[-1])
 
@@ -209,8 +226,10 @@ def _image(s: Stack, c: Any, body: dict[str, Any]) -> dict[str, Any]:
 def _sse_metrics(s: Stack, job_id: str, want: int, timeout: float = 150) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     event = ""
-    with s.client(timeout=timeout) as c, c.stream("GET", f"/v1/train-jobs/{job_id}/events",
-                                                   headers={"Accept": "text/event-stream"}) as r:
+    with (
+        s.client(timeout=timeout) as c,
+        c.stream("GET", f"/v1/train-jobs/{job_id}/events", headers={"Accept": "text/event-stream"}) as r,
+    ):
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.headers
         deadline = time.monotonic() + timeout
         for line in r.iter_lines():
@@ -225,7 +244,9 @@ def _sse_metrics(s: Stack, job_id: str, want: int, timeout: float = 150) -> list
 
 
 # -- tests -----------------------------------------------------------------------------------------------------
-def test_two_rank_ddp_train_job_streams_metrics_and_serves_its_checkpoint(two_workers: Stack, dataset: str) -> None:
+def test_two_rank_ddp_train_job_streams_metrics_and_serves_its_checkpoint(
+    two_workers: Stack, dataset: str
+) -> None:
     s = two_workers
     with s.client() as c:
         r = c.post("/v1/train-jobs", json=_train_body(dataset, 6, gpus=2))
@@ -236,7 +257,9 @@ def test_two_rank_ddp_train_job_streams_metrics_and_serves_its_checkpoint(two_wo
         assert sorted(r["RANK"] for r in ranks.values()) == ["0", "1"], (procs, ranks)
         assert {r["WORLD_SIZE"] for r in ranks.values()} == {"2"}, ranks
         assert sum("torch.distributed.run" in cmd for cmd in procs.values()) == 1, procs
-        assert all("--nproc_per_node=2" in cmd for cmd in procs.values() if "torch.distributed.run" in cmd), procs
+        assert all("--nproc_per_node=2" in cmd for cmd in procs.values() if "torch.distributed.run" in cmd), (
+            procs
+        )
         running = c.get(f"/v1/train-jobs/{job['id']}").json()
         assert sorted(running["gpus"]) == [0, 1], running
 
@@ -247,15 +270,20 @@ def test_two_rank_ddp_train_job_streams_metrics_and_serves_its_checkpoint(two_wo
         done = s.wait_job(job["id"], timeout=240, path="/v1/train-jobs")
         assert done["status"] == "succeeded", (done, s.logs())
         assert done["step"] == 6 and sorted(done["gpus"]) == [0, 1], done
-        manifest = json.loads((Path(s.env["HDM_RUNS_DIR"]) / job["id"] / "checkpoints" / "manifest.json").read_text())
-        assert manifest["checkpoints"] and all(e["world_size"] == 2 and len(e["rank_fingerprints"]) == 2
-                                               for e in manifest["checkpoints"]), manifest
+        manifest = json.loads(
+            (Path(s.env["HDM_RUNS_DIR"]) / job["id"] / "checkpoints" / "manifest.json").read_text()
+        )
+        assert manifest["checkpoints"] and all(
+            e["world_size"] == 2 and len(e["rank_fingerprints"]) == 2 for e in manifest["checkpoints"]
+        ), manifest
 
         ckpts = c.get(f"/v1/train-jobs/{job['id']}/checkpoints").json()["data"]
         assert 6 in {k["step"] for k in ckpts}, ckpts
         assert all(k["source"] == "train_job" and k["train_job"] == job["id"] for k in ckpts), ckpts
         model = next(k for k in ckpts if k["step"] == 6)
-        img = _image(s, c, {"prompt": "a red square", "model": model["id"], "width": 32, "height": 32, "steps": 2})
+        img = _image(
+            s, c, {"prompt": "a red square", "model": model["id"], "width": 32, "height": 32, "steps": 2}
+        )
         png = c.get(f"/v1/images/{img['id']}/files/0")
         assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
         assert all(g["job"] is None for g in c.get("/v1/system").json()["gpus"])
@@ -264,7 +292,9 @@ def test_two_rank_ddp_train_job_streams_metrics_and_serves_its_checkpoint(two_wo
 def test_cancel_kills_the_whole_trainer_group_and_frees_both_leases(two_workers: Stack, dataset: str) -> None:
     s = two_workers
     with s.client() as c:
-        job = c.post("/v1/train-jobs", json=_train_body(dataset, 100000, gpus=2, checkpoint_every=100000)).json()
+        job = c.post(
+            "/v1/train-jobs", json=_train_body(dataset, 100000, gpus=2, checkpoint_every=100000)
+        ).json()
         procs, ranks = _wait_ranks(s, job["id"], 2)
         s.wait_job(job["id"], ("running",), timeout=150, path="/v1/train-jobs", pred=lambda j: j["step"] >= 1)
         launcher = next(pid for pid, cmd in procs.items() if "torch.distributed.run" in cmd)
@@ -281,7 +311,7 @@ def test_cancel_kills_the_whole_trainer_group_and_frees_both_leases(two_workers:
         assert done["status"] == "cancelled", (done, s.logs())
         assert time.monotonic() - t0 < 60
         deadline = time.monotonic() + 5  # already dead; allow the reaper a moment
-        while (alive := {pid: _cmdline(pid) for pid in group if (x := _stat(pid)) is not None and x[0] != "Z"}):
+        while alive := {pid: _cmdline(pid) for pid in group if (x := _stat(pid)) is not None and x[0] != "Z"}:
             assert time.monotonic() < deadline, f"still running after cancel: {alive} (group was {group})"
             time.sleep(0.1)
         assert _tree(launcher) == {}
@@ -294,7 +324,9 @@ def test_cancel_kills_the_whole_trainer_group_and_frees_both_leases(two_workers:
 def test_image_jobs_run_on_the_other_slot_while_training_holds_one(two_workers: Stack, dataset: str) -> None:
     s = two_workers
     with s.client() as c:
-        job = c.post("/v1/train-jobs", json=_train_body(dataset, 100000, gpus=1, checkpoint_every=100000)).json()
+        job = c.post(
+            "/v1/train-jobs", json=_train_body(dataset, 100000, gpus=1, checkpoint_every=100000)
+        ).json()
         s.wait_job(job["id"], ("running",), timeout=150, path="/v1/train-jobs", pred=lambda j: j["step"] >= 1)
         train = c.get(f"/v1/train-jobs/{job['id']}").json()
         assert train["gpus"] == [0], train
@@ -304,8 +336,9 @@ def test_image_jobs_run_on_the_other_slot_while_training_holds_one(two_workers: 
 
         ids = []
         for i in range(4):
-            r = c.post("/v1/images", json={"prompt": f"square {i}", "width": 32, "height": 32, "steps": 2,
-                                           "seed": i})
+            r = c.post(
+                "/v1/images", json={"prompt": f"square {i}", "width": 32, "height": 32, "steps": 2, "seed": i}
+            )
             assert r.status_code == 202, r.text
             ids.append(r.json()["id"])
         seen_slot1 = set()
@@ -357,30 +390,47 @@ def test_cancel_sigkills_ranks_that_ignore_sigterm(two_workers: Stack, dataset: 
     script.write_text(STUBBORN_RANK)
     old = next(p for p in s.workers if p.poll() is None and "slot0-" in " ".join(map(str, p.args)))
     s.kill_worker(old, signal.SIGTERM)
-    w0 = s.start_worker(0, extra_env={
-        "HDM_TRAIN_COMMAND": f"{{python}} -m torch.distributed.run --standalone --nproc_per_node={{nproc}} {script} "
-                             "{config} --run-dir {run_dir}", "HDM_TRAIN_KILL_GRACE_S": "2"})
+    w0 = s.start_worker(
+        0,
+        extra_env={
+            "HDM_TRAIN_COMMAND": f"{{python}} -m torch.distributed.run --standalone --nproc_per_node={{nproc}} {script} "
+            "{config} --run-dir {run_dir}",
+            "HDM_TRAIN_KILL_GRACE_S": "2",
+        },
+    )
     group: dict[int, str] = {}
     try:
         with s.client() as c:
             job = c.post("/v1/train-jobs", json=_train_body(dataset, 1000, gpus=2)).json()
-            s.wait_job(job["id"], ("running",), timeout=150, path="/v1/train-jobs", pred=lambda j: j["step"] >= 2)
+            s.wait_job(
+                job["id"], ("running",), timeout=150, path="/v1/train-jobs", pred=lambda j: j["step"] >= 2
+            )
             deadline = time.monotonic() + 30
             while len(group) < 3:
                 assert time.monotonic() < deadline, group
-                launcher = next((pid for pid in _all_pids() if "torch.distributed.run" in _cmdline(pid)
-                                 and _descends_from(pid, w0.pid)), None)
+                launcher = next(
+                    (
+                        pid
+                        for pid in _all_pids()
+                        if "torch.distributed.run" in _cmdline(pid) and _descends_from(pid, w0.pid)
+                    ),
+                    None,
+                )
                 group = _tree(launcher) if launcher else {}
                 time.sleep(0.1)
             c.post(f"/v1/train-jobs/{job['id']}/cancel")
             done = s.wait_job(job["id"], timeout=60, path="/v1/train-jobs")
             assert done["status"] == "cancelled", done
             deadline = time.monotonic() + 10  # grace 2 s, then SIGKILL: nothing may be left well after that
-            while alive := {pid: (_stat(pid), _cmdline(pid)) for pid in group
-                            if (st := _stat(pid)) is not None and st[0] != "Z"}:
+            while alive := {
+                pid: (_stat(pid), _cmdline(pid))
+                for pid in group
+                if (st := _stat(pid)) is not None and st[0] != "Z"
+            }:
                 assert time.monotonic() < deadline, (
                     f"trainer processes survived the cancel (job {done['status']}, leases "
-                    f"{c.get('/v1/system').json()['gpus']}): {alive}")
+                    f"{c.get('/v1/system').json()['gpus']}): {alive}"
+                )
                 time.sleep(0.2)
             assert [g["job"] for g in c.get("/v1/system").json()["gpus"]] == [None, None]
     finally:

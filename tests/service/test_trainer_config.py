@@ -8,13 +8,19 @@ import pytest
 
 from app.schemas import TrainRequest
 from app.settings import get_settings
-from hdm_core.train_config import load_config
-from worker.training import to_toml, trainer_config
+from hdm_core.train.config import dump_toml, load_config
+from worker.train_config import trainer_config
 
 
 def _request(**kw: object) -> dict:
-    body = {"name": "t", "arch": "xut-pixel-debug", "dataset": "ds_x", "precision": "fp32",
-            "stages": [{"resolution": 16, "steps": 2, "batch_size": 2, "lr": 1e-3}], **kw}
+    body = {
+        "name": "t",
+        "arch": "xut-pixel-debug",
+        "dataset": "ds_x",
+        "precision": "fp32",
+        "stages": [{"resolution": 16, "steps": 2, "batch_size": 2, "lr": 1e-3}],
+        **kw,
+    }
     req = TrainRequest.model_validate(body).model_dump(mode="json")
     return {**req, "dataset_path": "/nonexistent/data", "base_model_path": None}
 
@@ -37,7 +43,7 @@ def settings_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):  # type: igno
 
 def _load(cfg: dict, tmp_path: Path):  # type: ignore[no-untyped-def]
     path = tmp_path / "config.toml"
-    path.write_text(to_toml(cfg))
+    path.write_text(dump_toml(cfg))
     return load_config(path)
 
 
@@ -74,19 +80,26 @@ def test_latent_training_gets_the_server_vae(settings_env, tmp_path: Path) -> No
 
 
 def test_trainer_env_one_rule_for_every_layout(settings_env) -> None:  # type: ignore[no-untyped-def]
-    from worker.training import trainer_env
+    from worker.train_config import trainer_env
 
     base = {"PATH": "/bin"}
     settings_env(HDM_DEVICE="cpu", HDM_SLOTS="0,1", HDM_GPU_INDEX="0")  # CPU slots (tests): nothing to pin
     assert trainer_env([0, 1], base) == base
     # the compose trainer service: all GPUs visible, the leased slots' local indices
-    settings_env(HDM_DEVICE="cuda", HDM_SLOTS="0,1,2,3,4,5,6,7", HDM_SLOT_GROUPS="0,1,2,3;4,5,6,7",
-                 HDM_LOCAL_SLOTS="4,5,6,7", HDM_GPU_INDEX=None)
+    settings_env(
+        HDM_DEVICE="cuda",
+        HDM_SLOTS="0,1,2,3,4,5,6,7",
+        HDM_SLOT_GROUPS="0,1,2,3;4,5,6,7",
+        HDM_LOCAL_SLOTS="4,5,6,7",
+        HDM_GPU_INDEX=None,
+    )
     assert trainer_env([5, 7], base)["CUDA_VISIBLE_DEVICES"] == "1,3"
     with pytest.raises(RuntimeError, match="not on this trainer"):
         trainer_env([2, 3], base)
     # a worker pinned to one GPU keeps it for a 1-slot run and refuses a multi-GPU one
-    settings_env(HDM_DEVICE="cuda:0", HDM_SLOTS="0,1,2,3", HDM_SLOT_GROUPS="", HDM_LOCAL_SLOTS="", HDM_GPU_INDEX="2")
+    settings_env(
+        HDM_DEVICE="cuda:0", HDM_SLOTS="0,1,2,3", HDM_SLOT_GROUPS="", HDM_LOCAL_SLOTS="", HDM_GPU_INDEX="2"
+    )
     assert "CUDA_VISIBLE_DEVICES" not in trainer_env([2], base)
     with pytest.raises(RuntimeError, match="trainer service"):
         trainer_env([2, 3], base)

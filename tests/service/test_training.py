@@ -48,10 +48,26 @@ def dataset_id(stack: Stack) -> str:
 
 
 def _train_body(dataset: str, steps: int, **kw: object) -> dict:
-    return {"name": "squares", "arch": "xut-pixel-debug", "dataset": dataset, "precision": "fp32", "seed": 1,
-            "checkpoint_every": 4, "keep_last_n": 2,
-            "stages": [{"resolution": 16, "steps": steps, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0,
-                        "caption_dropout": 0.1}], **kw}
+    return {
+        "name": "squares",
+        "arch": "xut-pixel-debug",
+        "dataset": dataset,
+        "precision": "fp32",
+        "seed": 1,
+        "checkpoint_every": 4,
+        "keep_last_n": 2,
+        "stages": [
+            {
+                "resolution": 16,
+                "steps": steps,
+                "batch_size": 4,
+                "lr": 1e-3,
+                "warmup_steps": 0,
+                "caption_dropout": 0.1,
+            }
+        ],
+        **kw,
+    }
 
 
 def test_train_job_runs_trainer_and_registers_checkpoints(live_worker: Stack, dataset_id: str) -> None:
@@ -67,14 +83,19 @@ def test_train_job_runs_trainer_and_registers_checkpoints(live_worker: Stack, da
         config = (Path(s.env["HDM_RUNS_DIR"]) / job["id"] / "config.toml").read_text()
         assert "max_length = 16" in config, config
         assert done["metrics"]["loss"] is not None and done["metrics"]["lr"] is not None
-        metrics = [e for e in c.get(f"/v1/train-jobs/{job['id']}/events").json()["data"] if e["type"] == "metrics"]
+        metrics = [
+            e for e in c.get(f"/v1/train-jobs/{job['id']}/events").json()["data"] if e["type"] == "metrics"
+        ]
         assert [m["data"]["step"] for m in metrics][-1] == 8 and all("loss" in m["data"] for m in metrics)
         ckpts = c.get(f"/v1/train-jobs/{job['id']}/checkpoints").json()["data"]
         assert {k["step"] for k in ckpts} >= {8}
         assert all(k["source"] == "train_job" and k["train_job"] == job["id"] for k in ckpts)
         # a checkpoint the run wrote serves images right away
-        img = c.post("/v1/images", json={"prompt": "a red square", "model": ckpts[-1]["id"], "width": 32,
-                                         "height": 32, "steps": 2}, headers={"Prefer": "wait=60"})
+        img = c.post(
+            "/v1/images",
+            json={"prompt": "a red square", "model": ckpts[-1]["id"], "width": 32, "height": 32, "steps": 2},
+            headers={"Prefer": "wait=60"},
+        )
         assert img.status_code == 200 and img.json()["status"] == "succeeded", img.text
 
 
@@ -89,8 +110,11 @@ def test_train_cancel_frees_the_slot(live_worker: Stack, dataset_id: str) -> Non
         done = s.wait_job(job["id"], timeout=60, path="/v1/train-jobs")
         assert done["status"] == "cancelled" and time.monotonic() - t0 < 30
         assert c.get("/v1/system").json()["gpus"][0]["job"] is None
-        nxt = c.post("/v1/images", json={"prompt": "after training", "width": 32, "height": 32, "steps": 2},
-                     headers={"Prefer": "wait=60"})
+        nxt = c.post(
+            "/v1/images",
+            json={"prompt": "after training", "width": 32, "height": 32, "steps": 2},
+            headers={"Prefer": "wait=60"},
+        )
         assert nxt.json()["status"] == "succeeded"
         r = c.post(f"/v1/train-jobs/{job['id']}/resume")
         assert r.status_code == 202 and r.json()["status"] == "queued"
@@ -117,7 +141,9 @@ def test_train_job_validation(stack: Stack, dataset_id: str) -> None:
         for body, param in bad:
             r = c.post("/v1/train-jobs", json=body)
             assert r.status_code == 422 and r.json()["error"]["param"] == param, (param, r.text)
-        r = c.post("/v1/train-jobs", json={**_train_body(dataset_id, 8), "stages": [{"resolution": 16, "lr": 1e-3}]})
+        r = c.post(
+            "/v1/train-jobs", json={**_train_body(dataset_id, 8), "stages": [{"resolution": 16, "lr": 1e-3}]}
+        )
         assert r.status_code == 422 and r.json()["error"]["param"] == "stages.0", r.text
 
 
@@ -129,20 +155,30 @@ def test_worker_sigterm_preempts_training_which_resumes(live_worker: Stack, data
     s = live_worker
     with s.client() as c:
         job = c.post("/v1/train-jobs", json=_train_body(dataset_id, 100000, checkpoint_every=3)).json()
-        s.wait_job(job["id"], ("running",), timeout=120, path="/v1/train-jobs",
-                   pred=lambda j: len(j["checkpoints"]) >= 1 and j["step"] >= 4)
+        s.wait_job(
+            job["id"],
+            ("running",),
+            timeout=120,
+            path="/v1/train-jobs",
+            pred=lambda j: len(j["checkpoints"]) >= 1 and j["step"] >= 4,
+        )
         worker = next(p for p in s.workers if p.poll() is None)
         worker.send_signal(signal.SIGTERM)  # the main process only, like tini/docker
         worker.wait(timeout=60)
         s.workers.remove(worker)
         queued = c.get(f"/v1/train-jobs/{job['id']}").json()
         assert queued["status"] == "queued", queued
-        reasons = [e["data"].get("reason") for e in c.get(f"/v1/train-jobs/{job['id']}/events").json()["data"]
-                   if e["type"] == "status"]
+        reasons = [
+            e["data"].get("reason")
+            for e in c.get(f"/v1/train-jobs/{job['id']}/events").json()["data"]
+            if e["type"] == "status"
+        ]
         assert reasons[-1] == "worker_shutdown"
         n_before = len(c.get(f"/v1/train-jobs/{job['id']}/events").json()["data"])
         s.start_worker(0)
-        s.wait_job(job["id"], ("running",), timeout=120, path="/v1/train-jobs", pred=lambda j: j["attempts"] == 2)
+        s.wait_job(
+            job["id"], ("running",), timeout=120, path="/v1/train-jobs", pred=lambda j: j["attempts"] == 2
+        )
         deadline = time.monotonic() + 90
         while True:
             events = c.get(f"/v1/train-jobs/{job['id']}/events").json()["data"][n_before:]
@@ -169,7 +205,9 @@ with (run / "metrics.jsonl").open("a") as f:
 """
 
 
-def test_trainer_service_runs_train_jobs_on_the_leased_gpus(stack: Stack, dataset_id: str, tmp_path: Path) -> None:
+def test_trainer_service_runs_train_jobs_on_the_leased_gpus(
+    stack: Stack, dataset_id: str, tmp_path: Path
+) -> None:
     """The compose layout's code path on CPU: `hdm worker --trainer` (no HDM_GPU_INDEX, all GPUs visible) consumes
     hdm.train.<slot> and gives torchrun CUDA_VISIBLE_DEVICES = the leased slots. A stand-in trainer records its
     environment (HDM_DEVICE=cuda only decides the variables here; nothing touches a GPU)."""
@@ -179,8 +217,13 @@ def test_trainer_service_runs_train_jobs_on_the_leased_gpus(stack: Stack, datase
     script.write_text(ENV_TRAINER)
     for p in list(stack.workers):
         stack.kill_worker(p, signal.SIGTERM)
-    stack.start_worker(trainer=True, extra_env={
-        "HDM_TRAIN_COMMAND": f"{{python}} {script} {{nproc}} {{config}} --run-dir {{run_dir}}", "HDM_DEVICE": "cuda"})
+    stack.start_worker(
+        trainer=True,
+        extra_env={
+            "HDM_TRAIN_COMMAND": f"{{python}} {script} {{nproc}} {{config}} --run-dir {{run_dir}}",
+            "HDM_DEVICE": "cuda",
+        },
+    )
     try:
         with stack.client() as c:
             job = c.post("/v1/train-jobs", json=_train_body(dataset_id, 1)).json()
@@ -219,12 +262,19 @@ def test_cancel_forces_a_trainer_that_ignores_sigterm(stack: Stack, dataset_id: 
     script.write_text(STUBBORN_TRAINER)
     for p in list(stack.workers):
         stack.kill_worker(p, signal.SIGTERM)
-    stack.start_worker(0, extra_env={"HDM_TRAIN_COMMAND": f"{{python}} {script} {{config}} --run-dir {{run_dir}}",
-                                     "HDM_TRAIN_KILL_GRACE_S": "2"})
+    stack.start_worker(
+        0,
+        extra_env={
+            "HDM_TRAIN_COMMAND": f"{{python}} {script} {{config}} --run-dir {{run_dir}}",
+            "HDM_TRAIN_KILL_GRACE_S": "2",
+        },
+    )
     try:
         with stack.client() as c:
             job = c.post("/v1/train-jobs", json=_train_body(dataset_id, 1000)).json()
-            stack.wait_job(job["id"], ("running",), timeout=60, path="/v1/train-jobs", pred=lambda j: j["step"] >= 2)
+            stack.wait_job(
+                job["id"], ("running",), timeout=60, path="/v1/train-jobs", pred=lambda j: j["step"] >= 2
+            )
             t0 = time.monotonic()
             c.post(f"/v1/train-jobs/{job['id']}/cancel")
             done = stack.wait_job(job["id"], timeout=30, path="/v1/train-jobs")
@@ -233,7 +283,9 @@ def test_cancel_forces_a_trainer_that_ignores_sigterm(stack: Stack, dataset_id: 
             assert c.get("/v1/system").json()["gpus"][0]["job"] is None
             log = (Path(stack.env["HDM_RUNS_DIR"]) / job["id"] / "metrics.jsonl").read_text().splitlines()
             time.sleep(1)  # the group is dead: nothing writes any more
-            assert (Path(stack.env["HDM_RUNS_DIR"]) / job["id"] / "metrics.jsonl").read_text().splitlines() == log
+            assert (
+                Path(stack.env["HDM_RUNS_DIR"]) / job["id"] / "metrics.jsonl"
+            ).read_text().splitlines() == log
     finally:
         for p in list(stack.workers):
             stack.kill_worker(p, signal.SIGTERM)

@@ -33,8 +33,15 @@ class Receiver:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 job = json.loads(body)
                 first = not any(c["job"]["id"] == job["id"] for c in rec.calls)
-                rec.calls.append({"body": body, "job": job, "headers": dict(self.headers), "t": time.time(),
-                                  "answered": 500 if first else 200})
+                rec.calls.append(
+                    {
+                        "body": body,
+                        "job": job,
+                        "headers": dict(self.headers),
+                        "t": time.time(),
+                        "answered": 500 if first else 200,
+                    }
+                )
                 self.send_response(500 if first else 200)
                 self.end_headers()
 
@@ -57,8 +64,10 @@ def test_webhook_signed_once_per_job_and_retried_after_500(live_worker: Stack) -
     try:
         with live_worker.client() as c:
             ok = c.post("/v1/images", json={"prompt": "hook", "webhook": rec.url, **SMALL}).json()
-            cancelled = c.post("/v1/images", json={"prompt": "hook2", "webhook": rec.url, "width": 64,
-                                                   "height": 64, "steps": 200}).json()
+            cancelled = c.post(
+                "/v1/images",
+                json={"prompt": "hook2", "webhook": rec.url, "width": 64, "height": 64, "steps": 200},
+            ).json()
             live_worker.wait_job(cancelled["id"], ("running",))
             c.post(f"/v1/images/{cancelled['id']}/cancel")
             deadline = time.time() + 30
@@ -79,15 +88,26 @@ def test_webhook_signed_once_per_job_and_retried_after_500(live_worker: Stack) -
 
 
 def test_openai_client_images_generate(live_worker: Stack) -> None:
-    client = openai.OpenAI(base_url=live_worker.base_url + "/v1", api_key=live_worker.api_key, timeout=60,
-                           max_retries=0)
-    res = client.images.generate(model="tiny", prompt="a blue square", n=2, size="32x32",  # type: ignore[arg-type]
-                                 response_format="b64_json", extra_body={"steps": 2, "seed": 11})
+    client = openai.OpenAI(
+        base_url=live_worker.base_url + "/v1", api_key=live_worker.api_key, timeout=60, max_retries=0
+    )
+    res = client.images.generate(
+        model="tiny",
+        prompt="a blue square",
+        n=2,
+        size="32x32",  # type: ignore[arg-type]
+        response_format="b64_json",
+        extra_body={"steps": 2, "seed": 11},
+    )
     assert len(res.data) == 2 and res.created > 0
     img = Image.open(io.BytesIO(base64.b64decode(res.data[0].b64_json or "")))
     assert img.size == (32, 32) and "Seed: 11" in img.text["parameters"]
-    res = client.images.generate(prompt="by url", size="32x32", response_format="url",  # type: ignore[arg-type]
-                                 extra_body={"steps": 1})
+    res = client.images.generate(
+        prompt="by url",
+        size="32x32",
+        response_format="url",  # type: ignore[arg-type]
+        extra_body={"steps": 1},
+    )
     assert res.data[0].url and "/v1/images/img_" in res.data[0].url
     with pytest.raises(openai.UnprocessableEntityError) as err:
         client.images.generate(prompt="bad", size="10x10")  # type: ignore[arg-type]

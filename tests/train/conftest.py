@@ -16,11 +16,15 @@ from safetensors.torch import load_file
 
 from hdm_core.synthetic import generate_dataset
 from hdm_core.text import build_toy_text_encoder
+from hdm_core.train.config import dump_toml
 
 REPO = Path(__file__).resolve().parents[2]
 
 # A very small pixel-space XUT so that a training step takes tens of milliseconds on one CPU core.
-TINY_MODEL = {"preset": "xut-pixel-debug", "overrides": {"dim": 32, "heads": 2, "head_dim": 16, "mlp_dim": 64}}
+TINY_MODEL = {
+    "preset": "xut-pixel-debug",
+    "overrides": {"dim": 32, "heads": 2, "head_dim": 16, "mlp_dim": 64},
+}
 
 
 @pytest.fixture(scope="session")
@@ -31,33 +35,6 @@ def toy_te(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_dataset(tmp_path_factory.mktemp("data") / "shapes", count=24, size=32, seed=0)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(value)
-
-
-def to_toml(cfg: dict[str, Any]) -> str:
-    """Enough TOML for these configs: top-level scalars, one level of tables, an array of [[stages]]."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in cfg.items() if not isinstance(v, dict | list)]
-    for key, table in cfg.items():
-        if isinstance(table, dict):
-            lines.append(f"[{key}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-    for stage in cfg.get("stages", []):
-        lines.append("[[stages]]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in stage.items()]
-    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture
@@ -76,17 +53,26 @@ def make_config(toy_te: Path, shapes_dir: Path, tmp_path: Path) -> Callable[...,
         }
         cfg.update(sections)
         path = tmp_path / name
-        path.write_text(to_toml(cfg))
+        path.write_text(dump_toml(cfg))
         return path
 
     return make
 
 
-def train_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+def train_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess:
     """Run `python -m hdm_core.train ...` in a fresh process."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "hdm_core.train", *args], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "hdm_core.train", *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ import tomllib
 from pathlib import Path
 
 from hdm_core.train import run_training
-from hdm_core.train_config import config_from_dict
+from hdm_core.train.config import config_from_dict
 
 from .conftest import REPO, read_metrics
 

@@ -18,7 +18,7 @@ import torch
 from hdm_core import XUT, load_checkpoint, save_checkpoint
 from hdm_core.codec import PixelCodec
 from hdm_core.train import fan_in, lr_factor, run_training
-from hdm_core.train_config import TrainConfigError, load_config
+from hdm_core.train.config import TrainConfigError, load_config
 from hdm_core.train_state import STATE_FILE, CheckpointManager, load_training_state
 
 from .conftest import REPO, TINY_MODEL, final_weights, read_metrics, train_cli

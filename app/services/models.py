@@ -1,4 +1,5 @@
-"""Model (checkpoint) registry: files under the models folder and checkpoints written by train jobs.
+"""The model registry behind /v1/models: checkpoint files found under the models folder, imported with
+``hdm models import`` or written by train jobs.
 
 Reads the safetensors header directly (JSON), so the API process does not need torch."""
 
@@ -23,7 +24,6 @@ from app.models import Checkpoint, Job
 from app.settings import get_settings
 
 log = logging.getLogger(__name__)
-SAMPLERS = ["euler", "heun"]
 
 
 def read_header(path: Path) -> dict[str, Any]:
@@ -61,8 +61,15 @@ def describe(path: Path) -> dict[str, Any]:
     return {"arch": arch, "params": params, "codec": codec}
 
 
-def register_file(session: Session, path: Path, *, name: str | None = None, source: str = "file",
-                  train_job_id: str | None = None, step: int | None = None) -> Checkpoint:
+def register_file(
+    session: Session,
+    path: Path,
+    *,
+    name: str | None = None,
+    source: str = "file",
+    train_job_id: str | None = None,
+    step: int | None = None,
+) -> Checkpoint:
     path = path.resolve()
     existing = session.scalar(select(Checkpoint).where(Checkpoint.path == str(path)))
     if existing is not None:
@@ -73,9 +80,20 @@ def register_file(session: Session, path: Path, *, name: str | None = None, sour
     while session.scalar(select(Checkpoint.id).where(Checkpoint.name == candidate)) is not None:
         i += 1
         candidate = f"{base}-{i}"
-    ckpt = Checkpoint(id=new_id("ckpt"), name=candidate, arch=info["arch"], codec=info["codec"],
-                      params=info["params"], source=source, train_job_id=train_job_id, step=step,
-                      sha256=sha256_file(path), path=str(path), size_bytes=path.stat().st_size, created_at=utcnow())
+    ckpt = Checkpoint(
+        id=new_id("ckpt"),
+        name=candidate,
+        arch=info["arch"],
+        codec=info["codec"],
+        params=info["params"],
+        source=source,
+        train_job_id=train_job_id,
+        step=step,
+        sha256=sha256_file(path),
+        path=str(path),
+        size_bytes=path.stat().st_size,
+        created_at=utcnow(),
+    )
     session.add(ckpt)
     session.commit()
     log.info("registered model %s (%s) from %s", ckpt.id, ckpt.name, path)
@@ -133,31 +151,45 @@ def resolve(session: Session, ref: str | None, *, param: str = "model") -> Check
         return ckpt
     ckpt = session.scalar(select(Checkpoint).order_by(Checkpoint.id.desc()).limit(1))
     if ckpt is None:
-        raise Invalid("No model is registered; put a .safetensors file in the models folder or run "
-                      "'hdm models import'.", param=param, code="no_model")
+        raise Invalid(
+            "No model is registered; put a .safetensors file in the models folder or run "
+            "'hdm models import'.",
+            param=param,
+            code="no_model",
+        )
     return ckpt
 
 
 def get(session: Session, model_id: str) -> Checkpoint:
-    ckpt = session.scalar(select(Checkpoint).where(or_(Checkpoint.id == model_id, Checkpoint.name == model_id)))
+    ckpt = session.scalar(
+        select(Checkpoint).where(or_(Checkpoint.id == model_id, Checkpoint.name == model_id))
+    )
     if ckpt is None:
         raise NotFound(f"No model {model_id!r}.", param="id")
     return ckpt
 
 
 def delete(session: Session, ckpt: Checkpoint) -> None:
-    busy = session.scalar(select(Job.id).where(Job.model_id == ckpt.id, Job.status.in_(("queued", "running")))
-                          .limit(1))
+    busy = session.scalar(
+        select(Job.id).where(Job.model_id == ckpt.id, Job.status.in_(("queued", "running"))).limit(1)
+    )
     if busy:
         raise Conflict(f"Model {ckpt.id} is used by job {busy}; cancel it or wait.", code="model_in_use")
     session.delete(ckpt)
     session.commit()
 
 
-def view(ckpt: Checkpoint) -> dict[str, Any]:
-    from app.services.jobs import iso
+def page(session: Session, limit: int, after: str | None) -> tuple[list[Checkpoint], bool]:
+    q = select(Checkpoint)
+    if after:
+        q = q.where(Checkpoint.id < after)
+    rows = list(session.scalars(q.order_by(Checkpoint.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
 
-    return {"id": ckpt.id, "object": "model", "name": ckpt.name, "arch": ckpt.arch, "codec": ckpt.codec,
-            "params": ckpt.params, "source": ckpt.source, "train_job": ckpt.train_job_id, "step": ckpt.step,
-            "sha256": ckpt.sha256, "path": ckpt.path, "size_bytes": ckpt.size_bytes,
-            "created_at": iso(ckpt.created_at), "samplers": SAMPLERS}
+
+def file_path(ckpt: Checkpoint) -> Path:
+    """The model's weights file; 404 when it was removed from disk behind the registry's back."""
+    path = Path(ckpt.path)
+    if not path.is_file():
+        raise NotFound(f"The file of model {ckpt.id} is gone: {path.name}.")
+    return path

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -46,7 +45,7 @@ from hdm_core.flow import flow_loss, sample_t
 from hdm_core.model import XUT
 from hdm_core.synthetic import generate_dataset, is_generated
 from hdm_core.text import TextEncoder, build_toy_text_encoder
-from hdm_core.train_config import StageSection, TrainConfig, TrainConfigError, load_config
+from hdm_core.train.config import StageSection, TrainConfig, TrainConfigError, load_config
 from hdm_core.train_state import (
     EMA_FILE,
     MODEL_FILE,
@@ -502,7 +501,7 @@ class _Trainer:
     def _micro_batches(self, stage_idx: int, stage: StageSection) -> Iterator[dict[str, Any]]:
         captions = self.cfg.data.captions
         if stage.caption_dropout is not None:
-            captions = dataclasses.replace(captions, caption_dropout=stage.caption_dropout)
+            captions = captions.model_copy(update={"caption_dropout": stage.caption_dropout})
         dataset = CaptionedImageDataset(
             self.cfg.data.path,
             size=stage.resolution,
@@ -753,7 +752,7 @@ def run_training(
             torch.set_num_threads(cfg.train.num_threads)
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str) + "\n")
+            (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
             if not resume and CheckpointManager(run_dir).read_manifest():
                 raise TrainConfigError(
                     f"--run-dir: {run_dir} already holds checkpoints; pass --resume to continue that run "
@@ -815,7 +814,3 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -16,9 +16,13 @@ def parameters_text(req: dict[str, Any], *, seed: int, model_name: str, model_ha
     cam = req.get("camera") or {}
     tread = req.get("tread_guidance") or {}
     fields = [
-        f"Steps: {req['steps']}", f"Sampler: {req['sampler']}", f"CFG scale: {req['guidance_scale']}",
-        f"Seed: {seed}", f"Size: {req['width']}x{req['height']}",
-        *([f"Model hash: {model_hash[:10]}"] if model_hash else []), f"Model: {model_name}",
+        f"Steps: {req['steps']}",
+        f"Sampler: {req['sampler']}",
+        f"CFG scale: {req['guidance_scale']}",
+        f"Seed: {seed}",
+        f"Size: {req['width']}x{req['height']}",
+        *([f"Model hash: {model_hash[:10]}"] if model_hash else []),
+        f"Model: {model_name}",
         f"Camera: x_shift {cam.get('x_shift', 0)}, y_shift {cam.get('y_shift', 0)}, zoom {cam.get('zoom', 1)}",
         f"TREAD guidance: cond {tread.get('cond_rate', 0)}, uncond {tread.get('uncond_rate', 0)}",
         "Version: hdm-serve",

@@ -1,0 +1,37 @@
+"""Training: the TOML config, the run folder, distributed setup, the optimizer and the loop (spec §6).
+
+    python -m hdm_core.train CONFIG.toml --run-dir DIR [--resume] [--max-steps N]
+
+Exports resolve lazily, so `hdm_core.train.config` (the config models the API's train-job schema reuses) imports
+no torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "TrainConfig": "config",
+    "TrainConfigError": "config",
+    "config_from_dict": "config",
+    "dump_toml": "config",
+    "load_config": "config",
+    "write_config": "config",
+    "TrainingResult": "loop",
+    "TrainingTerminated": "loop",
+    "run_training": "loop",
+    "build_optimizer": "loop",
+    "fan_in": "loop",
+    "lr_factor": "loop",
+    "stage_steps": "loop",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hdm_core.train' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)

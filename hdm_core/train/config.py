@@ -1,0 +1,341 @@
+"""The TOML training config: one set of frozen pydantic models, validated once at the boundary.
+
+Every error is a `TrainConfigError` (a ValueError) naming the offending field, e.g. ``stages[1].batch_size``.
+Relative paths are resolved against `base_dir` (the current directory unless given). See docs/training.md and
+configs/demo-pixel.toml for a complete example.
+
+This module imports no torch: the API's train-job schema reuses the section models.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tomli_w
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from hdm_core.captions import CaptionConfig, Probability
+from hdm_core.config import PRESETS, XUTConfig
+
+Precision = Literal["fp32", "bf16", "fp16"]
+LrScaling = Literal["fan_in", "none"]
+ScheduleKind = Literal["cosine", "constant"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+# TOML and JSON give lists; the models keep tuples (frozen, hashable). Strict(False) only lets the container be a
+# list: the items stay strict.
+Betas = Annotated[tuple[Beta, Beta], Strict(False)]
+
+
+class TrainConfigError(ValueError):
+    """The training config is invalid; the message names the field."""
+
+
+class Section(BaseModel):
+    """Frozen, unknown keys rejected, no type coercion (`"3"` is not an int, `true` is not a number)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class ModelSection(Section):
+    """Exactly one of `preset`, `arch` (a full XUTConfig dict) or `init_from` (fine-tune a checkpoint).
+
+    `overrides` (a partial XUTConfig dict) is applied on top of a preset.
+    """
+
+    preset: str | None = None
+    arch: dict[str, Any] | None = None
+    overrides: dict[str, Any] | None = None
+    init_from: str | None = None
+    gradient_checkpointing: bool = False
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str | None) -> str | None:
+        if v is not None and v not in PRESETS:
+            raise ValueError(f"unknown preset {v!r}; known: {sorted(PRESETS)}")
+        return v
+
+    @field_validator("arch")
+    @classmethod
+    def _valid_arch(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            _xut(lambda: XUTConfig.from_dict(v))
+        return v
+
+    @field_validator("overrides")
+    @classmethod
+    def _valid_overrides(cls, v: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        if v is None:
+            return v
+        preset = info.data.get("preset")
+        if not preset:
+            raise ValueError("only allowed together with model.preset")
+        _xut(lambda: PRESETS[preset].replace(**v))
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSection:
+        chosen = [k for k in ("preset", "arch", "init_from") if getattr(self, k)]
+        if len(chosen) != 1:
+            raise ValueError(f"set exactly one of preset, arch, init_from (got {chosen or 'none'})")
+        return self
+
+
+def _xut(build: Any) -> None:
+    try:
+        build()
+    except (
+        ValueError,
+        TypeError,
+    ) as exc:  # XUTConfig's own checks; TypeError = an unknown field for replace()
+        raise ValueError(str(exc)) from None
+
+
+class TextEncoderSection(Section):
+    path: Annotated[str, Field(min_length=1, description="a local folder")]
+    max_length: PositiveInt = 256  # spec §4: training pads (and truncates) every caption to max_length
+    # Build a tiny random Qwen3 + word tokenizer at `path` if it does not exist (demos and tests only).
+    build_toy: bool = False
+    toy_hidden_size: int = 64
+    toy_layers: int = 2
+
+
+class CodecSection(Section):
+    kind: Literal["pixel", "vae"] = "pixel"
+    path: str | None = None  # diffusers AutoencoderKL folder; for kind = "vae" without it, init_from's VAE
+
+
+class SyntheticSection(Section):
+    """Generate the synthetic shapes set into data.path if that folder does not exist yet."""
+
+    count: int = 1000
+    size: int = 64
+    seed: int = 0
+
+
+class DataSection(Section):
+    path: Annotated[str, Field(min_length=1)]
+    num_workers: NonNegativeInt = 2
+    shuffle: bool = True
+    max_image_pixels: PositiveInt = 64 * 1024 * 1024
+    captions: CaptionConfig = CaptionConfig()
+    synthetic: SyntheticSection | None = None
+
+
+class OptimizerSection(Section):
+    """AdamW on every parameter with weight decay; with `lr_scaling = "fan_in"` each parameter's lr is
+    lr / fan_in (spec §6 "muP" lr: 1-D -> numel, 2-D -> in_features, conv -> in_ch*k*k, RoPE freqs -> h*2)."""
+
+    lr_scaling: LrScaling = "fan_in"
+    betas: Betas = (0.9, 0.98)
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.02
+    eps: Annotated[float, Field(gt=0.0)] = 1e-8
+
+
+class ScheduleSection(Section):
+    """Per stage: linear warmup over warmup_steps, then cosine down to min_lr_ratio * lr at the stage's end."""
+
+    kind: ScheduleKind = "cosine"
+    warmup_steps: NonNegativeInt = 1000
+    min_lr_ratio: Probability = 0.01
+
+
+class ObjectiveSection(Section):
+    """Flow-matching time sampling: t = sigmoid(N(t_logit_mean, t_logit_std)) (spec §6; SD3's logit-normal).
+
+    The reference trains with (0, 1). A positive mean spends more steps at high noise, where composition is decided;
+    small images of flat shapes (the CPU demo) need it, as large images do in SD3's resolution shift.
+    """
+
+    t_logit_mean: Annotated[float, Field(ge=-4.0, le=4.0)] = 0.0
+    t_logit_std: Annotated[float, Field(gt=0.0, le=4.0)] = 1.0
+
+
+class SamplingSection(Section):
+    every: NonNegativeInt = 0  # optimizer steps between preview grids; 0 = never
+    prompts: Annotated[tuple[str, ...], Strict(False)] = ()
+    steps: PositiveInt = 16
+    guidance_scale: float = 3.0
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _prompts_when_sampling(self) -> SamplingSection:
+        if self.every > 0 and not self.prompts:
+            raise ValueError("prompts are needed when every > 0")
+        return self
+
+
+class TrainSection(Section):
+    precision: Precision = "fp32"
+    device: DeviceName = "auto"
+    grad_clip: Annotated[float, Field(ge=0.0)] = 1.0  # 0 = no clipping
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # 0 = no weight EMA (the reference has none)
+    log_every: PositiveInt = 1
+    checkpoint_every: PositiveInt = 500
+    keep_last_n: PositiveInt = 3
+    tensorboard: bool = False
+    matmul_precision: Literal["highest", "high", "medium"] = "high"
+    num_threads: NonNegativeInt = 0  # torch intra-op threads per process; 0 = torch's default
+
+
+class StageSection(Section):
+    """One progressive-resolution stage; unset optional fields inherit the global sections."""
+
+    resolution: Annotated[int, Field(ge=8)]
+    batch_size: PositiveInt  # per rank, per micro-step
+    lr: Annotated[float, Field(gt=0.0)]
+    steps: PositiveInt | None = None
+    epochs: Annotated[float, Field(gt=0.0)] | None = None
+    name: str | None = None
+    grad_accum: PositiveInt = 1
+    tread_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    caption_dropout: Probability | None = None
+    warmup_steps: NonNegativeInt | None = None
+    betas: Betas | None = None
+    weight_decay: Annotated[float, Field(ge=0.0)] | None = None
+    grad_clip: Annotated[float, Field(ge=0.0)] | None = None
+
+    @model_validator(mode="after")
+    def _one_length(self) -> StageSection:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of steps, epochs")
+        return self
+
+
+class TrainConfig(Section):
+    model: ModelSection
+    text_encoder: TextEncoderSection
+    data: DataSection
+    stages: Annotated[tuple[StageSection, ...], Strict(False), Field(min_length=1)]
+    codec: CodecSection = CodecSection()
+    optimizer: OptimizerSection = OptimizerSection()
+    schedule: ScheduleSection = ScheduleSection()
+    objective: ObjectiveSection = ObjectiveSection()
+    sampling: SamplingSection = SamplingSection()
+    train: TrainSection = TrainSection()
+    seed: int = 20090220  # the reference's seed_everything value (spec §6)
+    source: str = ""  # where the config came from (informational)
+
+    @model_validator(mode="after")
+    def _codec_has_weights(self) -> TrainConfig:
+        if self.codec.kind == "vae" and not (self.codec.path or self.model.init_from):
+            raise ValueError(
+                'codec.path: is required when codec.kind = "vae" (unless model.init_from carries the VAE)'
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (tuples as lists, None kept)."""
+        return self.model_dump(mode="json")
+
+    def stage_name(self, index: int) -> str:
+        return self.stages[index].name or f"stage{index}"
+
+    def resolve_model_config(self) -> XUTConfig | None:
+        """The architecture for training from scratch; None when `init_from` decides it."""
+        m = self.model
+        if m.init_from:
+            return None
+        if m.preset:
+            base = PRESETS[m.preset]
+            return base.replace(**m.overrides) if m.overrides else base
+        assert m.arch is not None  # guaranteed by ModelSection's validators
+        return XUTConfig.from_dict(m.arch)
+
+
+def error_path(loc: tuple[int | str, ...]) -> str:
+    """pydantic's ('stages', 1, 'lr') -> 'stages[1].lr'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _error_text(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors(include_url=False):
+        msg = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        path = error_path(err["loc"])
+        lines.append(f"{path}: {msg}" if path else msg)
+    return "; ".join(lines)
+
+
+def _resolve(path: str | None, base: Path) -> str | None:
+    if not path:
+        return path
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p))
+
+
+def config_from_dict(
+    data: dict[str, Any], *, base_dir: str | Path | None = None, source: str = ""
+) -> TrainConfig:
+    """Build and validate a TrainConfig from parsed TOML (or an equivalent dict)."""
+    data = dict(data)
+    data.setdefault("source", source)
+    try:
+        cfg = TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise TrainConfigError(_error_text(exc)) from None
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    return cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(update={"init_from": _resolve(cfg.model.init_from, base)}),
+            "text_encoder": cfg.text_encoder.model_copy(
+                update={"path": _resolve(cfg.text_encoder.path, base)}
+            ),
+            "codec": cfg.codec.model_copy(update={"path": _resolve(cfg.codec.path, base)}),
+            "data": cfg.data.model_copy(update={"path": _resolve(cfg.data.path, base)}),
+        }
+    )
+
+
+def load_config(path: str | Path, *, base_dir: str | Path | None = None) -> TrainConfig:
+    """Parse a TOML training config file (relative paths inside resolve against `base_dir`, default cwd)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise TrainConfigError(f"config file {path} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise TrainConfigError(f"{path}: not valid TOML: {exc}") from None
+    return config_from_dict(data, base_dir=base_dir, source=str(path))
+
+
+def dump_toml(cfg: TrainConfig | dict[str, Any]) -> str:
+    """The config as TOML that `load_config` reads back to an equal config (unset optional fields are omitted)."""
+    data = cfg.model_dump(mode="json", exclude_none=True) if isinstance(cfg, TrainConfig) else cfg
+    return tomli_w.dumps(_drop_none(data))
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def write_config(cfg: TrainConfig | dict[str, Any], path: str | Path) -> Path:
+    """Write `dump_toml(cfg)` to `path` (the worker writes the trainer's config with this)."""
+    path = Path(path)
+    path.write_text(dump_toml(cfg), encoding="utf-8")
+    return path
