@@ -15,6 +15,7 @@ import hashlib
 import logging
 import math
 import random
+import signal
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -307,6 +308,12 @@ class StageSampler(Sampler[tuple[int, int]]):
             yield self.index_at(pos), self.sample_seed(pos)
 
 
+def _ignore_sigterm(_worker_id: int) -> None:
+    """A SIGTERM to the rank's process group (torchrun stopping its ranks) is the rank's to handle: it saves a
+    checkpoint, which needs the next batches. The workers end with the rank (DataLoader's parent watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(
     dataset: CaptionedImageDataset, sampler: StageSampler, *, num_workers: int, pin_memory: bool = False
 ) -> DataLoader:
@@ -319,4 +326,5 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=_ignore_sigterm,
     )

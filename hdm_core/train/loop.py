@@ -61,7 +61,7 @@ STATE_VERSION = 1
 
 
 class TrainingTerminated(BaseException):
-    """SIGTERM arrived: the run stops at once (the service cancels a job by killing its process group)."""
+    """SIGTERM stopped the run: after a checkpoint at the step it was in, or at once on a second SIGTERM."""
 
 
 @dataclass(frozen=True)
@@ -712,14 +712,19 @@ class _Trainer:
 
 
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """While training, SIGTERM raises TrainingTerminated (only possible on the main thread)."""
+def _sigterm_stops(stopped: threading.Event) -> Iterator[None]:
+    """While training, a first SIGTERM sets `stopped`: the loop saves a checkpoint after the step it is in and
+    returns (every rank agrees through _should_stop), so a preempted or cancelled run loses no step. A second
+    SIGTERM raises TrainingTerminated at once. Signal handlers exist on the main thread only."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: object) -> None:
-        raise TrainingTerminated(f"signal {signum}")
+        if stopped.is_set():
+            raise TrainingTerminated(f"signal {signum} (second)")
+        stopped.set()
+        logger.warning("SIGTERM: stopping after a checkpoint at the current step")
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
@@ -761,8 +766,13 @@ def run_training(
             if not resume and (run_dir / "metrics.jsonl").exists():
                 (run_dir / "metrics.jsonl").unlink()
         _prepare_assets(cfg, info)
-        with _sigterm_raises():
-            trainer = _Trainer(cfg, run_dir, info, stop_check, max_steps)
+        stopped = threading.Event()
+
+        def stop() -> bool:
+            return stopped.is_set() or (stop_check is not None and bool(stop_check()))
+
+        with _sigterm_stops(stopped):
+            trainer = _Trainer(cfg, run_dir, info, stop, max_steps)
             if resume:
                 trainer.resume()
             result = trainer.run()
@@ -770,6 +780,10 @@ def run_training(
             # Every rank finished normally: wait for rank 0's last writes before tearing gloo/NCCL down, so no rank
             # destroys the group while another still uses it (seen as a rank aborting at exit).
             dist.barrier()
+        if stopped.is_set() and not result.finished:
+            raise TrainingTerminated(
+                f"SIGTERM: stopped at step {result.step}, checkpoint {result.checkpoint}"
+            )
         return result
     finally:
         if created_pg and dist.is_initialized():
@@ -798,8 +812,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    except TrainingTerminated:
-        logger.warning("terminated by SIGTERM")
+    except TrainingTerminated as exc:
+        logger.warning("terminated by SIGTERM (%s)", exc)
         return 128 + signal.SIGTERM
     if rank == "0":
         print(
