@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field, UrlConstraints, model_validator
 
+from hdm_core.config import MAX_SEED
 from hdm_core.train.config import (
     ObjectiveSection,
     SamplingSection,
@@ -14,8 +15,6 @@ from hdm_core.train.config import (
     TextEncoderSection,
     TrainSection,
 )
-
-MAX_SEED = 2**63 - 1
 
 
 def _no_nul(v: str) -> str:

@@ -56,9 +56,15 @@ async def _load(client: httpx.AsyncClient, make: Any, total: int, concurrency: i
     t0 = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
-    return {"requests": total, "concurrency": concurrency, "rps": round(total / wall, 1),
-            "p50_ms": round(pct(lat, 50) * 1000, 2), "p99_ms": round(pct(lat, 99) * 1000, 2),
-            "statuses": statuses, "ids": ids}
+    return {
+        "requests": total,
+        "concurrency": concurrency,
+        "rps": round(total / wall, 1),
+        "p50_ms": round(pct(lat, 50) * 1000, 2),
+        "p99_ms": round(pct(lat, 99) * 1000, 2),
+        "statuses": statuses,
+        "ids": ids,
+    }
 
 
 async def http_bench(url: str, key: str, n: int, concurrency: int, model: str | None) -> dict[str, Any]:
@@ -99,8 +105,12 @@ def queue_overhead(url: str, key: str, n: int, model: str | None) -> dict[str, A
             job = c.post("/v1/images", json=body, headers={"Prefer": "wait=60"}).json()
             if job.get("started_at"):
                 waits.append(_ts(job["started_at"]) - _ts(job["created_at"]))
-    return {"jobs": len(waits), "p50_ms": round(pct(waits, 50) * 1000, 2),
-            "p99_ms": round(pct(waits, 99) * 1000, 2), "max_ms": round(max(waits) * 1000, 2)}
+    return {
+        "jobs": len(waits),
+        "p50_ms": round(pct(waits, 50) * 1000, 2),
+        "p99_ms": round(pct(waits, 99) * 1000, 2),
+        "max_ms": round(max(waits) * 1000, 2),
+    }
 
 
 class OwnStack:
@@ -111,30 +121,62 @@ class OwnStack:
 
         import hdm_core
         from hdm_core.codec import PixelCodec
-        from hdm_core.text import build_toy_text_encoder
+        from hdm_demo.text_encoder import build_toy_text_encoder
 
         self.tmp = Path(tempfile.mkdtemp(prefix="hdm-bench-"))
         (self.tmp / "models").mkdir()
-        hdm_core.save_checkpoint(self.tmp / "models" / "tiny.safetensors",
-                                 hdm_core.XUT(hdm_core.PRESETS["xut-pixel-debug"]), codec=PixelCodec())
+        hdm_core.save_checkpoint(
+            self.tmp / "models" / "tiny.safetensors",
+            hdm_core.XUT(hdm_core.PRESETS["xut-pixel-debug"]),
+            codec=PixelCodec(),
+        )
         te = build_toy_text_encoder(self.tmp / "te")
         self.db = f"hdm_bench_{secrets.token_hex(4)}"
         self.admin = psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True)
         self.admin.execute(f'CREATE DATABASE "{self.db}"')
         self.key = secrets.token_hex(16)
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-                    "HDM_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1/{self.db}",
-                    "HDM_BROKER_URL": "redis://127.0.0.1:6379/15", "HDM_QUEUE_PREFIX": f"bench{self.db[-8:]}",
-                    "HDM_MODELS_DIR": str(self.tmp / "models"), "HDM_TEXT_ENCODER": str(te),
-                    "HDM_OUTPUTS_DIR": str(self.tmp / "out"), "HDM_DATA_ROOT": str(self.tmp / "data"),
-                    "HDM_RUNS_DIR": str(self.tmp / "runs"), "HDM_API_KEYS": self.key, "HDM_IMAGE_MIN_SIZE": "32",
-                    "HDM_QUEUE_LIMIT": "1000000", "HDM_GPU_INDEX": "0"}
-        subprocess.run([sys.executable, "-m", "app.cli", "migrate"], env=self.env, cwd=ROOT, check=True,
-                       capture_output=True)
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1",
+            "HDM_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1/{self.db}",
+            "HDM_BROKER_URL": "redis://127.0.0.1:6379/15",
+            "HDM_QUEUE_PREFIX": f"bench{self.db[-8:]}",
+            "HDM_MODELS_DIR": str(self.tmp / "models"),
+            "HDM_TEXT_ENCODER": str(te),
+            "HDM_OUTPUTS_DIR": str(self.tmp / "out"),
+            "HDM_DATA_ROOT": str(self.tmp / "data"),
+            "HDM_RUNS_DIR": str(self.tmp / "runs"),
+            "HDM_API_KEYS": self.key,
+            "HDM_IMAGE_MIN_SIZE": "32",
+            "HDM_QUEUE_LIMIT": "1000000",
+            "HDM_GPU_INDEX": "0",
+        }
+        subprocess.run(
+            [sys.executable, "-m", "app.cli", "migrate"],
+            env=self.env,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
         self.port = 18000 + secrets.randbelow(1000)
-        self.api = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(self.port),
-                                     "--log-level", "warning", "--no-access-log"], env=self.env, cwd=ROOT,
-                                    stdout=subprocess.DEVNULL, stderr=(self.tmp / "api.log").open("wb"))
+        self.api = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "app.main:app",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            env=self.env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=(self.tmp / "api.log").open("wb"),
+        )
         self.worker: subprocess.Popen[bytes] | None = None
         self.url = f"http://127.0.0.1:{self.port}"
         for _ in range(200):
@@ -147,10 +189,30 @@ class OwnStack:
     def start_worker(self) -> None:
         prefix = self.env["HDM_QUEUE_PREFIX"]
         self.worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--concurrency", "1",
-             "--prefetch-multiplier", "1", "-Q", f"{prefix}.gpu.0,{prefix}.images", "--without-gossip",
-             "--without-mingle", "--loglevel", "WARNING"], env=self.env, cwd=ROOT, stdout=subprocess.DEVNULL,
-            stderr=(self.tmp / "worker.log").open("wb"), start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.celery_app",
+                "worker",
+                "--concurrency",
+                "1",
+                "--prefetch-multiplier",
+                "1",
+                "-Q",
+                f"{prefix}.gpu.0,{prefix}.images",
+                "--without-gossip",
+                "--without-mingle",
+                "--loglevel",
+                "WARNING",
+            ],
+            env=self.env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=(self.tmp / "worker.log").open("wb"),
+            start_new_session=True,
+        )
 
     def close(self) -> None:
         if self.worker is not None:
@@ -159,7 +221,9 @@ class OwnStack:
             self.worker.wait(timeout=30)
         self.api.terminate()
         self.api.wait(timeout=30)
-        self.admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (self.db,))
+        self.admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (self.db,)
+        )
         self.admin.execute(f'DROP DATABASE IF EXISTS "{self.db}"')
 
 
@@ -185,15 +249,33 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if own is not None:
             own.close()
-    res["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    res["machine"] = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
     res["setup"] = "one uvicorn process (no --workers), PostgreSQL + Redis on loopback, 1 Celery worker"
     for name in ("post_images", "get_image"):
         r = res[name]
-        log.info("%-22s %8.1f req/s   p50 %7.2f ms   p99 %7.2f ms   (%d requests, concurrency %d, %s)", name,
-                 r["rps"], r["p50_ms"], r["p99_ms"], r["requests"], r["concurrency"], r["statuses"])
+        log.info(
+            "%-22s %8.1f req/s   p50 %7.2f ms   p99 %7.2f ms   (%d requests, concurrency %d, %s)",
+            name,
+            r["rps"],
+            r["p50_ms"],
+            r["p99_ms"],
+            r["requests"],
+            r["concurrency"],
+            r["statuses"],
+        )
     q = res["queue_overhead"]
-    log.info("%-22s p50 %7.2f ms   p99 %7.2f ms   max %7.2f ms   (%d jobs, enqueue -> worker claim)",
-             "queue_overhead", q["p50_ms"], q["p99_ms"], q["max_ms"], q["jobs"])
+    log.info(
+        "%-22s p50 %7.2f ms   p99 %7.2f ms   max %7.2f ms   (%d jobs, enqueue -> worker claim)",
+        "queue_overhead",
+        q["p50_ms"],
+        q["p99_ms"],
+        q["max_ms"],
+        q["jobs"],
+    )
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     return 0

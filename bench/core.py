@@ -54,30 +54,44 @@ def run_case(name: str) -> dict:
 
     with torch.no_grad():
         fwd = _timed(lambda: model(x2, t2, ctx2, pos_map=pos2, addon_info=addon2), repeats)
-        smp = _timed(lambda: sample_latents(model, noise, cond, uncond, steps=steps, guidance_scale=3.0), repeats)
+        smp = _timed(
+            lambda: sample_latents(model, noise, cond, uncond, steps=steps, guidance_scale=3.0), repeats
+        )
     return {
-        "case": name, "params": sum(p.numel() for p in model.parameters()), "tokens": (h // 2) * (w // 2) + n_txt,
-        "steps": steps, "guided_forward_s": fwd, "sample_s_per_image": smp, "overhead_ratio": smp / (steps * fwd),
+        "case": name,
+        "params": sum(p.numel() for p in model.parameters()),
+        "tokens": (h // 2) * (w // 2) + n_txt,
+        "steps": steps,
+        "guided_forward_s": fwd,
+        "sample_s_per_image": smp,
+        "overhead_ratio": smp / (steps * fwd),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--case", choices=sorted(CASES), help="run one case in this process (internal)")
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(args.case)))
         return
-    print(f"{'case':<16}{'params':>13}{'tokens':>8}{'steps':>6}{'fwd(cfg) s':>12}{'sample s/img':>14}"
-          f"{'overhead':>10}{'peak MiB':>10}")
+    print(
+        f"{'case':<16}{'params':>13}{'tokens':>8}{'steps':>6}{'fwd(cfg) s':>12}{'sample s/img':>14}"
+        f"{'overhead':>10}{'peak MiB':>10}"
+    )
     for name in CASES:
-        out = subprocess.run([sys.executable, "-m", "bench.core", "--case", name], check=True, capture_output=True,
-                             text=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.core", "--case", name], check=True, capture_output=True, text=True
+        ).stdout
         r = json.loads(out.strip().splitlines()[-1])
-        print(f"{r['case']:<16}{r['params']:>13,}{r['tokens']:>8}{r['steps']:>6}{r['guided_forward_s']:>12.4f}"
-              f"{r['sample_s_per_image']:>14.4f}{r['overhead_ratio']:>10.3f}{r['peak_rss_mib']:>10.0f}")
+        print(
+            f"{r['case']:<16}{r['params']:>13,}{r['tokens']:>8}{r['steps']:>6}{r['guided_forward_s']:>12.4f}"
+            f"{r['sample_s_per_image']:>14.4f}{r['overhead_ratio']:>10.3f}{r['peak_rss_mib']:>10.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 
     python -m bench.demo_eval var/runs/demo [--size 32] [--steps 20] [--cfg 3.0] [--seeds 2]
 
-Method: for every held-out (colour, shape, position, background) prompt of `hdm_core.synthetic` (combinations kept
-out of the training set), generate `--seeds` images and classify each by `dominant_colour`: the palette hue that
-most saturated pixels are nearest to (the backgrounds are achromatic, so saturated pixels are the shape), and by
-`dominant_shape`: the circle/square/triangle template that best overlaps those pixels. Accuracy = fraction of images
+Method: for every held-out (colour, shape, position, background) prompt of `hdm_demo.shapes` (combinations kept
+out of the training set), generate `--seeds` images and score them with the demo kit's scorer
+(`hdm_demo.scoring.score`): colour = the palette hue most saturated pixels are nearest to (the backgrounds are
+achromatic, so saturated pixels are the shape), shape = the circle/square/triangle template that best overlaps
+those pixels. Accuracy = fraction of images
 whose colour (shape, both) is the prompted one; chance is 1/6 (1/3, 1/18). A control scores the same images against
 a wrong colour (the prompt's colour rotated by one palette step), which must stay near chance.
 Writes RUN_DIR/eval.json and RUN_DIR/eval_heldout.png (one row per seed).
@@ -17,14 +18,14 @@ import argparse
 import json
 import logging
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from hdm_core.pipeline import HDMPipeline
-from hdm_core.synthetic import COLOURS, all_specs, dominant_colour, dominant_shape
+from hdm_demo.scoring import score
+from hdm_demo.shapes import COLOURS, all_specs
 
 logger = logging.getLogger("demo_eval")
 
@@ -43,8 +44,7 @@ def evaluate(
     ckpt = checkpoint or run_dir / "final.safetensors"
     pipe = HDMPipeline.from_paths(ckpt, config["text_encoder"]["path"])
     specs = all_specs(heldout=heldout)
-    names = list(COLOURS)
-    rows, verdicts, shapes, both, predicted, confusion, control = [], [], [], [], Counter(), Counter(), 0
+    rows = []
     t0 = time.perf_counter()
     for s in range(seeds):
         result = pipe.generate(
@@ -56,17 +56,7 @@ def evaluate(
             seed=1000 * s,
         )
         rows.append(result.images)
-        for sp, img in zip(specs, result.images, strict=True):
-            got = dominant_colour(img)
-            predicted[got or "none"] += 1
-            got_shape = dominant_shape(img)
-            confusion[f"{sp.shape}->{got_shape}"] += 1
-            verdicts.append(got == sp.colour)
-            shapes.append(got_shape == sp.shape)
-            both.append(verdicts[-1] and shapes[-1])
-            wrong = names[(names.index(sp.colour) + 1) % len(names)]
-            control += got == wrong
-    n = len(verdicts)
+    scores = score([img for images in rows for img in images], specs * seeds)
     sheet = Image.new("RGB", (size * len(specs), size * seeds))
     for r, images in enumerate(rows):
         for c, img in enumerate(images):
@@ -75,15 +65,15 @@ def evaluate(
     return {
         "checkpoint": str(ckpt),
         "prompts": len(specs),
-        "images": n,
+        "images": scores.images,
         "heldout": heldout,
-        "accuracy": sum(verdicts) / n,
-        "shape_accuracy": sum(shapes) / n,
-        "both_accuracy": sum(both) / n,
-        "shape_confusion": dict(sorted(confusion.items())),
-        "control_wrong_colour_accuracy": control / n,
+        "accuracy": scores.colour,
+        "shape_accuracy": scores.shape,
+        "both_accuracy": scores.both,
+        "shape_confusion": scores.shape_confusion,
+        "control_wrong_colour_accuracy": scores.control_wrong_colour,
         "chance": 1 / len(COLOURS),
-        "predicted_colours": dict(predicted),
+        "predicted_colours": scores.predicted_colours,
         "size": size,
         "steps": steps,
         "guidance_scale": cfg,

@@ -1,4 +1,6 @@
-"""Analytic FLOP count of one XUT forward pass (matmuls and attention; norms and activations ignored)."""
+"""The one analytic FLOP model of an XUT forward pass (matmuls and attention; norms and activations ignored).
+
+bench.gpu (TFLOP/s, % of peak) and bench.train (TREAD's theoretical step-time ratio, model TFLOP/s) use it."""
 
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ def xut_forward_flops(cfg: XUTConfig, image_tokens: int, text_tokens: int, tread
     routed = kept_image_tokens(image_tokens, tread_rate) + text_tokens if tread_rate > 0 else full
     total = (cfg.tread_pre + cfg.tread_post) * _block_flops(cfg, full, cross=False)
     total += cfg.depth * cfg.enc_blocks * _block_flops(cfg, routed, cross=False)
-    total += cfg.depth * (_block_flops(cfg, routed, cross=True) + (cfg.dec_blocks - 1) *
-                          _block_flops(cfg, routed, cross=False))
+    total += cfg.depth * (
+        _block_flops(cfg, routed, cross=True) + (cfg.dec_blocks - 1) * _block_flops(cfg, routed, cross=False)
+    )
     p2c = cfg.patch_size**2 * cfg.in_channels
     total += 2 * image_tokens * p2c * cfg.dim * 2  # patch embed + head
     total += 2 * text_tokens * cfg.ctx_dim * cfg.dim

@@ -14,8 +14,14 @@ import torch
 
 from bench.flops import xut_forward_flops
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0,
-                    "RTX 5090": 209.0}
+PEAK_BF16_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "RTX 4090": 165.0,
+    "RTX 5090": 209.0,
+}
 
 
 def peak_tflops() -> float:
@@ -45,13 +51,19 @@ def main() -> None:
     h = w = args.size // 8
     pos = position_map(h, w, device=dev)[None]
     addon = torch.zeros(1, device=dev)
-    cond = Conditioning(torch.randn(1, args.text_tokens, cfg.ctx_dim, device=dev, dtype=torch.bfloat16), pos, addon)
-    uncond = Conditioning(torch.randn(1, args.text_tokens, cfg.ctx_dim, device=dev, dtype=torch.bfloat16), pos, addon)
+    cond = Conditioning(
+        torch.randn(1, args.text_tokens, cfg.ctx_dim, device=dev, dtype=torch.bfloat16), pos, addon
+    )
+    uncond = Conditioning(
+        torch.randn(1, args.text_tokens, cfg.ctx_dim, device=dev, dtype=torch.bfloat16), pos, addon
+    )
     noise = torch.randn(1, cfg.in_channels, h, w, device=dev)
     flops = 2 * args.steps * xut_forward_flops(cfg, (h // 2) * (w // 2), args.text_tokens)  # cond + uncond
     peak = peak_tflops()
     print(f"device: {torch.cuda.get_device_name()}  peak bf16 {peak} TFLOP/s  torch {torch.__version__}")
-    print(f"xut-base {args.size}x{args.size}, {args.steps} steps, CFG (batched), {flops / 1e12:.2f} TFLOP/image")
+    print(
+        f"xut-base {args.size}x{args.size}, {args.steps} steps, CFG (batched), {flops / 1e12:.2f} TFLOP/image"
+    )
     for compiled in (False, True):
         net = torch.compile(model) if compiled else model
         run = lambda net=net: sample_latents(net, noise, cond, uncond, steps=args.steps, guidance_scale=3.0)  # noqa: E731
@@ -65,8 +77,10 @@ def main() -> None:
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
         s = min(times)
-        print(f"compile={compiled!s:<5}  {s:.3f} s/image  {flops / s / 1e12:.1f} TFLOP/s  "
-              f"{100 * flops / s / 1e12 / peak:.1f}% of peak  peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        print(
+            f"compile={compiled!s:<5}  {s:.3f} s/image  {flops / s / 1e12:.1f} TFLOP/s  "
+            f"{100 * flops / s / 1e12 / peak:.1f}% of peak  peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+        )
 
 
 if __name__ == "__main__":

@@ -20,40 +20,16 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from bench.flops import xut_forward_flops
 from hdm_core import PRESETS, XUT, XUTConfig
-from hdm_core.captions import CaptionConfig
 from hdm_core.data import CaptionedImageDataset, StageSampler, StreamLayout, make_loader
+from hdm_core.data.captions import CaptionConfig
 from hdm_core.flow import flow_loss
-from hdm_core.train import build_optimizer
-from hdm_core.tread import kept_image_tokens
-
-
-def block_flops(n_tokens: int, d: int, mlp: int, *, kv_tokens: int | None = None) -> float:
-    """Forward multiply-adds x2 of one transformer block on n tokens (self-attn + MLP [+ cross-attn])."""
-    flops = 2 * n_tokens * (4 * d * d + 3 * d * mlp)  # qkv + out, SwiGLU w12 (2*mlp) + w3
-    flops += 2 * 2 * n_tokens * n_tokens * d  # QK^T and AV
-    if kv_tokens is not None:
-        flops += 2 * n_tokens * 2 * d * d + 2 * kv_tokens * 2 * d * d  # q + out, kv
-        flops += 2 * 2 * n_tokens * kv_tokens * d
-    return flops
-
-
-def forward_flops(cfg: XUTConfig, n_img: int, n_txt: int, rate: float) -> float:
-    """Forward FLOPs of the token-wise part of XUT (blocks + patch in/out), with TREAD at `rate`."""
-    n = n_img + n_txt
-    routed = (kept_image_tokens(n_img, rate) if rate > 0 else n_img) + n_txt
-    d, mlp = cfg.dim, cfg.mlp_dim
-    total = (cfg.tread_pre + cfg.tread_post) * block_flops(n, d, mlp)
-    total += cfg.depth * cfg.enc_blocks * block_flops(routed, d, mlp)
-    total += cfg.depth * block_flops(routed, d, mlp, kv_tokens=routed)  # first decoder block: cross-attention
-    total += cfg.depth * (cfg.dec_blocks - 1) * block_flops(routed, d, mlp)
-    total += 2 * n * d * cfg.ctx_dim  # ctx_proj (on text only, upper bound)
-    total += 2 * n_img * d * (cfg.patch_size**2 * cfg.in_channels) * 2  # patch in + out
-    return total
+from hdm_core.train.config import OptimizerSection
+from hdm_core.train.optim import build_optimizer
 
 
 def _inputs(cfg: XUTConfig, batch: int, latent: int, ctx_len: int, device: torch.device) -> tuple:
@@ -98,7 +74,7 @@ def cmd_step(args: argparse.Namespace) -> None:
         cfg = cfg.replace(patch_size=args.patch)
     device = torch.device(args.device)
     model = XUT(cfg).to(device).train()
-    opt = build_optimizer(model, _opt_cfg())
+    opt = build_optimizer(model, OptimizerSection())
     latent = args.res // args.downsample
     x0, ctx = _inputs(cfg, args.batch, latent, args.ctx, device)
     n_img = (latent // cfg.patch_size) ** 2
@@ -129,7 +105,7 @@ def cmd_step(args: argparse.Namespace) -> None:
                 }
             )
         )
-    theory = forward_flops(cfg, n_img, args.ctx, 0.5) / forward_flops(cfg, n_img, args.ctx, 0.0)
+    theory = xut_forward_flops(cfg, n_img, args.ctx, 0.5) / xut_forward_flops(cfg, n_img, args.ctx, 0.0)
     print(
         json.dumps(
             {
@@ -144,23 +120,10 @@ def cmd_step(args: argparse.Namespace) -> None:
     )
 
 
-def _opt_cfg() -> Any:
-    from hdm_core.train.config import config_from_dict
-
-    return config_from_dict(
-        {
-            "model": {"preset": "xut-debug"},
-            "text_encoder": {"path": "unused"},
-            "data": {"path": "unused"},
-            "stages": [{"resolution": 32, "batch_size": 1, "lr": 0.5, "steps": 1}],
-        }
-    )
-
-
 def cmd_data(args: argparse.Namespace) -> None:
     from PIL import Image
 
-    from hdm_core.synthetic import generate_dataset
+    from hdm_demo.shapes import generate_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         root = generate_dataset(Path(tmp) / "shapes", count=args.images, size=args.src_size)
@@ -213,7 +176,7 @@ def _fits(
     try:
         model = XUT(cfg).cuda().train()
         model.set_gradient_checkpointing(grad_ckpt)
-        opt = build_optimizer(model, _opt_cfg())
+        opt = build_optimizer(model, OptimizerSection())
         x0, ctx = _inputs(cfg, batch, latent, ctx_len, torch.device("cuda"))
         return statistics.median(time_steps(model, opt, x0, ctx, rate, 3, amp))
     except torch.OutOfMemoryError:
@@ -248,7 +211,7 @@ def cmd_gpu(args: argparse.Namespace) -> None:
     step = _fits(cfg, batch, latent, args.ctx, args.tread, amp, args.grad_ckpt)
     assert step is not None
     n_img = (latent // cfg.patch_size) ** 2
-    fl = 3 * forward_flops(cfg, n_img, args.ctx, args.tread) * batch  # fwd + bwd ~ 3x fwd
+    fl = 3 * xut_forward_flops(cfg, n_img, args.ctx, args.tread) * batch  # fwd + bwd ~ 3x fwd
     print(
         json.dumps(
             {

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +14,7 @@ from torch import Tensor
 
 from .codec import Codec, PixelCodec, VaeCodec
 from .config import XUTConfig
+from .files import atomic_write
 from .model import XUT
 
 MODEL_PREFIX = "unet.model."
@@ -170,36 +168,6 @@ def load_checkpoint(
     if codec is not None:
         codec = codec.to(device)
     return LoadedCheckpoint(model=model, codec=codec, config=config, metadata=metadata)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename inside `folder` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """`write` fills a temp file in the same folder; fsync, rename, fsync the folder: readers see the old file or
-    the whole new one, never a half-written one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        fsync_file(Path(tmp))
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # Metadata key: the caption length (tokens) a model was trained with. Models trained here always saw captions padded

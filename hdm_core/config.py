@@ -1,4 +1,7 @@
-"""XUT architecture config and the preset registry (spec §1.1)."""
+"""XUT architecture config, the preset registry (spec §1.1) and the sampling constants the API validates with.
+
+No torch: the API imports this module.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,10 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 SkipSource = Literal["last", "mirrored"]
+SamplerName = Literal["euler", "heun"]
+SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)  # hdm_core.sampler.SAMPLERS maps each to its function
+# Largest image seed: torch.Generator takes 64-bit seeds; image i of a request uses seed + i.
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,11 @@ from torch import Tensor
 
 from .checkpoint import load_checkpoint, trained_text_length
 from .codec import Codec
+from .config import MAX_SEED
 from .model import XUT
 from .rope import position_map
 from .sampler import SAMPLERS, Conditioning, StepCallback, guided_velocity, timesteps
 from .text import TextEncoder
-
-MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)

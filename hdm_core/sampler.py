@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .config import SamplerName
+
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 StepCallback = Callable[[int, int], None]
 
@@ -67,7 +69,8 @@ def heun(velocity: VelocityFn, x: Tensor, ts: Tensor, *, callback: StepCallback 
     return x
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {"euler": euler, "heun": heun}
+# The names are hdm_core.config.SAMPLER_NAMES (the API validates requests with them, without torch).
+SAMPLERS: dict[SamplerName, Callable[..., Tensor]] = {"euler": euler, "heun": heun}
 
 
 def model_evaluations(sampler: str, steps: int) -> int:

@@ -34,10 +34,24 @@ log = logging.getLogger("demo")
 # Two progressive stages (16 px, then 32 px), TREAD on. lr is the muP-style base rate: each parameter gets
 # lr / fan_in (spec §6). Measured on 2 CPU cores (docs/training.md "CPU demo"): about 5 minutes of training.
 STAGES = [
-    {"resolution": 16, "steps": 400, "batch_size": 32, "lr": 0.5, "tread_rate": 0.5, "warmup_steps": 30,
-     "caption_dropout": 0.1},
-    {"resolution": 32, "steps": 1700, "batch_size": 16, "lr": 0.5, "tread_rate": 0.5, "warmup_steps": 30,
-     "caption_dropout": 0.1},
+    {
+        "resolution": 16,
+        "steps": 400,
+        "batch_size": 32,
+        "lr": 0.5,
+        "tread_rate": 0.5,
+        "warmup_steps": 30,
+        "caption_dropout": 0.1,
+    },
+    {
+        "resolution": 32,
+        "steps": 1700,
+        "batch_size": 16,
+        "lr": 0.5,
+        "tread_rate": 0.5,
+        "warmup_steps": 30,
+        "caption_dropout": 0.1,
+    },
 ]
 # xut-pixel-debug (2.5M parameters, pixel space) with 4 px patches: 64 tokens at 32 px, 3.4x the images per second
 # of 2 px patches on a CPU. Sent as an architecture object, as a user would for their own variant.
@@ -45,7 +59,9 @@ ARCH = dataclasses.asdict(PRESETS["xut-pixel-debug"].replace(patch_size=4))
 # Flat shapes on plain backgrounds are recognisable through a lot of noise, so where they go and what colour they
 # are is decided in the first, noisiest sampling steps; the reference's logit-normal(0, 1) rarely trains there.
 T_LOGIT_MEAN = 1.0
-TEXT_MAX_LENGTH = 16  # the captions are ~12 tokens; padding to the spec's 256 would make every step 10x longer
+TEXT_MAX_LENGTH = (
+    16  # the captions are ~12 tokens; padding to the spec's 256 would make every step 10x longer
+)
 IMAGE_SIZE = 32
 DATASET_SIZE = 2000
 
@@ -58,42 +74,54 @@ def _free_port() -> int:
 
 def prepare(var: Path) -> dict[str, Path]:
     """Text encoder and dataset, made once and reused."""
-    from hdm_core.synthetic import generate_dataset, is_generated
-    from hdm_core.text import build_toy_text_encoder
+    from hdm_demo.assets import ensure_shapes, ensure_text_encoder
 
-    paths = {"te": var / "text-encoder", "data_root": var / "data", "dataset": var / "data" / "shapes",
-             "models": var / "models", "outputs": var / "outputs", "runs": var / "runs"}
+    paths = {
+        "te": var / "text-encoder",
+        "data_root": var / "data",
+        "dataset": var / "data" / "shapes",
+        "models": var / "models",
+        "outputs": var / "outputs",
+        "runs": var / "runs",
+    }
     for key in ("data_root", "models", "outputs", "runs"):
         paths[key].mkdir(parents=True, exist_ok=True)
-    if (paths["te"] / "config.json").is_file():
-        log.info("text encoder: reusing %s", paths["te"])
-    else:
-        build_toy_text_encoder(paths["te"], hidden_size=64)
-        log.info("text encoder: built a toy Qwen3 at %s", paths["te"])
-    if is_generated(paths["dataset"], count=DATASET_SIZE, size=64, seed=0):
-        log.info("dataset: reusing %s", paths["dataset"])
-    else:
-        generate_dataset(paths["dataset"], count=DATASET_SIZE, size=64, seed=0)
-        log.info("dataset: wrote %d captioned images to %s", DATASET_SIZE, paths["dataset"])
+    ensure_text_encoder(paths["te"], hidden_size=64)
+    ensure_shapes(paths["dataset"], count=DATASET_SIZE, size=64, seed=0)
     return paths
 
 
 @contextmanager
 def service(var: Path, paths: dict[str, Path], port: int, *, keep: bool):
     env = os.environ | {
-        "HDM_DATABASE_URL": f"sqlite:///{var / 'hdm.db'}", "HDM_BROKER_URL": "db://",
-        "HDM_DATA_ROOT": str(paths["data_root"]), "HDM_MODELS_DIR": str(paths["models"]),
-        "HDM_OUTPUTS_DIR": str(paths["outputs"]), "HDM_RUNS_DIR": str(paths["runs"]),
-        "HDM_TEXT_ENCODER": str(paths["te"]), "HDM_SLOTS": "0", "HDM_DEVICE": "cpu",
-        "HDM_IMAGE_MIN_SIZE": "32", "HDM_IMAGE_SIZE_MULTIPLE": "16", "PYTHONUNBUFFERED": "1",
+        "HDM_DATABASE_URL": f"sqlite:///{var / 'hdm.db'}",
+        "HDM_BROKER_URL": "db://",
+        "HDM_DATA_ROOT": str(paths["data_root"]),
+        "HDM_MODELS_DIR": str(paths["models"]),
+        "HDM_OUTPUTS_DIR": str(paths["outputs"]),
+        "HDM_RUNS_DIR": str(paths["runs"]),
+        "HDM_TEXT_ENCODER": str(paths["te"]),
+        "HDM_SLOTS": "0",
+        "HDM_DEVICE": "cpu",
+        "HDM_IMAGE_MIN_SIZE": "32",
+        "HDM_IMAGE_SIZE_MULTIPLE": "16",
+        "PYTHONUNBUFFERED": "1",
     }
     log_file = open(var / "service.log", "ab")  # noqa: SIM115 - lives as long as the service
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         yield proc
         if keep:
-            print(f"\nThe service is still running at http://127.0.0.1:{port} (docs: /docs). Ctrl-C stops it.")
+            print(
+                f"\nThe service is still running at http://127.0.0.1:{port} (docs: /docs). Ctrl-C stops it."
+            )
             with suppress(KeyboardInterrupt):
                 proc.wait()
     finally:
@@ -164,8 +192,10 @@ class TrainProgress:
             rate = (step - s0) / max(time.monotonic() - t0, 1e-6)
             eta_s = (total - step) / rate if rate > 0 else None
         eta = f"{eta_s:.0f}s" if eta_s is not None else "-"
-        line = (f"  training [{'#' * done}{'.' * (30 - done)}] step {step}/{total} stage {job.get('stage')} "
-                f"loss {loss} eta {eta} ({job['status']})")
+        line = (
+            f"  training [{'#' * done}{'.' * (30 - done)}] step {step}/{total} stage {job.get('stage')} "
+            f"loss {loss} eta {eta} ({job['status']})"
+        )
         if self.tty:
             sys.stdout.write("\r" + line + "   ")
             sys.stdout.flush()
@@ -177,13 +207,27 @@ class TrainProgress:
 
 
 def train(client: httpx.Client, dataset_id: str) -> dict:
-    body = {"name": "demo-shapes", "arch": ARCH, "dataset": dataset_id, "stages": STAGES, "gpus": 1,
-            "precision": "fp32", "seed": 0, "checkpoint_every": 500, "keep_last_n": 2,
-            "text_max_length": TEXT_MAX_LENGTH, "t_logit_mean": T_LOGIT_MEAN}
+    body = {
+        "name": "demo-shapes",
+        "arch": ARCH,
+        "dataset": dataset_id,
+        "stages": STAGES,
+        "gpus": 1,
+        "precision": "fp32",
+        "seed": 0,
+        "checkpoint_every": 500,
+        "keep_last_n": 2,
+        "text_max_length": TEXT_MAX_LENGTH,
+        "t_logit_mean": T_LOGIT_MEAN,
+    }
     job = _check(client.post("/v1/train-jobs", json=body))
-    print(f"  train job {job['id']} submitted ({len(STAGES)} stages: "
-          f"{', '.join(str(s['resolution']) + ' px' for s in STAGES)}; TREAD 0.5; xut-pixel-debug, 4 px patches)")
-    job = wait_job(client, f"/v1/train-jobs/{job['id']}", label="training", show=TrainProgress(), timeout=1200)
+    print(
+        f"  train job {job['id']} submitted ({len(STAGES)} stages: "
+        f"{', '.join(str(s['resolution']) + ' px' for s in STAGES)}; TREAD 0.5; xut-pixel-debug, 4 px patches)"
+    )
+    job = wait_job(
+        client, f"/v1/train-jobs/{job['id']}", label="training", show=TrainProgress(), timeout=1200
+    )
     print()
     return job
 
@@ -193,15 +237,20 @@ def loss_events(client: httpx.Client, job_id: str) -> list[tuple[int, float]]:
     points, after = [], 0
     while True:
         page = _check(client.get(f"/v1/train-jobs/{job_id}/events", params={"after": after}))
-        points += [(e["data"]["step"], e["data"]["loss"]) for e in page["data"]
-                   if e["type"] == "metrics" and e["data"].get("loss") is not None]
+        points += [
+            (e["data"]["step"], e["data"]["loss"])
+            for e in page["data"]
+            if e["type"] == "metrics" and e["data"].get("loss") is not None
+        ]
         if not page.get("has_more") or not page["data"]:
             return points
         after = page["data"][-1]["id"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--var", type=Path, default=ROOT / "var" / "demo", help="state folder (reused)")
     parser.add_argument("--out", type=Path, default=ROOT / "demo-output", help="where images go")
     parser.add_argument("--port", type=int, default=0, help="0 = a free port")
@@ -213,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     # A SIGTERM (e.g. a timeout) must still stop the service it started, through the same cleanup as Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.monotonic()
-    from scripts.demo_report import contact_sheet, evaluate, loss_curve, pick_prompts
+    from hdm_demo.scoring import score_files
+    from scripts.demo_report import contact_sheet, loss_curve, pick_prompts
 
     if args.quick:
         global STAGES, DATASET_SIZE
@@ -225,9 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     paths = prepare(var)
     port = args.port or _free_port()
     print(f"2/5 starting the service (embedded mode: SQLite + in-database queue) on http://127.0.0.1:{port}")
-    with service(var, paths, port, keep=args.keep_serving) as proc, httpx.Client(
-        base_url=f"http://127.0.0.1:{port}", timeout=90
-    ) as client:
+    with (
+        service(var, paths, port, keep=args.keep_serving) as proc,
+        httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=90) as client,
+    ):
         wait_ready(client, proc)
         ds = _check(client.post("/v1/datasets", json={"name": "shapes", "path": "shapes"}))
         ds = wait_job(client, f"/v1/datasets/{ds['id']}", label="dataset validation")
@@ -243,8 +294,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"5/5 drawing {len(prompts)} held-out prompts through /v1/images with model {model_id}")
         images = []
         for i, spec in enumerate(prompts):
-            body = {"prompt": spec["caption"], "model": model_id, "width": IMAGE_SIZE, "height": IMAGE_SIZE, "steps": 24,
-                    "guidance_scale": 3.0, "seed": 1000 + i, "n": 1}
+            body = {
+                "prompt": spec["caption"],
+                "model": model_id,
+                "width": IMAGE_SIZE,
+                "height": IMAGE_SIZE,
+                "steps": 24,
+                "guidance_scale": 3.0,
+                "seed": 1000 + i,
+                "n": 1,
+            }
             img_job = _check(client.post("/v1/images", json=body, headers={"Prefer": "wait=60"}))
             img_job = wait_job(client, f"/v1/images/{img_job['id']}", label=f"image {i}")
             data = client.get(f"/v1/images/{img_job['id']}/files/0").content
@@ -257,15 +316,27 @@ def main(argv: list[str] | None = None) -> int:
             files.append(path)
         sheet = contact_sheet(files, [s["caption"] for s, _ in images], args.out / "contact_sheet.png")
         curve = loss_curve(loss_events(client, job["id"]), args.out / "loss_curve.png")
-        scores = evaluate(files, [s for s, _ in images])
+        scores = score_files(files, [s for s, _ in images]).fractions()
         print(f"\nImages: {args.out}/  contact sheet: {sheet}  loss curve: {curve}")
-        print(f"Held-out prompts followed: colour {scores['colour']:.0%}, shape {scores['shape']:.0%}, "
-              f"both {scores['both']:.0%} (over {len(files)} images; see scripts/demo_report.py for the method)")
+        print(
+            f"Held-out prompts followed: colour {scores['colour']:.0%}, shape {scores['shape']:.0%}, "
+            f"both {scores['both']:.0%} (over {len(files)} images; see hdm_demo/scoring.py for the method)"
+        )
         print(f"Total time {time.monotonic() - t0:.0f} s.")
-        (args.out / "summary.json").write_text(json.dumps({
-            "colour_accuracy": scores["colour"], "shape_accuracy": scores["shape"], "both_accuracy": scores["both"],
-            "images": [str(f) for f in files],
-            "train_job": job["id"], "model": model_id, "seconds": time.monotonic() - t0}, indent=1))
+        (args.out / "summary.json").write_text(
+            json.dumps(
+                {
+                    "colour_accuracy": scores["colour"],
+                    "shape_accuracy": scores["shape"],
+                    "both_accuracy": scores["both"],
+                    "images": [str(f) for f in files],
+                    "train_job": job["id"],
+                    "model": model_id,
+                    "seconds": time.monotonic() - t0,
+                },
+                indent=1,
+            )
+        )
         if not args.keep_serving:
             print("Stopping the service (`make demo DEMO_ARGS=--keep-serving` keeps it running).")
     return 0

@@ -1,10 +1,6 @@
-"""What the demo shows a person: held-out prompts, a labelled contact sheet, a loss curve, and a scorer.
+"""What the demo shows a person: held-out prompts, a labelled contact sheet and a loss curve.
 
-Scoring method (stated in the demo's output and the README): the synthetic backgrounds are achromatic, so the
-saturated pixels of a generated image are the drawn shape. Colour = the palette colour most of those pixels are
-nearest to in hue (`hdm_core.synthetic.dominant_colour`). Shape = the circle, square or triangle template (drawn
-like the data set draws it, fitted to the pixels' bounding box) that overlaps them best
-(`hdm_core.synthetic.dominant_shape`). Both recognise 100 % of the data set's own images at 32 and 64 px.
+The images are scored by the demo kit's one scorer, `hdm_demo.scoring` (its docstring states the method).
 """
 
 from __future__ import annotations
@@ -15,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from hdm_core.synthetic import BACKGROUNDS, COLOURS, dominant_colour, dominant_shape
+from hdm_demo.shapes import BACKGROUNDS, COLOURS
 
 
 def pick_prompts(heldout_json: Path, per_colour: int = 2) -> list[dict]:
@@ -38,23 +34,9 @@ def pick_prompts(heldout_json: Path, per_colour: int = 2) -> list[dict]:
     return chosen
 
 
-def evaluate(files: Sequence[Path], specs: Sequence[dict]) -> dict[str, float]:
-    """Fractions of generated images with the prompted colour, the prompted shape, and both."""
-    colour = shape = both = 0
-    for path, spec in zip(files, specs, strict=True):
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            ok_colour = dominant_colour(img) == spec["colour"]
-            ok_shape = dominant_shape(img) == spec["shape"]
-        colour += ok_colour
-        shape += ok_shape
-        both += ok_colour and ok_shape
-    n = len(files)
-    return {"colour": colour / n, "shape": shape / n, "both": both / n}
-
-
-def contact_sheet(files: Sequence[Path], labels: Sequence[str], out: Path, *, cell: int = 192,
-                  columns: int = 4) -> Path:
+def contact_sheet(
+    files: Sequence[Path], labels: Sequence[str], out: Path, *, cell: int = 192, columns: int = 4
+) -> Path:
     """A grid of the images, each upscaled to `cell` px with its prompt written under it."""
     rows = (len(files) + columns - 1) // columns
     label_h = 34
@@ -92,12 +74,17 @@ def loss_curve(points: Sequence[tuple[int, float]], out: Path, *, size: tuple[in
         l1 = l1 if l1 > l0 else l0 + 1e-6
 
         def xy(step: float, loss: float) -> tuple[float, float]:
-            return (left + (right - left) * (step - s0) / (s1 - s0), bottom - (bottom - top) * (loss - l0) / (l1 - l0))
+            return (
+                left + (right - left) * (step - s0) / (s1 - s0),
+                bottom - (bottom - top) * (loss - l0) / (l1 - l0),
+            )
 
         draw.line([xy(s, v) for s, v in points], fill=(170, 190, 230), width=1)
         k = max(1, len(points) // 30)
-        smooth = [(steps[i], sum(losses[max(0, i - k):i + 1]) / len(losses[max(0, i - k):i + 1]))
-                  for i in range(len(points))]
+        smooth = [
+            (steps[i], sum(losses[max(0, i - k) : i + 1]) / len(losses[max(0, i - k) : i + 1]))
+            for i in range(len(points))
+        ]
         draw.line([xy(s, v) for s, v in smooth], fill=(20, 60, 180), width=2)
         for frac in (0.0, 0.5, 1.0):
             v = l0 + frac * (l1 - l0)

@@ -11,9 +11,10 @@ from sqlalchemy.orm import Session
 
 from app.errors import Invalid, NotFound
 from app.models import Image, Job
-from app.schemas import MAX_SEED, ImageRequest
+from app.schemas import ImageRequest
 from app.services import jobs, models, presenter, webhooks
 from app.settings import get_settings
+from hdm_core.config import MAX_SEED
 
 MEDIA = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 

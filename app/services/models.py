@@ -5,7 +5,6 @@ Reads the safetensors header directly (JSON), so the API process does not need t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -22,6 +21,7 @@ from app.errors import Conflict, Invalid, NotFound
 from app.ids import new_id
 from app.models import Checkpoint, Job
 from app.settings import get_settings
+from hdm_core.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +32,6 @@ def read_header(path: Path) -> dict[str, Any]:
         if n > 100_000_000:
             raise ValueError("safetensors header too large")
         return json.loads(f.read(n))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def describe(path: Path) -> dict[str, Any]:

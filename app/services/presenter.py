@@ -11,8 +11,9 @@ from sqlalchemy.orm import Session
 
 from app.db import as_utc
 from app.models import Checkpoint, Dataset, Image, Job, JobEvent
+from hdm_core.config import SAMPLER_NAMES
 
-SAMPLERS = ["euler", "heun"]
+SAMPLERS = list(SAMPLER_NAMES)
 
 
 def iso(value: datetime | None) -> str | None:

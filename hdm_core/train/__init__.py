@@ -18,13 +18,14 @@ _EXPORTS = {
     "dump_toml": "config",
     "load_config": "config",
     "write_config": "config",
+    "RunDir": "run_dir",
     "TrainingResult": "loop",
-    "TrainingTerminated": "loop",
-    "run_training": "loop",
-    "build_optimizer": "loop",
-    "fan_in": "loop",
-    "lr_factor": "loop",
-    "stage_steps": "loop",
+    "TrainingTerminated": "run",
+    "run_training": "run",
+    "build_optimizer": "optim",
+    "fan_in": "optim",
+    "lr_factor": "optim",
+    "stage_steps": "optim",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -25,8 +25,8 @@ from pydantic import (
     model_validator,
 )
 
-from hdm_core.captions import CaptionConfig, Probability
 from hdm_core.config import PRESETS, XUTConfig
+from hdm_core.data.captions import CaptionConfig, Probability
 
 Precision = Literal["fp32", "bf16", "fp16"]
 LrScaling = Literal["fan_in", "none"]
@@ -109,23 +109,11 @@ def _xut(build: Any) -> None:
 class TextEncoderSection(Section):
     path: Annotated[str, Field(min_length=1, description="a local folder")]
     max_length: PositiveInt = 256  # spec §4: training pads (and truncates) every caption to max_length
-    # Build a tiny random Qwen3 + word tokenizer at `path` if it does not exist (demos and tests only).
-    build_toy: bool = False
-    toy_hidden_size: int = 64
-    toy_layers: int = 2
 
 
 class CodecSection(Section):
     kind: Literal["pixel", "vae"] = "pixel"
     path: str | None = None  # diffusers AutoencoderKL folder; for kind = "vae" without it, init_from's VAE
-
-
-class SyntheticSection(Section):
-    """Generate the synthetic shapes set into data.path if that folder does not exist yet."""
-
-    count: int = 1000
-    size: int = 64
-    seed: int = 0
 
 
 class DataSection(Section):
@@ -134,7 +122,6 @@ class DataSection(Section):
     shuffle: bool = True
     max_image_pixels: PositiveInt = 64 * 1024 * 1024
     captions: CaptionConfig = CaptionConfig()
-    synthetic: SyntheticSection | None = None
 
 
 class OptimizerSection(Section):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from hdm_core import PRESETS, XUT, save_checkpoint
 from hdm_core.codec import PixelCodec
-from hdm_core.text import build_toy_text_encoder
+from hdm_demo.text_encoder import build_toy_text_encoder
 
 REFERENCE = Path(__file__).resolve().parents[1] / "fixtures" / "hdm-reference"
 

@@ -21,8 +21,9 @@ def _random_model(preset="xut-debug", **changes):
 
 def test_save_load_round_trip_same_outputs(tmp_path):
     model = _random_model(skip_source="mirrored", ctx_size=7, tread_rate=0.3)
-    path = save_checkpoint(tmp_path / "m.safetensors", model, codec=PixelCodec() if False else None,
-                           metadata={"note": "hello"})
+    path = save_checkpoint(
+        tmp_path / "m.safetensors", model, codec=PixelCodec() if False else None, metadata={"note": "hello"}
+    )
     loaded = load_checkpoint(path)
     assert loaded.config == model.config  # non-shape fields survive through the metadata
     assert loaded.metadata["note"] == "hello"

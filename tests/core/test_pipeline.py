@@ -48,8 +48,9 @@ def test_image_format_and_sizes(pipe):
 
 def test_callback_progress_and_cancel(pipe):
     steps = []
-    pipe.generate("x", width=16, height=16, steps=4, seed=1, sampler="heun",
-                  callback=lambda i, n: steps.append((i, n)))
+    pipe.generate(
+        "x", width=16, height=16, steps=4, seed=1, sampler="heun", callback=lambda i, n: steps.append((i, n))
+    )
     assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
 
     def cancel(i, n):
@@ -63,7 +64,8 @@ def test_bf16_runs(pixel_checkpoint, toy_text_encoder):
     pipe = HDMPipeline.from_paths(pixel_checkpoint, toy_text_encoder, dtype=torch.bfloat16)
     out = pipe.generate("a red circle", width=16, height=16, steps=2, seed=3)
     fp32 = HDMPipeline.from_paths(pixel_checkpoint, toy_text_encoder).generate(
-        "a red circle", width=16, height=16, steps=2, seed=3)
+        "a red circle", width=16, height=16, steps=2, seed=3
+    )
     assert {p.dtype for p in pipe.model.parameters()} == {torch.bfloat16}
     assert (out.latents - fp32.latents).abs().mean() < 0.05  # bf16 rounding, not a different computation
 
@@ -77,20 +79,25 @@ def test_models_trained_here_are_prompted_with_their_training_caption_length(
     from hdm_core.codec import PixelCodec
 
     loaded = load_checkpoint(pixel_checkpoint)
-    trained = save_checkpoint(tmp_path / "t.safetensors", loaded.model, codec=PixelCodec(),
-                              metadata={TEXT_LENGTH_KEY: "16"})
+    trained = save_checkpoint(
+        tmp_path / "t.safetensors", loaded.model, codec=PixelCodec(), metadata={TEXT_LENGTH_KEY: "16"}
+    )
     reference = HDMPipeline.from_paths(pixel_checkpoint, toy_text_encoder)
     padded = HDMPipeline.from_paths(trained, toy_text_encoder)
     assert reference.text_length is None and padded.text_length == 16
     seen: list[int] = []
     encode = padded.text_encoder.encode
-    padded.text_encoder.encode = lambda prompts, **kw: seen.append(kw.get("max_length")) or encode(prompts, **kw)
+    padded.text_encoder.encode = lambda prompts, **kw: (
+        seen.append(kw.get("max_length")) or encode(prompts, **kw)
+    )
     kw = dict(width=16, height=16, steps=2, guidance_scale=3.0, seed=5)
     out = padded.generate("a red circle", **kw).latents
     assert seen == [16, 16]  # prompt and negative
     manual = HDMPipeline(loaded.model, PixelCodec(), reference.text_encoder, text_length=16)
     torch.testing.assert_close(out, manual.generate("a red circle", **kw).latents)
     assert (out - reference.generate("a red circle", **kw).latents).abs().max() > 1e-4
-    bad = save_checkpoint(tmp_path / "b.safetensors", loaded.model, codec=PixelCodec(), metadata={TEXT_LENGTH_KEY: "x"})
+    bad = save_checkpoint(
+        tmp_path / "b.safetensors", loaded.model, codec=PixelCodec(), metadata={TEXT_LENGTH_KEY: "x"}
+    )
     with pytest.raises(CheckpointError, match=TEXT_LENGTH_KEY):
         HDMPipeline.from_paths(bad, toy_text_encoder)

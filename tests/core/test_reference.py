@@ -22,10 +22,21 @@ def test_architecture_inferred_from_the_file(reference_dir, reference_meta):
     arch = reference_meta["arch"]
     cfg = ckpt.config
     assert (cfg.dim, cfg.heads, cfg.head_dim, cfg.mlp_dim, cfg.ctx_dim) == (
-        arch["dim"], arch["heads"], arch["dim_head"], arch["mlp_dim"], arch["ctx_dim"])
-    assert (cfg.depth, cfg.enc_blocks, cfg.dec_blocks) == (arch["depth"], arch["enc_blocks"], arch["dec_blocks"])
-    assert (cfg.tread_pre, cfg.tread_post) == (arch["tread_config"]["prev_trns_depth"],
-                                               arch["tread_config"]["post_trns_depth"])
+        arch["dim"],
+        arch["heads"],
+        arch["dim_head"],
+        arch["mlp_dim"],
+        arch["ctx_dim"],
+    )
+    assert (cfg.depth, cfg.enc_blocks, cfg.dec_blocks) == (
+        arch["depth"],
+        arch["enc_blocks"],
+        arch["dec_blocks"],
+    )
+    assert (cfg.tread_pre, cfg.tread_post) == (
+        arch["tread_config"]["prev_trns_depth"],
+        arch["tread_config"]["post_trns_depth"],
+    )
     assert count_parameters(cfg) == reference_meta["param_count"]
     assert isinstance(ckpt.codec, VaeCodec)
 
@@ -46,8 +57,13 @@ def test_camera_position_map_and_forward(reference_dir, reference_cases, referen
     torch.testing.assert_close(pm.expand(2, -1, -1), c["fwd_camera_posmap_latent"], atol=1e-6, rtol=0)
     model = _load(reference_dir).model
     with torch.no_grad():
-        out = model(c["fwd_x"], c["fwd_t"], c["fwd_ctx"], addon_info=c["fwd_addon"],
-                    pos_map=c["fwd_camera_posmap_latent"])
+        out = model(
+            c["fwd_x"],
+            c["fwd_t"],
+            c["fwd_ctx"],
+            addon_info=c["fwd_addon"],
+            pos_map=c["fwd_camera_posmap_latent"],
+        )
     assert (out - c["fwd_out_camera"]).abs().max().item() < FWD_TOL
     # The camera map must matter, or the previous assertion proves nothing about it.
     assert (out - c["fwd_out_default_pos"]).abs().max().item() > 10 * FWD_TOL
@@ -61,8 +77,15 @@ def test_euler_cfg_sample_and_decoded_image(reference_dir, reference_cases, refe
     pm = position_map(h, w, x_shift=cam["x_shift"], y_shift=cam["y_shift"], zoom=cam["zoom"])[None]
     cond = Conditioning(c["smp_cond"], pm, c["smp_addon"])
     uncond = Conditioning(c["smp_uncond"], pm, c["smp_addon"])
-    latent = sample_latents(ckpt.model, c["smp_noise"], cond, uncond, steps=smp["steps"],
-                            guidance_scale=smp["cfg_scale"], sampler=smp["name"])
+    latent = sample_latents(
+        ckpt.model,
+        c["smp_noise"],
+        cond,
+        uncond,
+        steps=smp["steps"],
+        guidance_scale=smp["cfg_scale"],
+        sampler=smp["name"],
+    )
     assert (latent - c["smp_latent"]).abs().max().item() < SAMPLE_TOL
     image = ckpt.codec.decode(latent)
     assert image.shape == c["smp_image"].shape

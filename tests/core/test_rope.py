@@ -35,7 +35,9 @@ def test_text_position_origin_is_identity_and_init_range():
     x = torch.randn(2, 4, 3, 16)
     torch.testing.assert_close(rope(x, torch.zeros(2, 4, 2)), x)
     freqs = rope.freqs.exp()
-    torch.testing.assert_close(freqs[0, :, 0], torch.linspace(math.log(math.pi), math.log(5 * math.pi), 4).exp())
+    torch.testing.assert_close(
+        freqs[0, :, 0], torch.linspace(math.log(math.pi), math.log(5 * math.pi), 4).exp()
+    )
     assert torch.equal(rope.freqs[0], rope.freqs[2])  # same init for every head and axis
 
 

@@ -34,9 +34,17 @@ def test_text_encoder_missing_folder(tmp_path):
 
 def _tiny_vae(**extra) -> AutoencoderKL:
     torch.manual_seed(0)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 16],
-                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                         layers_per_block=1, norm_num_groups=4, **extra)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=[8, 16],
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        layers_per_block=1,
+        norm_num_groups=4,
+        **extra,
+    )
 
 
 def test_tiny_autoencoderkl_folder_through_codec(tmp_path):
@@ -49,7 +57,9 @@ def test_tiny_autoencoderkl_folder_through_codec(tmp_path):
     img = codec.decode(z)
     assert img.shape == (1, 3, 8, 8) and img.min() >= 0 and img.max() <= 1
     # De-normalisation is applied before the decoder: decode(z) == raw decode of z * std + mean.
-    raw = codec.vae.decode(z * torch.tensor(std).view(1, 4, 1, 1) + torch.tensor(mean).view(1, 4, 1, 1)).sample
+    raw = codec.vae.decode(
+        z * torch.tensor(std).view(1, 4, 1, 1) + torch.tensor(mean).view(1, 4, 1, 1)
+    ).sample
     torch.testing.assert_close(img, (raw / 2 + 0.5).clamp(0, 1))
     lat = codec.encode(torch.rand(1, 3, 8, 8) * 2 - 1, generator=torch.Generator().manual_seed(0))
     assert lat.shape == (1, 4, 4, 4)

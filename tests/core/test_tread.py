@@ -53,7 +53,11 @@ def _model():
 
 def _inputs():
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, generator=g), torch.randn(2, 3, 64, generator=g))
+    return (
+        torch.randn(2, 4, 8, 8, generator=g),
+        torch.rand(2, generator=g),
+        torch.randn(2, 3, 64, generator=g),
+    )
 
 
 def test_rate_zero_equals_no_routing_in_eval():

@@ -6,8 +6,9 @@ import random
 
 from PIL import Image
 
-from hdm_core.synthetic import all_specs, render
-from scripts.demo_report import contact_sheet, dominant_shape, evaluate, loss_curve, pick_prompts
+from hdm_demo.scoring import dominant_shape, score_files
+from hdm_demo.shapes import all_specs, render
+from scripts.demo_report import contact_sheet, loss_curve, pick_prompts
 
 
 def test_scorer_recognises_rendered_shapes(tmp_path):
@@ -17,12 +18,16 @@ def test_scorer_recognises_rendered_shapes(tmp_path):
     for i, s in enumerate(specs):
         files.append(tmp_path / f"{i}.png")
         render(s, 64, rng).save(files[-1])
-    scores = evaluate(files, [{"colour": s.colour, "shape": s.shape} for s in specs])
+    scores = score_files(files, [{"colour": s.colour, "shape": s.shape} for s in specs]).fractions()
     assert scores == {"colour": 1.0, "shape": 1.0, "both": 1.0}
     # A grey image has no shape and no colour: the scorer must not credit it.
     blank = tmp_path / "blank.png"
     Image.new("RGB", (64, 64), (128, 128, 128)).save(blank)
-    assert evaluate([blank], [{"colour": "red", "shape": "square"}]) == {"colour": 0.0, "shape": 0.0, "both": 0.0}
+    assert score_files([blank], [{"colour": "red", "shape": "square"}]).fractions() == {
+        "colour": 0.0,
+        "shape": 0.0,
+        "both": 0.0,
+    }
     assert dominant_shape(Image.open(blank)) is None
 
 
@@ -35,7 +40,9 @@ def test_prompts_sheet_and_curve(tmp_path):
     prompts = pick_prompts(heldout)
     assert len({p["colour"] for p in prompts}) == 6 and len(prompts) == 12
     assert {p["background"] for p in prompts} == {"white", "gray", "black"}
-    assert all(len({p["shape"] for p in prompts if p["colour"] == c}) == 2 for c in {p["colour"] for p in prompts})
+    assert all(
+        len({p["shape"] for p in prompts if p["colour"] == c}) == 2 for c in {p["colour"] for p in prompts}
+    )
     assert all(p in json.loads(heldout.read_text()) for p in prompts)
     files = []
     for i, _p in enumerate(prompts[:5]):

@@ -86,7 +86,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny pixel-space XUT checkpoint in a models folder, and a toy text encoder."""
     import hdm_core
     from hdm_core.codec import PixelCodec
-    from hdm_core.text import build_toy_text_encoder
+    from hdm_demo.text_encoder import build_toy_text_encoder
 
     base = tmp_path_factory.mktemp("assets")
     models = base / "models"

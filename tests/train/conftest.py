@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hdm_core.synthetic import generate_dataset
-from hdm_core.text import build_toy_text_encoder
 from hdm_core.train.config import dump_toml
+from hdm_demo.shapes import generate_dataset
+from hdm_demo.text_encoder import build_toy_text_encoder
 
 REPO = Path(__file__).resolve().parents[2]
 

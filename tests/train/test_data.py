@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,28 +13,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from hdm_core.captions import CaptionConfig, parse_caption, process_caption
 from hdm_core.data import (
     CaptionedImageDataset,
     StageSampler,
     StreamLayout,
     collate,
+    dataset_stats,
     make_loader,
     resized_size,
-    scan_image_folder,
+    scan_images,
     shifted_square_crop,
 )
-from hdm_core.synthetic import (
-    COLOURS,
-    all_specs,
-    dominant_colour,
-    dominant_shape,
-    generate_dataset,
-    is_generated,
-    is_heldout,
-    render,
-    shape_scores,
-)
+from hdm_core.data.captions import CaptionConfig, parse_caption, process_caption
+from hdm_demo.shapes import generate_dataset
 
 NO_DROP = CaptionConfig(tag_separator="$$", caption_dropout=0.0, shuffle_tags=False, shuffle_groups=False)
 
@@ -73,7 +66,9 @@ def test_caption_dropouts_and_shuffle() -> None:
     assert process_caption(text, all_tags, random.Random(1)) == "keep"  # keep tags are never dropped
     all_groups = CaptionConfig(group_dropout=1.0, caption_dropout=0.0)
     assert process_caption(text, all_groups, random.Random(1)) == "keep"
-    shuffled = {process_caption(text, CaptionConfig(caption_dropout=0.0), random.Random(s)) for s in range(50)}
+    shuffled = {
+        process_caption(text, CaptionConfig(caption_dropout=0.0), random.Random(s)) for s in range(50)
+    }
     assert len(shuffled) > 10
     assert all(c.startswith("keep, ") and sorted(c.split(", ")[1:]) == list("abcdef") for c in shuffled)
     # The ", " separator of the finetune example.
@@ -108,15 +103,27 @@ def test_shifted_square_crop_pixels_inside_and_consistent(w: int, h: int) -> Non
         # Offset uniform in [0, long - short): the square always lies inside the resized image.
         assert 0 <= crop.offset < max(long_side - size, 1)
         assert crop.offset + size <= long_side
-        box = (crop.offset, 0, crop.offset + size, size) if new_w >= new_h else (0, crop.offset, size, crop.offset + size)
-        expected = torch.frombuffer(bytearray(resized.crop(box).tobytes()), dtype=torch.uint8).view(size, size, 3).float()
+        box = (
+            (crop.offset, 0, crop.offset + size, size)
+            if new_w >= new_h
+            else (0, crop.offset, size, crop.offset + size)
+        )
+        expected = (
+            torch.frombuffer(bytearray(resized.crop(box).tobytes()), dtype=torch.uint8)
+            .view(size, size, 3)
+            .float()
+        )
         expected = expected.permute(2, 0, 1) / 127.5 - 1
         assert crop.pixels.shape == (3, size, size)
         torch.testing.assert_close(crop.pixels, expected, atol=1e-6, rtol=0)
         assert crop.pixels.min() >= -1.0 and crop.pixels.max() <= 1.0
         # Position map: the pixel-resolution map of the resized image, cropped with the same offset.
         grid = spec_position_grid(new_h, new_w)
-        cut = grid[:, crop.offset : crop.offset + size] if new_w >= new_h else grid[crop.offset : crop.offset + size]
+        cut = (
+            grid[:, crop.offset : crop.offset + size]
+            if new_w >= new_h
+            else grid[crop.offset : crop.offset + size]
+        )
         torch.testing.assert_close(crop.pos_map.double(), cut.reshape(-1, 2), atol=1e-6, rtol=0)
         # ln(W/H) of the resized image, before the crop.
         assert crop.addon == pytest.approx(math.log(new_w / new_h))
@@ -141,7 +148,9 @@ def test_crop_position_map_area_reduced_to_latent() -> None:
     full = crop_px.pos_map.view(64, 64, 2).permute(2, 0, 1)[None]
     pooled = F.avg_pool2d(full, 8)[0].permute(1, 2, 0).reshape(64, 2)
     torch.testing.assert_close(crop_lat.pos_map, pooled, atol=1e-6, rtol=0)
-    assert float(crop_lat.pos_map[:, 1].mean()) == pytest.approx(float(crop_px.pos_map[:, 1].mean()), abs=1e-5)
+    assert float(crop_lat.pos_map[:, 1].mean()) == pytest.approx(
+        float(crop_px.pos_map[:, 1].mean()), abs=1e-5
+    )
     with pytest.raises(ValueError, match="multiple"):
         shifted_square_crop(img, 60, random.Random(0), downsample=8)
 
@@ -158,7 +167,7 @@ def test_folder_layout_and_missing_captions(tmp_path: Path) -> None:
     (tmp_path / "sub" / "deeper").mkdir()
     noise_image(30, 30).save(tmp_path / "sub" / "deeper" / "ignored.png")
     (tmp_path / "notes.txt").write_text("not an image")
-    files = scan_image_folder(tmp_path)
+    files = scan_images(tmp_path)
     assert [p.relative_to(tmp_path).as_posix() for p in files] == ["a.png", "sub/b.JPG", "sub/c.webp"]
     ds = CaptionedImageDataset(tmp_path, size=16, captions=NO_DROP)
     assert ds[(0, 1)]["caption"] == "cap a"
@@ -237,57 +246,26 @@ def test_dataset_is_deterministic_per_sample_seed(tmp_path: Path) -> None:
     assert batch["addon"].shape == (3,) and len(batch["captions"]) == 3
 
 
-# --- synthetic set ----------------------------------------------------------------------------------------------
+def test_dataset_stats_count_what_the_trainer_reads(tmp_path: Path) -> None:
+    """One scan rule: validation counts exactly the files the data set trains on (no .bmp, no 2-deep files)."""
+    noise_image(40, 30).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("cap a")
+    noise_image(30, 30).save(tmp_path / "b.bmp")
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    noise_image(30, 40).save(tmp_path / "sub" / "c.jpeg")
+    noise_image(30, 30).save(tmp_path / "sub" / "deeper" / "d.png")
+    (tmp_path / "sub" / "broken.webp").write_bytes(b"not an image")
+    stats = dataset_stats(tmp_path)
+    ds = CaptionedImageDataset(tmp_path, size=16, captions=NO_DROP)
+    assert stats["images"] == len(ds) == len(scan_images(tmp_path)) == 3
+    assert stats["captioned"] == 1 and stats["missing_captions"] == ["sub/broken.webp", "sub/c.jpeg"]
+    assert stats["unreadable"] == ["sub/broken.webp"] and stats["size_histogram"] == {"0+": 2}
 
 
-def test_synthetic_dataset_and_colour_metric(tmp_path: Path) -> None:
-    out = generate_dataset(tmp_path / "syn", count=40, size=48, seed=3)
-    images = sorted(out.glob("*.png"))
-    assert len(images) == 40
-    heldout = {s.caption for s in all_specs(heldout=True)}
-    correct = 0
-    for path in images:
-        caption = path.with_suffix(".txt").read_text().strip()
-        assert caption not in heldout
-        words = caption.split()
-        colour, shape, position = words[1], words[2], " ".join(words[5:-4])
-        assert colour in COLOURS and not is_heldout(colour, shape, position)
-        correct += dominant_colour(Image.open(path)) == colour
-    assert correct == 40
-    # The recipe is recorded: the same call is recognised as done, another recipe is not, and regenerating
-    # replaces the earlier images instead of mixing the two sets.
-    assert is_generated(out, count=40, size=48, seed=3)
-    assert not is_generated(out, count=40, size=48, seed=4) and not is_generated(tmp_path / "none", count=40)
-    generate_dataset(out, count=10, size=48, seed=4)
-    assert len(list(out.glob("*.png"))) == 10 and is_generated(out, count=10, size=48, seed=4)
-    # An achromatic image has no dominant colour; a wrong hue is not accepted.
-    assert dominant_colour(Image.new("RGB", (32, 32), (128, 128, 128))) is None
-    assert dominant_colour(Image.new("RGB", (32, 32), COLOURS["blue"])) == "blue"
-
-
-@pytest.mark.parametrize("size", [32, 64])
-def test_shape_metric_recognises_every_rendered_shape(size: int) -> None:
-    """The demo's shape score is only meaningful if it names the drawn shape, also blurred and downscaled."""
-    from PIL import ImageFilter
-
-    rng = random.Random(size)
-    for spec in all_specs(heldout=False)[::3] + all_specs(heldout=True):
-        img = render(spec, 64, rng).resize((size, size), Image.Resampling.BICUBIC)
-        blurred = img.filter(ImageFilter.GaussianBlur(size / 32))
-        for candidate in (img, blurred):
-            assert dominant_shape(candidate) == spec.shape, (spec, shape_scores(candidate))
-    # No saturated pixels: no shape; a square patch is a square, not a circle.
-    assert dominant_shape(Image.new("RGB", (32, 32), (240, 240, 240))) is None
-    square = Image.new("RGB", (32, 32), (15, 15, 15))
-    square.paste(COLOURS["red"], (8, 8, 22, 22))
-    assert dominant_shape(square) == "square"
-
-
-def test_synthetic_cli(tmp_path: Path) -> None:
-    from hdm_core.synthetic import main
-
-    assert main([str(tmp_path / "out"), "--count", "5", "--size", "24"]) == 0
-    assert len(list((tmp_path / "out").glob("*.png"))) == 5
-    assert Image.open(tmp_path / "out" / "00000.png").size == (24, 24)
-    with pytest.raises(SystemExit):
-        main([str(tmp_path / "bad"), "--count", "0"])
+def test_scan_and_config_import_without_torch() -> None:
+    """The API imports these; it never imports torch."""
+    code = (
+        "import sys, hdm_core.data, hdm_core.data.scan, hdm_core.train, hdm_core.train.config, hdm_core.files;"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])

@@ -20,8 +20,8 @@ def test_demo_config_loss_drops(toy_te: Path, shapes_dir: Path, tmp_path: Path) 
     res = [s.resolution for s in cfg.stages]
     assert len(res) == 2 and res[0] < res[1] and all(s.tread_rate > 0 for s in cfg.stages)
     # Same model, optimizer and recipe; the fixtures' data and text encoder, and far fewer, smaller steps.
-    raw["text_encoder"] = {**raw["text_encoder"], "path": str(toy_te), "build_toy": False}
-    raw["data"] = {k: v for k, v in raw["data"].items() if k != "synthetic"} | {"path": str(shapes_dir), "num_workers": 0}
+    raw["text_encoder"] = {**raw["text_encoder"], "path": str(toy_te)}
+    raw["data"] = {**raw["data"], "path": str(shapes_dir), "num_workers": 0}
     raw["sampling"] = {"every": 0}
     raw["train"] = {**raw["train"], "checkpoint_every": 1000, "num_threads": 1}
     raw["schedule"] = {**raw["schedule"], "warmup_steps": 5}

@@ -19,7 +19,7 @@ from hdm_core import XUT, load_checkpoint, save_checkpoint
 from hdm_core.codec import PixelCodec
 from hdm_core.train import fan_in, lr_factor, run_training
 from hdm_core.train.config import TrainConfigError, load_config
-from hdm_core.train_state import STATE_FILE, CheckpointManager, load_training_state
+from hdm_core.train.run_dir import STATE_FILE, RunDir, load_training_state
 
 from .conftest import REPO, TINY_MODEL, final_weights, read_metrics, train_cli
 
@@ -38,9 +38,25 @@ def test_ddp_two_ranks_match_single_process(make_config: Callable[..., Path], tm
     assert single.returncode == 0, single.stderr[-3000:]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "hdm_core.train", str(ddp_cfg), "--run-dir", str(tmp_path / "ddp")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "hdm_core.train",
+            str(ddp_cfg),
+            "--run-dir",
+            str(tmp_path / "ddp"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     # Both ranks hold identical weights: every checkpoint records each rank's weight fingerprint.
@@ -64,17 +80,26 @@ def test_ddp_two_ranks_match_single_process(make_config: Callable[..., Path], tm
     assert la == pytest.approx(lb, abs=1e-5)
 
 
-def test_sigkill_mid_stage_then_resume_matches_uninterrupted(make_config: Callable[..., Path], tmp_path: Path) -> None:
+def test_sigkill_mid_stage_then_resume_matches_uninterrupted(
+    make_config: Callable[..., Path], tmp_path: Path
+) -> None:
     stages = [{"resolution": 16, "batch_size": 2, "grad_accum": 2, "lr": 0.5, "steps": 14, "tread_rate": 0.5}]
-    cfg = make_config(stages=stages, data={"path": str(load_config_path_data(make_config)), "num_workers": 1},
-                      train={"checkpoint_every": 3, "keep_last_n": 2, "num_threads": 1})
+    cfg = make_config(
+        stages=stages,
+        data={"path": str(load_config_path_data(make_config)), "num_workers": 1},
+        train={"checkpoint_every": 3, "keep_last_n": 2, "num_threads": 1},
+    )
     ref = train_cli(str(cfg), "--run-dir", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "hdm_core.train", str(cfg), "--run-dir", str(run)], cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hdm_core.train", str(cfg), "--run-dir", str(run)],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -112,13 +137,15 @@ def read_metrics_tolerant(run_dir: Path) -> list[dict]:
 
 
 def test_half_written_checkpoint_is_never_loaded(make_config: Callable[..., Path], tmp_path: Path) -> None:
-    cfg = make_config(stages=[{"resolution": 16, "batch_size": 2, "lr": 0.5, "steps": 4}],
-                      train={"checkpoint_every": 1, "keep_last_n": 3, "num_threads": 1})
+    cfg = make_config(
+        stages=[{"resolution": 16, "batch_size": 2, "lr": 0.5, "steps": 4}],
+        train={"checkpoint_every": 1, "keep_last_n": 3, "num_threads": 1},
+    )
     run = tmp_path / "run"
     result = run_training(load_config(cfg), run, max_steps=3)
     assert result.step == 3 and not result.finished
     ckpt_dir = run / "checkpoints"
-    manager = CheckpointManager(run)
+    manager = RunDir(run)
     assert [e["step"] for e in manager.read_manifest()] == [1, 2, 3]
     # Damage the newest checkpoint (as a crash inside a non-atomic write would) and leave debris of a save that
     # never finished: a temp folder and a step folder the manifest does not list.
@@ -127,7 +154,7 @@ def test_half_written_checkpoint_is_never_loaded(make_config: Callable[..., Path
     (ckpt_dir / ".tmp-step-00000004-x").mkdir()
     (ckpt_dir / ".tmp-step-00000004-x" / STATE_FILE).write_bytes(b"partial")
     (ckpt_dir / "step-00000009").mkdir()
-    latest = manager.latest_valid()
+    latest = manager.latest_snapshot()
     assert latest is not None and latest.step == 2
     resumed = run_training(load_config(cfg), run, resume=True)
     assert resumed.finished and resumed.step == 4
@@ -135,7 +162,7 @@ def test_half_written_checkpoint_is_never_loaded(make_config: Callable[..., Path
     assert not (ckpt_dir / ".tmp-step-00000004-x").exists() and not (ckpt_dir / "step-00000009").exists()
     # A manifest that is garbage (never produced by the atomic writer, but possible on a broken disk) is ignored.
     (ckpt_dir / "manifest.json").write_text("{not json")
-    assert manager.latest_valid() is None
+    assert manager.latest_snapshot() is None
 
 
 def test_progressive_stages_change_resolution_and_keep_optimizer_state(
@@ -143,8 +170,17 @@ def test_progressive_stages_change_resolution_and_keep_optimizer_state(
 ) -> None:
     stages = [
         {"name": "low", "resolution": 16, "batch_size": 2, "lr": 0.5, "steps": 3, "tread_rate": 0.5},
-        {"name": "high", "resolution": 32, "batch_size": 1, "grad_accum": 2, "lr": 0.2, "steps": 2,
-         "tread_rate": 0.0, "warmup_steps": 0, "betas": [0.9, 0.995]},
+        {
+            "name": "high",
+            "resolution": 32,
+            "batch_size": 1,
+            "grad_accum": 2,
+            "lr": 0.2,
+            "steps": 2,
+            "tread_rate": 0.0,
+            "warmup_steps": 0,
+            "betas": [0.9, 0.995],
+        },
     ]
     cfg = make_config(stages=stages, train={"checkpoint_every": 100, "keep_last_n": 2, "num_threads": 1})
     result = run_training(load_config(cfg), tmp_path / "run")
@@ -152,7 +188,7 @@ def test_progressive_stages_change_resolution_and_keep_optimizer_state(
     log = read_metrics(tmp_path / "run")
     assert [(r["stage_name"], r["resolution"]) for r in log] == [("low", 16)] * 3 + [("high", 32)] * 2
     assert log[3]["lr"] == pytest.approx(0.2)  # no warmup in stage 2: the cosine starts at the stage's lr
-    manifest = CheckpointManager(tmp_path / "run").read_manifest()
+    manifest = RunDir(tmp_path / "run").read_manifest()
     assert [e["step"] for e in manifest] == [3, 5]  # a checkpoint at every stage end
     state = load_training_state(tmp_path / "run" / "checkpoints" / "step-00000005" / STATE_FILE)
     # Adam's per-parameter step count and moments carried over from stage 1 (5 steps, not 2).
@@ -171,8 +207,10 @@ def test_finetune_starts_from_checkpoint_weights(make_config: Callable[..., Path
         for p in source.parameters():
             p.add_(torch.randn_like(p) * 0.1)  # nothing like a fresh init (zero-init layers included)
     src_path = save_checkpoint(tmp_path / "base.safetensors", source, codec=PixelCodec())
-    cfg = make_config(model={"init_from": str(src_path)},
-                      stages=[{"resolution": 16, "batch_size": 2, "lr": 1e-6, "steps": 1}])
+    cfg = make_config(
+        model={"init_from": str(src_path)},
+        stages=[{"resolution": 16, "batch_size": 2, "lr": 1e-6, "steps": 1}],
+    )
     result = run_training(load_config(cfg), tmp_path / "ft")
     assert result.finished
     tuned = load_checkpoint(tmp_path / "ft" / "final.safetensors").model.state_dict()
@@ -183,17 +221,27 @@ def test_finetune_starts_from_checkpoint_weights(make_config: Callable[..., Path
     assert max(float((tuned[k] - fresh[k]).abs().max()) for k in fresh) > 0.1
 
 
-def test_sigterm_saves_a_checkpoint_then_exits_promptly(make_config: Callable[..., Path], tmp_path: Path) -> None:
-    """A preempted or cancelled run (SIGTERM) keeps every step it made: a checkpoint at the last logged step."""
-    cfg = make_config(stages=[{"resolution": 16, "batch_size": 2, "lr": 0.5, "steps": 100000}],
-                      train={"checkpoint_every": 100000, "keep_last_n": 1, "num_threads": 1})
+def test_sigterm_saves_a_checkpoint_then_exits_promptly(
+    make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A preempted or cancelled run (SIGTERM) keeps every step it made: a snapshot at the last logged step."""
+    cfg = make_config(
+        stages=[{"resolution": 16, "batch_size": 2, "lr": 0.5, "steps": 100000}],
+        train={"checkpoint_every": 100000, "keep_last_n": 1, "num_threads": 1},
+    )
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "hdm_core.train", str(cfg), "--run-dir", str(run)], cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hdm_core.train", str(cfg), "--run-dir", str(run)],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not ((run / "metrics.jsonl").exists() and
-                                                (run / "metrics.jsonl").read_text().count("\n") >= 2):
+    while time.monotonic() < deadline and not (
+        (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 2
+    ):
         time.sleep(0.05)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -202,7 +250,9 @@ def test_sigterm_saves_a_checkpoint_then_exits_promptly(make_config: Callable[..
     assert time.monotonic() - t0 < 10
     assert "terminated by SIGTERM" in (proc.stderr.read() if proc.stderr else "")
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"]
-    saved = [e["step"] for e in json.loads((run / "checkpoints" / "manifest.json").read_text())["checkpoints"]]
+    saved = [
+        e["step"] for e in json.loads((run / "checkpoints" / "manifest.json").read_text())["checkpoints"]
+    ]
     assert last >= 2 and saved == [last], (last, saved)
 
 
@@ -220,24 +270,34 @@ def test_config_errors_name_the_field(make_config: Callable[..., Path]) -> None:
         load_config(make_config(objective={"t_logit_std": 0.0}))
 
 
-def test_objective_time_distribution_changes_training(make_config: Callable[..., Path], tmp_path: Path) -> None:
+def test_objective_time_distribution_changes_training(
+    make_config: Callable[..., Path], tmp_path: Path
+) -> None:
     """t_logit_mean moves the sampled times; the default stays the reference's logit-normal(0, 1)."""
     stages = [{"resolution": 16, "batch_size": 2, "lr": 0.5, "steps": 2}]
     default = run_training(load_config(make_config(stages=stages)), tmp_path / "a").last_loss
     explicit = run_training(
-        load_config(make_config(stages=stages, objective={"t_logit_mean": 0.0, "t_logit_std": 1.0})), tmp_path / "b"
+        load_config(make_config(stages=stages, objective={"t_logit_mean": 0.0, "t_logit_std": 1.0})),
+        tmp_path / "b",
     ).last_loss
-    shifted = run_training(load_config(make_config(stages=stages, objective={"t_logit_mean": 3.0})), tmp_path / "c").last_loss
+    shifted = run_training(
+        load_config(make_config(stages=stages, objective={"t_logit_mean": 3.0})), tmp_path / "c"
+    ).last_loss
     assert default == explicit  # same draws: the section only names the reference's values
     assert shifted != default
     # The caption length the run padded to is recorded for inference (HDMPipeline.text_length).
     from hdm_core.checkpoint import TEXT_LENGTH_KEY, load_checkpoint
 
-    for path in (tmp_path / "a" / "final.safetensors", *(tmp_path / "a" / "checkpoints").glob("step-*/model.safetensors")):
+    for path in (
+        tmp_path / "a" / "final.safetensors",
+        *(tmp_path / "a" / "checkpoints").glob("step-*/model.safetensors"),
+    ):
         assert load_checkpoint(path).metadata[TEXT_LENGTH_KEY] == "8", path
 
 
-def test_fresh_run_refuses_a_run_dir_with_checkpoints(make_config: Callable[..., Path], tmp_path: Path) -> None:
+def test_fresh_run_refuses_a_run_dir_with_checkpoints(
+    make_config: Callable[..., Path], tmp_path: Path
+) -> None:
     cfg = load_config(make_config(stages=[{"resolution": 16, "batch_size": 1, "lr": 0.5, "steps": 1}]))
     assert run_training(cfg, tmp_path / "run").finished
     with pytest.raises(TrainConfigError, match="--resume"):
@@ -264,7 +324,13 @@ def test_mixed_precision_checkpointing_ema_and_samples(
 ) -> None:
     cfg = make_config(
         model={**TINY_MODEL, "gradient_checkpointing": True},
-        train={"precision": precision, "ema_decay": 0.9, "checkpoint_every": 100, "keep_last_n": 1, "num_threads": 1},
+        train={
+            "precision": precision,
+            "ema_decay": 0.9,
+            "checkpoint_every": 100,
+            "keep_last_n": 1,
+            "num_threads": 1,
+        },
         sampling={"every": 2, "prompts": ["a red circle at the center on a white background"], "steps": 2},
         stages=[{"resolution": 16, "batch_size": 2, "lr": 0.5, "steps": 2}],
     )

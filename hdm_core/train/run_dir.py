@@ -1,20 +1,23 @@
-"""Training checkpoints: atomic step folders, a manifest, retention, and finding the newest valid one.
+"""A training run's folder: config, metrics log, resumable snapshots with a manifest, final weights.
 
-Layout under ``run_dir/checkpoints/``::
+Layout of ``run_dir/`` (the worker and docs/training.md read it; names on disk are unchanged)::
 
-    step-00000500/model.safetensors      # released layout via hdm_core.save_checkpoint (load_checkpoint reads it)
-    step-00000500/training_state.pt      # optimizer, grad scaler, step, stage, sampler position, per-rank RNG
-    step-00000500/model_ema.safetensors  # only with train.ema_decay > 0
-    manifest.json                        # the checkpoints that are complete, oldest first, with sha256 per file
+    config.json                              # the validated config of the run
+    metrics.jsonl                            # one JSON object per logged optimizer step
+    checkpoints/step-00000500/model.safetensors      # weights via hdm_core.save_checkpoint (load_checkpoint reads it)
+    checkpoints/step-00000500/training_state.pt      # optimizer, grad scaler, step, stage, data position, RNG
+    checkpoints/step-00000500/model_ema.safetensors  # only with train.ema_decay > 0
+    checkpoints/manifest.json                # the complete snapshots, oldest first, with sha256 per file
+    final.safetensors                        # when every stage has finished
 
-A checkpoint is written into a hidden temp folder, every file fsynced, the folder renamed into place, and only then
+In code a step folder is a *snapshot* (weights + training state); "checkpoint" means the weights file format.
+A snapshot is written into a hidden temp folder, every file fsynced, the folder renamed into place, and only then
 added to the manifest (itself replaced atomically). Resume reads the manifest newest first and verifies every file's
-size and sha256, so a half-written or damaged checkpoint is never loaded: it is skipped with a warning.
+size and sha256, so a half-written or damaged snapshot is never loaded: it is skipped with a warning.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,48 +29,59 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .checkpoint import atomic_write, fsync_dir, fsync_file
+from hdm_core.files import atomic_write_text, fsync_dir, fsync_file, sha256_file
+from hdm_core.train.config import TrainConfig, TrainConfigError
 
 logger = logging.getLogger(__name__)
 
+SNAPSHOTS = "checkpoints"  # the folder name on disk (read by the worker)
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "model_ema.safetensors"
 STATE_FILE = "training_state.pt"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+STATE_VERSION = 1
 
 
 @dataclass(frozen=True)
-class CheckpointEntry:
+class Snapshot:
     name: str
     path: Path
     step: int
     info: dict[str, Any]
 
 
-class CheckpointManager:
-    """Rank 0 owns one of these per run; `latest_valid` may be called by every rank (read only)."""
+class RunDir:
+    """Rank 0 writes through one of these per run; `latest_snapshot` may be called by every rank (read only)."""
 
-    def __init__(self, run_dir: str | Path, *, keep_last_n: int = 3) -> None:
-        self.dir = Path(run_dir) / "checkpoints"
+    def __init__(self, root: str | Path, *, keep_last_n: int = 3) -> None:
+        self.root = Path(root)
+        self.dir = self.root / SNAPSHOTS
         self.keep_last_n = keep_last_n
 
     @property
     def manifest_path(self) -> Path:
         return self.dir / MANIFEST
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def final_path(self) -> Path:
+        return self.root / "final.safetensors"
+
+    def start(self, cfg: TrainConfig, *, resume: bool) -> None:
+        """Rank 0, before training: record the config; a fresh run refuses a folder that holds snapshots."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+        if resume:
+            return
+        if self.read_manifest():
+            raise TrainConfigError(
+                f"--run-dir: {self.root} already holds checkpoints; pass --resume to continue that run "
+                "or choose a new run folder"
+            )
+        self.metrics_path.unlink(missing_ok=True)
 
     def read_manifest(self) -> list[dict[str, Any]]:
         try:
@@ -78,7 +92,7 @@ class CheckpointManager:
             OSError,
             json.JSONDecodeError,
         ) as exc:  # cannot happen with atomic writes, but never crash on it
-            logger.warning("checkpoint manifest %s unreadable (%s); ignoring it", self.manifest_path, exc)
+            logger.warning("snapshot manifest %s unreadable (%s); ignoring it", self.manifest_path, exc)
             return []
         entries = data.get("checkpoints", []) if isinstance(data, dict) else []
         return [e for e in entries if isinstance(e, dict) and "name" in e and "step" in e]
@@ -86,7 +100,7 @@ class CheckpointManager:
     def _write_manifest(self, entries: list[dict[str, Any]]) -> None:
         atomic_write_text(self.manifest_path, json.dumps({"checkpoints": entries}, indent=1) + "\n")
 
-    def save(self, step: int, write_files: Callable[[Path], None], info: dict[str, Any]) -> Path:
+    def save_snapshot(self, step: int, write_files: Callable[[Path], None], info: dict[str, Any]) -> Path:
         """Create `step-NNNNNNNN/` atomically: `write_files(tmp_folder)` writes the files, then rename + manifest."""
         self.dir.mkdir(parents=True, exist_ok=True)
         name = f"step-{step:08d}"
@@ -113,11 +127,11 @@ class CheckpointManager:
         entries.sort(key=lambda e: e["step"])
         stale = entries[: max(0, len(entries) - self.keep_last_n)]
         entries = entries[len(stale) :]
-        self._write_manifest(entries)  # the manifest forgets old checkpoints before their folders go
+        self._write_manifest(entries)  # the manifest forgets old snapshots before their folders go
         for old in stale:
             shutil.rmtree(self.dir / old["name"], ignore_errors=True)
         self._remove_leftovers(keep={e["name"] for e in entries})
-        logger.info("saved checkpoint %s", final)
+        logger.info("saved snapshot %s", final)
         return final
 
     def _remove_leftovers(self, keep: set[str]) -> None:
@@ -143,20 +157,40 @@ class CheckpointManager:
                 return f"{path} does not match its sha256"
         return None
 
-    def latest_valid(self) -> CheckpointEntry | None:
+    def latest_snapshot(self) -> Snapshot | None:
         """The newest manifest entry whose files verify; damaged ones are skipped with a warning."""
         for entry in reversed(self.read_manifest()):
             problem = self.verify(entry)
             if problem is None:
-                return CheckpointEntry(entry["name"], self.dir / entry["name"], int(entry["step"]), entry)
-            logger.warning("not resuming from checkpoint %s: %s", entry["name"], problem)
+                return Snapshot(entry["name"], self.dir / entry["name"], int(entry["step"]), entry)
+            logger.warning("not resuming from snapshot %s: %s", entry["name"], problem)
         return None
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop log lines written after the snapshot (and a torn last line), so the log matches the state."""
+        if not self.metrics_path.exists():
+            return
+        kept = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(f"{k}\n" for k in kept), encoding="utf-8")
+        os.replace(tmp, self.metrics_path)
 
 
 def save_training_state(path: Path, state: dict[str, Any]) -> None:
+    import torch
+
     torch.save(state, path)
 
 
 def load_training_state(path: Path) -> dict[str, Any]:
+    import torch
+
     # Only tensors, numbers, strings and containers: the safe loader suffices.
     return torch.load(path, map_location="cpu", weights_only=True)
