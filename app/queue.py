@@ -10,6 +10,8 @@ import contextlib
 import functools
 import json
 import logging
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
@@ -69,34 +71,73 @@ def publish(kind: str, job_id: str, queue: str, enqueue_count: int, countdown: f
     )
 
 
-def broker_job_ids(settings: Settings) -> set[str] | None:
-    """Job ids with a message waiting in (or reserved from) the Redis broker; None if it cannot be read."""
+@dataclass(frozen=True)
+class BrokerView:
+    """What the Redis broker holds, by job id: ``waiting`` have a message in a queue or one delivered recently;
+    ``stuck`` have only messages delivered more than ``stuck_after_s`` ago and never acknowledged (delivery tags)."""
+
+    waiting: set[str] = field(default_factory=set)
+    stuck: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _job_id(message: Any) -> str | None:
+    try:
+        return str(message["headers"]["id"]).split(".", 1)[0]
+    except (KeyError, TypeError):
+        return None
+
+
+def broker_view(settings: Settings, stuck_after_s: float) -> BrokerView | None:
+    """Scan the broker's queues and its ``unacked`` hash; None if it cannot be read.
+
+    A worker takes a message it can run and claims the job at once, so a queued job's message stays delivered but
+    unacknowledged only while it waits out a bounce countdown (seconds) or behind a busy worker's running task. One
+    older than ``stuck_after_s`` most likely belongs to a worker that died: kombu would hand it out again only
+    after the visibility timeout (hours). Publishing such a job again at worst duplicates a message; the claim in
+    the database is atomic, so the job still runs once."""
     if not settings.broker_url.startswith(("redis://", "rediss://")):
         return None
-    ids: set[str] = set()
+    view = BrokerView()
     try:
         r = _redis(settings)
-        raws: list[Any] = []
         for q in settings.all_queues:
             for key in r.scan_iter(match=f"{q}*", count=100):
                 if r.type(key) == b"list":
-                    raws.extend(r.lrange(key, 0, -1))
-        for raw in r.hvals("unacked"):
+                    for raw in r.lrange(key, 0, -1):
+                        with contextlib.suppress(ValueError):
+                            if (jid := _job_id(json.loads(raw))) is not None:
+                                view.waiting.add(jid)
+        delivered = dict(r.zrange("unacked_index", 0, -1, withscores=True))
+        old = time.time() - stuck_after_s
+        # countdown (ETA) messages wait inside the worker, not in the list: they are in "unacked" too.
+        for tag, raw in r.hgetall("unacked").items():
             try:
-                raws.append(json.dumps(json.loads(raw)[0]))
+                jid = _job_id(json.loads(raw)[0])
             except (ValueError, IndexError, TypeError):
                 continue
-        # countdown (ETA) messages wait inside the worker, not in the list: they are in "unacked" too.
-        for raw in raws:
-            try:
-                tid = json.loads(raw)["headers"]["id"]
-            except (ValueError, KeyError, TypeError):
+            if jid is None:
                 continue
-            ids.add(str(tid).split(".", 1)[0])
+            if delivered.get(tag, time.time()) < old:
+                view.stuck.setdefault(jid, []).append(tag.decode())
+            else:
+                view.waiting.add(jid)
     except Exception as exc:  # broker down: nothing can be decided
         log.warning("broker scan failed: %s", exc)
         return None
-    return ids
+    return view
+
+
+def drop_unacked(settings: Settings, tags: list[str]) -> int:
+    """Forget messages a dead worker held (so kombu does not hand them out again hours later); returns how many
+    were still there."""
+    if not tags:
+        return 0
+    r = _redis(settings)
+    with r.pipeline() as pipe:
+        for tag in tags:
+            pipe.zrem("unacked_index", tag).hdel("unacked", tag)
+        res = pipe.execute()
+    return sum(int(x) for x in res[1::2])
 
 
 def _redis(settings: Settings):  # type: ignore[no-untyped-def]

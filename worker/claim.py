@@ -8,6 +8,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from sqlalchemy import update
+
 from app.db import session_scope
 from app.models import Checkpoint, Dataset, Job
 from app.services import jobs, leases
@@ -40,7 +42,7 @@ class Claimed:
 
 def claim(job_id: str, worker: str, *, slot: int | None = None) -> Claimed | Literal["skipped", "bounced"]:
     """``slot``: the GPU this worker owns; when another job holds its lease the job goes back to the queue
-    ("bounced"). A train job's own slots (reserved by the scheduler) are acquired after the claim."""
+    ("bounced"). A train job's own slots (reserved by the scheduler) are acquired before the claim."""
     with session_scope() as session:
         job = session.get(Job, job_id)
         if job is None or job.status != "queued":
@@ -50,14 +52,23 @@ def claim(job_id: str, worker: str, *, slot: int | None = None) -> Claimed | Lit
             log.info("slot %s is leased to another job; job %s goes back to the queue", slot, job_id)
             jobs.enqueue(session, job, countdown=BOUNCE_S)
             return "bounced"
+        slots = list(job.slots or [])
+        # A train job's reserved slots, taken before the claim: if one went stale and another job holds it now, the
+        # job must not start (two trainers on one GPU); it goes back to the scheduler for new slots.
+        if slots and not all(leases.acquire(session, s, job_id, worker) for s in slots):
+            log.warning("job %s: a reserved slot of %s is held by another job; rescheduling", job_id, slots)
+            leases.release(session, job_id)
+            session.execute(
+                update(Job).where(Job.id == job_id, Job.status == "queued").values(slots=None, queue=None)
+            )
+            jobs.add_event(session, job_id, "log", {"message": f"slots {slots} were taken; rescheduling"})
+            session.commit()
+            return "bounced"
         if not jobs.claim(session, job_id, worker):
             if slot is not None:  # only the lease taken just now: a running delivery keeps its own
                 leases.release(session, job_id)
             return "skipped"
         session.refresh(job)
-        slots = list(job.slots or [])
-        for s in slots:
-            leases.acquire(session, s, job_id, worker)
         ckpt = session.get(Checkpoint, job.model_id) if job.model_id else None
         ds = session.get(Dataset, job.dataset_id) if job.dataset_id else None
         return Claimed(

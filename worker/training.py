@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import select
 
 from app.db import session_scope
-from app.models import Checkpoint, Job
+from app.models import Checkpoint, Job, JobEvent
 from app.procutil import alive, die_with_parent, kill_tree, process_tree
 from app.services import jobs, leases, models
 from app.settings import get_settings
@@ -35,11 +35,18 @@ class _Supervisor:
         self.job_id, self.run_dir = job_id, run_dir
         self.metrics_offset = 0
         self.metrics_inode: int | None = None
-        self.skip_upto = (
-            -1
-        )  # after a resume the trainer rewrites the log up to its checkpoint: those lines are old
+        # Steps already stored as metrics events (by this or an earlier attempt). A resumed trainer rewrites the
+        # log up to its checkpoint and runs the steps after it again: those lines are skipped, and only those, so
+        # lines an attempt wrote but its dead supervisor never read still become events (issue 10, item 17).
+        self.stored: set[int] = set()
         self.registered: set[str] = set()
         self.latest: dict[str, Any] = {}
+
+    def load_stored(self, session: Any) -> None:
+        rows = session.scalars(
+            select(JobEvent.data).where(JobEvent.job_id == self.job_id, JobEvent.type == "metrics")
+        )
+        self.stored = {d["step"] for d in rows if isinstance(d, dict) and isinstance(d.get("step"), int)}
 
     def poll(self) -> None:
         new = self._read_metrics()
@@ -53,6 +60,7 @@ class _Supervisor:
                     job.progress_step = int(self.latest.get("step", job.progress_step))
                     job.result = {**(job.result or {}), "metrics": self.latest, "run_dir": str(self.run_dir)}
             session.commit()
+            self.stored |= {r["step"] for r in new if isinstance(r.get("step"), int)}
             self._register(session)
 
     def _read_metrics(self) -> list[dict[str, Any]]:
@@ -61,13 +69,9 @@ class _Supervisor:
             st = path.stat()
         except FileNotFoundError:
             return []
-        if (
-            self.metrics_inode is not None and st.st_ino != self.metrics_inode
-        ) or st.st_size < self.metrics_offset:
-            self.metrics_offset = (
-                0  # replaced (truncated to the resume checkpoint): re-read, skip what was sent
-            )
-            self.skip_upto = self._newest_checkpoint_step()
+        replaced = self.metrics_inode is not None and st.st_ino != self.metrics_inode
+        if replaced or st.st_size < self.metrics_offset:
+            self.metrics_offset = 0  # rewritten (truncated to the resume checkpoint): read it again
         self.metrics_inode = st.st_ino
         with path.open("rb") as f:
             f.seek(self.metrics_offset)
@@ -80,16 +84,12 @@ class _Supervisor:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if rec.get("step", 0) > self.skip_upto:
+            if not isinstance(rec, dict):
+                continue
+            step = rec.get("step")
+            if not (isinstance(step, int) and step in self.stored):
                 out.append(rec)
         return out
-
-    def _newest_checkpoint_step(self) -> int:
-        try:
-            entries = json.loads((self.run_dir / "checkpoints" / "manifest.json").read_text())["checkpoints"]
-            return max(int(e["step"]) for e in entries)
-        except (OSError, ValueError, KeyError, TypeError):
-            return 0
 
     def _register(self, session: Any) -> None:
         manifest = self.run_dir / "checkpoints" / "manifest.json"
@@ -182,18 +182,81 @@ def run_train_job(job_id: str, *, worker: str) -> str:
         return "failed"
     log.info("job %s: %s", job_id, shlex.join(cmd))
     sup = _Supervisor(job_id, run_dir)
-    metrics_file = run_dir / "metrics.jsonl"
-    if resume and metrics_file.is_file():
-        st = metrics_file.stat()  # earlier attempts' lines are already events
-        sup.metrics_offset, sup.metrics_inode = st.st_size, st.st_ino
-    else:
-        metrics_file.unlink(missing_ok=True)
-    with session_scope() as session:
-        sup.registered = {
-            c.name.removeprefix(f"{job_id}-")
-            for c in session.query(Checkpoint).filter_by(train_job_id=job_id)
-        }
+    if not resume:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    tree: dict[int, int] = {}  # every trainer process ever seen (ranks run in sessions of their own)
+    failure: dict[str, Any] | None = None
+    rc, cancelled, preempted = None, False, False
+    try:
+        with session_scope() as session:
+            sup.load_stored(session)
+            sup.registered = {
+                c.name.removeprefix(f"{job_id}-")
+                for c in session.query(Checkpoint).filter_by(train_job_id=job_id)
+            }
+        rc, cancelled, preempted = _supervise(sup, cmd, env, tree)
+    except Exception as exc:
+        # A supervisor that cannot go on (database error, a bad metrics line) must not leave the trainer running
+        # with its slots held: maintenance would re-queue the job and a second trainer would write into this run
+        # folder (issue 10, item 3). The trainer is killed and the slots released first; then the job fails.
+        log.exception("job %s: supervising the trainer failed", job_id)
+        failure = {"code": "supervisor_error", "message": f"{type(exc).__name__}: {exc}"}
+    finally:
+        kill_tree(tree, signal.SIGKILL)
+        try:
+            with session_scope() as session:
+                leases.release(session, job_id)
+        except Exception:
+            log.exception("job %s: releasing its slots failed (they go stale without heartbeats)", job_id)
+    if failure is not None:
+        with session_scope() as session:
+            jobs.finish(session, job_id, "failed", error=failure, attempt=attempt)
+        return "failed"
+    if preempted:
+        (run_dir / PREEMPT).unlink(missing_ok=True)
+        with session_scope() as session:
+            job = session.get(Job, job_id)
+            if job is not None:
+                jobs.requeue(session, job, "worker_shutdown")
+        return "preempted"
     outcome, error = "failed", None
+    if cancelled:
+        outcome = "cancelled"
+    elif rc == 0:
+        outcome = "succeeded"
+        final = run_dir / "final.safetensors"
+        if final.is_file():
+            with session_scope() as session:
+                models.register_file(
+                    session,
+                    final,
+                    name=f"{job_id}-final",
+                    source="train_job",
+                    train_job_id=job_id,
+                    step=sup.latest.get("step"),
+                )
+    else:
+        tail = (run_dir / "train.log").read_bytes()[-2000:].decode(errors="replace")
+        error = {"code": "trainer_failed", "message": f"trainer exited with {rc}: {tail}"}
+    with session_scope() as session:
+        jobs.finish(
+            session,
+            job_id,
+            outcome,
+            error=error,
+            result={"metrics": sup.latest, "run_dir": str(run_dir), "returncode": rc},
+            attempt=attempt,
+        )
+    return outcome
+
+
+def _supervise(
+    sup: _Supervisor, cmd: list[str], env: dict[str, str], tree: dict[int, int]
+) -> tuple[int | None, bool, bool]:
+    """Run the trainer to its end; returns (returncode, cancelled, preempted). ``tree`` collects the trainer's
+    processes as they appear, so the caller can kill them whatever happens here."""
+    settings = get_settings()
+    job_id, run_dir = sup.job_id, sup.run_dir
     with Heartbeat(job_id), (run_dir / "train.log").open("ab") as logf:
         proc = subprocess.Popen(
             cmd,
@@ -204,10 +267,10 @@ def run_train_job(job_id: str, *, worker: str) -> str:
             start_new_session=True,
             preexec_fn=die_with_parent(signal.SIGTERM),
         )
+        tree |= process_tree(proc.pid)
         cancelled_at: float | None = None
         preempted = False
         (run_dir / PREEMPT).unlink(missing_ok=True)
-        tree: dict[int, int] = {}  # every trainer process ever seen (ranks run in sessions of their own)
         while proc.poll() is None:
             time.sleep(0.5)
             tree |= process_tree(proc.pid)
@@ -229,41 +292,4 @@ def run_train_job(job_id: str, *, worker: str) -> str:
             time.sleep(0.2)
         kill_tree(tree, signal.SIGKILL)
         sup.poll()
-        rc = proc.returncode
-    if preempted:
-        (run_dir / PREEMPT).unlink(missing_ok=True)
-        with session_scope() as session:
-            leases.release(session, job_id)
-            job = session.get(Job, job_id)
-            if job is not None:
-                jobs.requeue(session, job, "worker_shutdown")
-        return "preempted"
-    if cancelled_at is not None:
-        outcome = "cancelled"
-    elif rc == 0:
-        outcome = "succeeded"
-        final = run_dir / "final.safetensors"
-        if final.is_file():
-            with session_scope() as session:
-                models.register_file(
-                    session,
-                    final,
-                    name=f"{job_id}-final",
-                    source="train_job",
-                    train_job_id=job_id,
-                    step=sup.latest.get("step"),
-                )
-    else:
-        tail = (run_dir / "train.log").read_bytes()[-2000:].decode(errors="replace")
-        error = {"code": "trainer_failed", "message": f"trainer exited with {rc}: {tail}"}
-    with session_scope() as session:
-        leases.release(session, job_id)
-        jobs.finish(
-            session,
-            job_id,
-            outcome,
-            error=error,
-            result={"metrics": sup.latest, "run_dir": str(run_dir), "returncode": rc},
-            attempt=attempt,
-        )
-    return outcome
+    return proc.returncode, cancelled_at is not None and not preempted, preempted

@@ -9,7 +9,7 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import false, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -47,7 +47,18 @@ def find_idempotent(session: Session, owner: str, key: str | None, digest: str) 
     return job
 
 
+def lock_owner_queue(session: Session, owner: str) -> None:
+    """Serialise count-then-insert per key until the transaction ends: PostgreSQL takes a transaction-level
+    advisory lock on the key; SQLite takes its one write lock with a no-op UPDATE (pysqlite begins the transaction
+    at the first write, so the count that follows sees every committed insert)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": f"hdm.queue:{owner}"})
+    else:
+        session.execute(update(Job).where(false()).values(owner=Job.owner))
+
+
 def check_queue_limit(session: Session, owner: str) -> None:
+    """Call with the owner's queue locked (``lock_owner_queue``) in the transaction that inserts the job."""
     settings = get_settings()
     n = (
         session.scalar(
@@ -56,6 +67,7 @@ def check_queue_limit(session: Session, owner: str) -> None:
         or 0
     )
     if n >= settings.queue_limit:
+        session.rollback()  # ends the transaction: the lock goes with it
         raise TooMany(
             f"Too many queued jobs for this key ({n} >= {settings.queue_limit}); retry later.",
             headers={"Retry-After": str(settings.retry_after_s)},
@@ -83,6 +95,7 @@ def create_job(
     existing = find_idempotent(session, owner, idempotency_key, digest)
     if existing is not None:
         return existing, False
+    lock_owner_queue(session, owner)
     check_queue_limit(session, owner)
     job = Job(
         id=new_id(PREFIX[kind]),

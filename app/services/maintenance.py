@@ -86,7 +86,8 @@ _last_scan = 0.0
 
 
 def republish_lost(session: Session) -> int:
-    """Queued jobs with no message in the broker (e.g. after FLUSHALL) are published again.
+    """Queued jobs with no message in the broker (e.g. after FLUSHALL), or whose only message was delivered to a
+    worker that died (held in Redis ``unacked`` until the visibility timeout), are published again.
 
     The full scan runs when the broker's marker key is gone (its state was lost) or every reconcile_interval_s."""
     global _last_scan
@@ -104,15 +105,26 @@ def republish_lost(session: Session) -> int:
         grace = jobs.stale_before(settings.reenqueue_grace_s)
         cond.append(or_(Job.enqueued_at.is_(None), Job.enqueued_at < grace))
     candidates = list(session.scalars(select(Job).where(*cond)))
-    present = queue.broker_job_ids(settings) if candidates else set()
-    if present is None:
+    if not candidates:
+        _last_scan = now
+        return 0
+    view = queue.broker_view(settings, stuck_after_s=settings.stale_after_s)
+    if view is None:
         return 0
     n = 0
     for job in candidates:
-        if job.id not in present:
+        if job.id in view.waiting:
+            continue
+        if job.id in view.stuck:
+            # delivered long ago and never acknowledged: the worker holding it died (item 1 of issue 10)
+            queue.drop_unacked(settings, view.stuck[job.id])
+            log.warning(
+                "job %s is queued but its message is stuck with a dead worker; publishing it again", job.id
+            )
+        else:
             log.warning("job %s is queued but not in the broker; publishing it again", job.id)
-            jobs.enqueue(session, job)
-            n += 1
+        jobs.enqueue(session, job)
+        n += 1
     _last_scan = now
     return n
 

@@ -218,6 +218,10 @@ def schedule(session: Session) -> int:
 
 
 def resume(session: Session, job: Job) -> Job:
+    """Back to the queue with ``--resume``. ``attempts`` is kept: it counts every start of the job, is the token
+    that lets only the current attempt finish it (jobs.finish), and the HDM_MAX_ATTEMPTS limit on automatic
+    retries after a lost worker stays spent. A resumed job whose attempts already reach the limit runs once more
+    and is not retried again if its worker dies."""
     if job.status not in ("failed", "cancelled"):
         raise Conflict(
             f"Only failed or cancelled train jobs can be resumed; {job.id} is {job.status}.",
@@ -235,7 +239,6 @@ def resume(session: Session, job: Job) -> Job:
             finished_at=None,
             error=None,
             request=request,
-            attempts=0,
         )
     )
     if res.rowcount != 1:  # type: ignore[attr-defined]

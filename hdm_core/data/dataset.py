@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -134,6 +135,12 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _ignore_sigterm(_worker_id: int) -> None:
+    """A SIGTERM to the rank's process group (torchrun stopping its ranks) is the rank's to handle: it writes a
+    snapshot, which needs the next batches. The workers end with the rank (DataLoader's parent watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(
     dataset: CaptionedImageDataset, sampler: StageSampler, *, num_workers: int, pin_memory: bool = False
 ) -> DataLoader:
@@ -146,4 +153,5 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=_ignore_sigterm,
     )

@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    except TrainingTerminated:
-        logger.warning("terminated by SIGTERM")
+    except TrainingTerminated as exc:
+        logger.warning("terminated by SIGTERM (%s)", exc)
         return 128 + signal.SIGTERM
     if rank == "0":
         summary = {

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -22,20 +23,27 @@ from hdm_core.train.config import TrainConfig, load_config
 from hdm_core.train.loop import Trainer, TrainingResult
 from hdm_core.train.run_dir import RunDir
 
+logger = logging.getLogger("hdm_core.train")
+
 
 class TrainingTerminated(BaseException):
-    """SIGTERM arrived: the run stops at once (the service cancels a job by killing its process group)."""
+    """SIGTERM stopped the run: after a snapshot at the step it was in, or at once on a second SIGTERM."""
 
 
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """While training, SIGTERM raises TrainingTerminated (only possible on the main thread)."""
+def _sigterm_stops(stopped: threading.Event) -> Iterator[None]:
+    """While training, a first SIGTERM sets `stopped`: the loop writes a snapshot after the step it is in and
+    returns (every rank agrees through Trainer._should_stop), so a preempted or cancelled run loses no step. A
+    second SIGTERM raises TrainingTerminated at once. Signal handlers exist on the main thread only."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: object) -> None:
-        raise TrainingTerminated(f"signal {signum}")
+        if stopped.is_set():
+            raise TrainingTerminated(f"signal {signum} (second)")
+        stopped.set()
+        logger.warning("SIGTERM: stopping after a snapshot at the current step")
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
@@ -69,8 +77,13 @@ def run_training(
         if info.is_main:
             folder.start(cfg, resume=resume)
         distributed.barrier(info)  # rank 0 has checked and prepared the run folder
-        with _sigterm_raises():
-            trainer = Trainer(cfg, folder, info, stop_check, max_steps)
+        stopped = threading.Event()
+
+        def stop() -> bool:
+            return stopped.is_set() or (stop_check is not None and bool(stop_check()))
+
+        with _sigterm_stops(stopped):
+            trainer = Trainer(cfg, folder, info, stop, max_steps)
             if resume:
                 trainer.resume()
             result = trainer.run()
@@ -78,6 +91,8 @@ def run_training(
             # Every rank finished normally: wait for rank 0's last writes before tearing gloo/NCCL down, so no rank
             # destroys the group while another still uses it (seen as a rank aborting at exit).
             dist.barrier()
+        if stopped.is_set() and not result.finished:
+            raise TrainingTerminated(f"SIGTERM: stopped at step {result.step}, snapshot {result.checkpoint}")
         return result
     finally:
         if created_pg and dist.is_initialized():

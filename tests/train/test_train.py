@@ -221,7 +221,10 @@ def test_finetune_starts_from_checkpoint_weights(make_config: Callable[..., Path
     assert max(float((tuned[k] - fresh[k]).abs().max()) for k in fresh) > 0.1
 
 
-def test_sigterm_exits_promptly(make_config: Callable[..., Path], tmp_path: Path) -> None:
+def test_sigterm_saves_a_checkpoint_then_exits_promptly(
+    make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A preempted or cancelled run (SIGTERM) keeps every step it made: a snapshot at the last logged step."""
     cfg = make_config(
         stages=[{"resolution": 16, "batch_size": 2, "lr": 0.5, "steps": 100000}],
         train={"checkpoint_every": 100000, "keep_last_n": 1, "num_threads": 1},
@@ -246,6 +249,11 @@ def test_sigterm_exits_promptly(make_config: Callable[..., Path], tmp_path: Path
     assert rc == 128 + signal.SIGTERM
     assert time.monotonic() - t0 < 10
     assert "terminated by SIGTERM" in (proc.stderr.read() if proc.stderr else "")
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    saved = [
+        e["step"] for e in json.loads((run / "checkpoints" / "manifest.json").read_text())["checkpoints"]
+    ]
+    assert last >= 2 and saved == [last], (last, saved)
 
 
 def test_config_errors_name_the_field(make_config: Callable[..., Path]) -> None:
