@@ -104,9 +104,7 @@ class XUT(nn.Module):
         self.shared_adaln_ffw = shared_adaln(d)
         self.ctx_proj = Linear(config.ctx_dim, d)
         if config.addon_dim:
-            self.addon_info_embs_proj = nn.Sequential(
-                Linear(config.addon_dim, d), nn.Mish(), Linear(d, d)
-            )
+            self.addon_info_embs_proj = nn.Sequential(Linear(config.addon_dim, d), nn.Mish(), Linear(d, d))
             nn.init.zeros_(self.addon_info_embs_proj[2].weight)
             nn.init.zeros_(self.addon_info_embs_proj[2].bias)
         else:
