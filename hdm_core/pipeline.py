@@ -18,7 +18,7 @@ from .checkpoint import load_checkpoint, trained_text_length
 from .codec import Codec
 from .compile import CompileMode, compile_model
 from .model import XUT
-from .precision import resolve_dtype
+from .precision import cast_model, resolve_dtype
 from .rope import position_map
 from .sampler import SAMPLERS, Conditioning, StepCallback, guided_velocity, timesteps
 from .text import TextEncoder
@@ -115,7 +115,7 @@ class HDMPipeline:
         self.text_length = text_length
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.model = cast_model(model, self.dtype, self.device).eval()
         self.net: torch.nn.Module = self.model  # what sampling calls: the model or its compiled wrapper
         self.codec = codec.to(self.device)
         self.text_encoder = text_encoder
@@ -138,7 +138,8 @@ class HDMPipeline:
         from .codec import VaeCodec
 
         dtype = resolve_dtype(dtype, device)
-        loaded = load_checkpoint(checkpoint, device=device, dtype=dtype)
+        # fp32 first: __init__ casts with cast_model, which keeps the frequency tensors exact.
+        loaded = load_checkpoint(checkpoint, device=device, dtype=torch.float32)
         codec = VaeCodec.from_folder(vae) if vae is not None else loaded.codec
         if codec is None:
             raise ValueError(f"{checkpoint} carries no VAE and is not a pixel-space model: pass vae=<folder>")

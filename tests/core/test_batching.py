@@ -55,7 +55,11 @@ def test_cancelling_one_job_drops_its_rows_and_keeps_the_others(pipe):
         return {1} if step == 2 else None
 
     sizes, handle = _network_batches(pipe)
-    jobs = [ImageJob("a red circle", seed=1), ImageJob("a big square", seed=2), ImageJob("a blue square", seed=3)]
+    jobs = [
+        ImageJob("a red circle", seed=1),
+        ImageJob("a big square", seed=2),
+        ImageJob("a blue square", seed=3),
+    ]
     try:
         out = pipe.generate_batch(jobs, callback=callback, **kw)
     finally:
