@@ -14,7 +14,7 @@ from hdm_core.sampler import Conditioning
 # bf16 keeps 8 mantissa bits (relative step 2^-8 = 0.4 %); errors of a few steps through a 2-stage XUT stay within
 # a few percent of the output's scale. fp32 vs fp32 agrees to ~1e-6, so a dtype bug (wrong cast, fp32-only op,
 # a bf16 reduction) shows as a much larger error.
-BF16_FWD_REL = 3e-2
+BF16_FWD_REL = 4e-2
 BF16_SAMPLE_REL = 5e-2
 
 
