@@ -43,7 +43,7 @@ def test_compiled_model_equals_eager_on_cpu():
 
 
 @pytest.mark.skipif(
-    not use_onednn(torch.zeros(1, 1), torch.zeros(1, 1)), reason="this torch build has no oneDNN"
+    not use_onednn(torch.zeros(64, 1), torch.zeros(1, 1)), reason="this torch build has no oneDNN"
 )
 def test_onednn_linear_values_and_gradients_equal_f_linear():
     g = torch.Generator().manual_seed(0)
@@ -58,7 +58,9 @@ def test_onednn_linear_values_and_gradients_equal_f_linear():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     for a, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-5)
+    assert use_onednn(x, w)
     assert not use_onednn(x.bfloat16(), w.bfloat16())  # other dtypes take F.linear
+    assert not use_onednn(x[:, :1], w)  # a few rows (adaLN inputs) too
 
 
 def test_checkpoint_round_trip_keeps_the_released_key_names(tmp_path):
