@@ -29,8 +29,19 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE_COMMIT = "14e55da"
 CORE_CASES = {
     # name: XUTConfig fields (everything else default); 32x32 latent, patch 2 -> 256 image tokens; 64 text tokens.
-    "dim256": dict(dim=256, heads=4, head_dim=64, mlp_dim=768, ctx_dim=256, ctx_size=64, depth=2, enc_blocks=1,
-                   dec_blocks=2, tread_pre=1, tread_post=1),
+    "dim256": dict(
+        dim=256,
+        heads=4,
+        head_dim=64,
+        mlp_dim=768,
+        ctx_dim=256,
+        ctx_size=64,
+        depth=2,
+        enc_blocks=1,
+        dec_blocks=2,
+        tread_pre=1,
+        tread_post=1,
+    ),
     "xut-debug": None,
 }
 
@@ -72,12 +83,22 @@ def core_case(name: str, repeats: int) -> dict:
     def train_step() -> None:
         model.train()  # routes at the config's TREAD rate (0.5), as training does
         opt.zero_grad(set_to_none=True)
-        flow_loss(model, x, ctx, addon_info=addon, generator=torch.Generator().manual_seed(1),
-                  route_generators=[torch.Generator().manual_seed(i) for i in range(2)]).backward()
+        flow_loss(
+            model,
+            x,
+            ctx,
+            addon_info=addon,
+            generator=torch.Generator().manual_seed(1),
+            route_generators=[torch.Generator().manual_seed(i) for i in range(2)],
+        ).backward()
         opt.step()
 
-    return {"hdm_core": str(Path(hdm_core.__file__).parent), "forward_s": _median_time(forward, repeats),
-            "train_step_s": _median_time(train_step, repeats), "threads": torch.get_num_threads()}
+    return {
+        "hdm_core": str(Path(hdm_core.__file__).parent),
+        "forward_s": _median_time(forward, repeats),
+        "train_step_s": _median_time(train_step, repeats),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def sampler_overhead(repeats: int) -> dict:
@@ -98,13 +119,23 @@ def sampler_overhead(repeats: int) -> dict:
     with torch.no_grad():
         for _ in range(repeats):  # forward and sampling measured back to back, so both see the same load
             fwd = statistics.median(
-                _median_time(lambda: model(x2, t2, ctx2, pos_map=pos2, addon_info=addon2), 5, warmup=1))
-            smp = _median_time(lambda: sample_latents(model, noise, cond, uncond, steps=steps, guidance_scale=3.0),
-                               1, warmup=1)[0]
+                _median_time(lambda: model(x2, t2, ctx2, pos_map=pos2, addon_info=addon2), 5, warmup=1)
+            )
+            smp = _median_time(
+                lambda: sample_latents(model, noise, cond, uncond, steps=steps, guidance_scale=3.0),
+                1,
+                warmup=1,
+            )[0]
             ratios.append(smp / (steps * fwd))
     q = statistics.quantiles(ratios, n=4)
-    return {"steps": steps, "ratios": ratios, "min": min(ratios), "median": statistics.median(ratios),
-            "max": max(ratios), "iqr": q[2] - q[0]}
+    return {
+        "steps": steps,
+        "ratios": ratios,
+        "min": min(ratios),
+        "median": statistics.median(ratios),
+        "max": max(ratios),
+        "iqr": q[2] - q[0],
+    }
 
 
 def batched_vs_sequential(rounds: int) -> dict:
@@ -131,35 +162,54 @@ def batched_vs_sequential(rounds: int) -> dict:
         pipe.generate_batch(jobs, **kw)
         bat.append(len(jobs) / (time.perf_counter() - t0))
     s, b = statistics.median(seq), statistics.median(bat)
-    return {"jobs": len(jobs), "size": "32x32 px xut-pixel-debug", "steps": 8, "sequential_img_s": s,
-            "batched_img_s": b, "ratio": b / s}
+    return {
+        "jobs": len(jobs),
+        "size": "32x32 px xut-pixel-debug",
+        "steps": 8,
+        "sequential_img_s": s,
+        "batched_img_s": b,
+        "ratio": b / s,
+    }
 
 
 def _child(args: list[str], pythonpath: str, threads: int) -> dict:
     # `python -m` puts the working directory first on sys.path: run from the first PYTHONPATH entry.
     env = {**os.environ, "PYTHONPATH": pythonpath}
-    out = subprocess.run([sys.executable, "-m", "bench.core", *args, "--threads", str(threads)], check=True, capture_output=True, text=True,
-                         env=env, cwd=pythonpath.split(os.pathsep)[0]).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.core", *args, "--threads", str(threads)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=pythonpath.split(os.pathsep)[0],
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def _extract_base(dest: Path) -> Path:
-    archive = subprocess.run(["git", "archive", BASE_COMMIT, "hdm_core"], check=True, capture_output=True,
-                             cwd=ROOT).stdout
+    archive = subprocess.run(
+        ["git", "archive", BASE_COMMIT, "hdm_core"], check=True, capture_output=True, cwd=ROOT
+    ).stdout
     with tarfile.open(fileobj=BytesIO(archive)) as tar:
         tar.extractall(dest, filter="data")
     return dest
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--worker", choices=["core", "sampler", "batch"], help="internal: one measurement")
     parser.add_argument("--case", choices=sorted(CORE_CASES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3, help="alternating old/new processes per case")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per measuring process (1: a shared CPU oversubscribes OpenMP teams)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per measuring process (1: a shared CPU oversubscribes OpenMP teams)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker == "core":
@@ -176,13 +226,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = _extract_base(Path(tmp))
         paths = {"old": f"{base}{os.pathsep}{ROOT}", "new": str(ROOT)}
-        print(f"{'case':<11}{'':<6}{'old s':>10}{'new s':>10}{'old/new':>9}   (medians over {args.rounds} rounds "
-              f"x {args.repeats} repeats, batch 2, 256 image + 64 text tokens, {args.threads} thread(s))")
+        print(
+            f"{'case':<11}{'':<6}{'old s':>10}{'new s':>10}{'old/new':>9}   (medians over {args.rounds} rounds "
+            f"x {args.repeats} repeats, batch 2, 256 image + 64 text tokens, {args.threads} thread(s))"
+        )
         for case in CORE_CASES:
             runs: dict[str, list[dict]] = {"old": [], "new": []}
             for _ in range(args.rounds):
                 for which in ("old", "new"):
-                    r = _child(["--worker", "core", "--case", case, "--repeats", str(args.repeats)], paths[which], args.threads)
+                    r = _child(
+                        ["--worker", "core", "--case", case, "--repeats", str(args.repeats)],
+                        paths[which],
+                        args.threads,
+                    )
                     if which == "old" and not r["hdm_core"].startswith(str(base)):
                         raise RuntimeError(f"the base run imported {r['hdm_core']}, not the extracted {base}")
                     runs[which].append(r)
@@ -195,13 +251,17 @@ def main() -> None:
             results["core"][case] = row
     smp = _child(["--worker", "sampler", "--repeats", "9"], str(ROOT), args.threads)
     results["sampler_overhead"] = smp
-    print(f"sampler overhead (xut-debug, {smp['steps']} Euler steps, CFG): min {smp['min']:.3f}  median "
-          f"{smp['median']:.3f}  max {smp['max']:.3f}  IQR {smp['iqr']:.3f}  ({len(smp['ratios'])} repeats)")
+    print(
+        f"sampler overhead (xut-debug, {smp['steps']} Euler steps, CFG): min {smp['min']:.3f}  median "
+        f"{smp['median']:.3f}  max {smp['max']:.3f}  IQR {smp['iqr']:.3f}  ({len(smp['ratios'])} repeats)"
+    )
     bat = _child(["--worker", "batch", "--repeats", "3"], str(ROOT), args.threads)
     results["pipeline_batching"] = bat
-    print(f"pipeline batching, {bat['jobs']} queued jobs ({bat['size']}, {bat['steps']} steps, CFG): sequential "
-          f"{bat['sequential_img_s']:.2f} img/s, generate_batch {bat['batched_img_s']:.2f} img/s, "
-          f"ratio {bat['ratio']:.2f}x")
+    print(
+        f"pipeline batching, {bat['jobs']} queued jobs ({bat['size']}, {bat['steps']} steps, CFG): sequential "
+        f"{bat['sequential_img_s']:.2f} img/s, generate_batch {bat['batched_img_s']:.2f} img/s, "
+        f"ratio {bat['ratio']:.2f}x"
+    )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
