@@ -34,6 +34,7 @@ def peak_tflops() -> float:
 def main() -> None:
     from hdm_core import PRESETS, XUT, position_map
     from hdm_core.pipeline import sample_latents
+    from hdm_core.precision import cast_model
     from hdm_core.sampler import Conditioning
 
     parser = argparse.ArgumentParser(description=__doc__)
@@ -47,7 +48,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     cfg = PRESETS["xut-base"]
     torch.manual_seed(0)
-    model = XUT(cfg).to(dev, torch.bfloat16).eval()
+    model = cast_model(XUT(cfg), torch.bfloat16, dev).eval()  # frequency tensors stay fp32
     h = w = args.size // 8
     pos = position_map(h, w, device=dev)[None]
     addon = torch.zeros(1, device=dev)

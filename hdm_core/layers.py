@@ -10,15 +10,17 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .linear import Linear
 from .rope import AxialRoPE
 
 
 class Modulation(NamedTuple):
-    """One shared adaLN triple; each [B, 1, D]."""
+    """One shared adaLN triple, each [B, 1, D], with the 1 + already added once per forward (not once per block):
+    factor = 1 + scale, gain = 1 + gate (spec §1.3)."""
 
-    scale: Tensor
+    factor: Tensor
     shift: Tensor
-    gate: Tensor
+    gain: Tensor
 
 
 class BlockModulations(NamedTuple):
@@ -29,7 +31,7 @@ class BlockModulations(NamedTuple):
 
 def shared_adaln(dim: int) -> nn.Sequential:
     """LayerNorm -> Linear(d, 4d) -> Mish -> Linear(4d, 3d); the last layer starts at zero (spec §1.2 step 4)."""
-    mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.Mish(), nn.Linear(4 * dim, 3 * dim))
+    mlp = nn.Sequential(nn.LayerNorm(dim), Linear(dim, 4 * dim), nn.Mish(), Linear(4 * dim, 3 * dim))
     nn.init.zeros_(mlp[3].weight)
     nn.init.zeros_(mlp[3].bias)
     return mlp
@@ -37,7 +39,7 @@ def shared_adaln(dim: int) -> nn.Sequential:
 
 def modulation(mlp: nn.Module, t_emb: Tensor) -> Modulation:
     scale, shift, gate = mlp(t_emb).chunk(3, dim=-1)
-    return Modulation(scale, shift, gate)
+    return Modulation(1 + scale, shift, 1 + gate)
 
 
 class TimestepEmbedding(nn.Module):
@@ -48,7 +50,7 @@ class TimestepEmbedding(nn.Module):
         half = dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
         self.register_buffer("freqs", freqs[None], persistent=True)  # (1, half); stored in checkpoints
-        self.proj = nn.Sequential(nn.Linear(2 * half, dim), nn.Mish())
+        self.proj = nn.Sequential(Linear(2 * half, dim), nn.Mish())
 
     def forward(self, t: Tensor) -> Tensor:
         """t [B] -> [B, 1, D]."""
@@ -73,7 +75,7 @@ class UnPatch(nn.Module):
     def __init__(self, dim: int, patch_size: int, out_channels: int) -> None:
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.proj = Linear(dim, patch_size * patch_size * out_channels)
         nn.init.normal_(self.proj.weight, std=1.0 / dim**2)
 
     def forward(self, x: Tensor, grid_hw: tuple[int, int]) -> Tensor:
@@ -85,14 +87,27 @@ class UnPatch(nn.Module):
 
 
 class ModulatedNorm(nn.Module):
-    """m = RMSNorm(x) * (1 + scale) + shift (eps 1e-6, learnable weight)."""
+    """m = RMSNorm(x) * (1 + scale) + shift (eps 1e-6, learnable weight).
+
+    Computed as shift + (x * rsqrt(mean x^2 + eps)) * (weight * factor): the norm weight is folded into the
+    [B, 1, D] factor, so three passes over the [B, L, D] activations instead of seven. `norm` only holds the weight
+    under the released key `*_pre_norm.norm.weight`.
+    """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.norm = nn.RMSNorm(dim, eps=1e-6)
 
     def forward(self, x: Tensor, mod: Modulation) -> Tensor:
-        return self.norm(x) * (1 + mod.scale) + mod.shift
+        """x [B, L, D] -> [B, L, D]."""
+        if getattr(self.norm.forward, "__func__", None) is not type(self.norm).forward:
+            # An adapter library (LyCORIS, hdm_core.adapter) has wrapped the norm's forward to train its weight:
+            # call it, or the folded path below would bypass the adapter.
+            return torch.addcmul(mod.shift, self.norm(x), mod.factor)
+        # The mean square in fp32 whatever x's dtype, as nn.RMSNorm does; one fused reduction pass.
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)  # (B, L, 1)
+        inv_rms = torch.rsqrt(norm.square() / x.shape[-1] + self.norm.eps).to(x.dtype)
+        return torch.addcmul(mod.shift, x * inv_rms, self.norm.weight * mod.factor)
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -105,8 +120,8 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int) -> None:
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.out = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim, bias=False)
+        self.out = Linear(dim, dim)
         self.rope = AxialRoPE(head_dim, heads)
 
     def forward(self, x: Tensor, pos: Tensor) -> Tensor:
@@ -122,9 +137,9 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int) -> None:
         super().__init__()
         self.heads = heads
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.kv = nn.Linear(dim, 2 * dim, bias=False)
-        self.out = nn.Linear(dim, dim)
+        self.q = Linear(dim, dim, bias=False)
+        self.kv = Linear(dim, 2 * dim, bias=False)
+        self.out = Linear(dim, dim)
         self.rope = AxialRoPE(head_dim, heads)
 
     def forward(self, x: Tensor, skip: Tensor, pos: Tensor) -> Tensor:
@@ -140,8 +155,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.w12 = nn.Linear(dim, 2 * hidden)
-        self.w3 = nn.Linear(hidden, dim)
+        self.w12 = Linear(dim, 2 * hidden)
+        self.w3 = Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.w12(x).chunk(2, dim=-1)
@@ -171,11 +186,11 @@ class TransformerBlock(nn.Module):
     def forward(self, x: Tensor, pos: Tensor, mods: BlockModulations, skip: Tensor | None = None) -> Tensor:
         """x [B, L, D], pos [B, L, 2], skip [B, L, D] or None -> [B, L, D]."""
         m = self.attn_pre_norm(x, mods.attn)
-        x = m + (1 + mods.attn.gate) * self.attn(m, pos)
+        x = torch.addcmul(m, mods.attn.gain, self.attn(m, pos))
         if self.has_cross:
             if skip is None:
                 raise ValueError("a cross-attention block needs the encoder skip tensor")
             m = self.xattn_pre_norm(x, mods.xattn)
-            x = m + (1 + mods.xattn.gate) * self.xattn(m, skip, pos)
+            x = torch.addcmul(m, mods.xattn.gain, self.xattn(m, skip, pos))
         m = self.mlp_pre_norm(x, mods.ffw)
-        return m + (1 + mods.ffw.gate) * self.mlp(m)
+        return torch.addcmul(m, mods.ffw.gain, self.mlp(m))

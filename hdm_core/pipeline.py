@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,13 +13,16 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .batching import BatchCallback, ImageJob, sample_rows
 from .checkpoint import load_checkpoint, trained_text_length
 from .codec import Codec
+from .compile import CompileMode, compile_model
 from .config import MAX_SEED
-from .edit import EditInfo, EditSpec, plan_edit
+from .edit import EditInfo, EditPlan, EditSpec, plan_edit
 from .model import XUT
+from .precision import cast_model, resolve_dtype
 from .rope import position_map
-from .sampler import SAMPLERS, Conditioning, ProjectFn, StepCallback, guided_velocity, timesteps
+from .sampler import SAMPLERS, Conditioning, StepCallback, guided_velocity, timesteps
 from .text import TextEncoder
 
 
@@ -76,12 +80,8 @@ def sample_latents(
     sampler: str = "euler",
     shift: float = 1.0,
     callback: StepCallback | None = None,
-    ts: Tensor | None = None,
-    project: ProjectFn | None = None,
 ) -> Tensor:
-    """Integrate the guided velocity field from noise [B, C, h, w] (t = 1) to a latent (t = 0).
-
-    `ts`: other times than `timesteps(steps, shift)` (an edit starts below t = 1); `project`: see sampler."""
+    """Integrate the guided velocity field from noise [B, C, h, w] (t = 1) to a latent (t = 0)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; available: {sorted(SAMPLERS)}")
     velocity = guided_velocity(model, cond, uncond, guidance_scale)
@@ -90,9 +90,8 @@ def sample_latents(
     return SAMPLERS[sampler](
         lambda x, t: velocity(x.to(dtype), t).float(),
         noise.float(),
-        timesteps(steps, shift=shift) if ts is None else ts,
+        timesteps(steps, shift=shift),
         callback=callback,
-        project=project,
     )
 
 
@@ -106,19 +105,20 @@ class HDMPipeline:
         text_encoder: TextEncoder,
         *,
         device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str | None = "auto",
         text_length: int | None = None,
     ) -> None:
         """`text_length`: pad (and truncate) the prompt and the negative prompt to this many tokens, as the model was
         trained (spec §4: training pads every caption to max_length, and pad states enter XUT unmasked, so a model
         trained on short captions reads them). None: the reference's inference padding (to the longest prompt; no
-        padding for one prompt), right for the released weights."""
+        padding for one prompt), right for the released weights. `dtype`: see `precision.resolve_dtype`."""
         if text_length is not None and text_length < 1:
             raise ValueError(f"text_length must be >= 1 or None, got {text_length}")
         self.text_length = text_length
         self.device = torch.device(device)
-        self.dtype = dtype
-        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = cast_model(model, self.dtype, self.device).eval()
+        self.net: torch.nn.Module = self.model  # what sampling calls: the model or its compiled wrapper
         self.codec = codec.to(self.device)
         self.text_encoder = text_encoder
         if text_encoder.hidden_size != model.config.ctx_dim:
@@ -133,13 +133,15 @@ class HDMPipeline:
         text_encoder: str | Path,
         *,
         device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str | None = "auto",
         vae: str | Path | None = None,
     ) -> HDMPipeline:
         """A checkpoint file (with its VAE inside, or pixel space, or `vae` = a diffusers folder) + an LM folder."""
         from .codec import VaeCodec
 
-        loaded = load_checkpoint(checkpoint, device=device, dtype=dtype)
+        dtype = resolve_dtype(dtype, device)
+        # fp32 first: __init__ casts with cast_model, which keeps the frequency tensors exact.
+        loaded = load_checkpoint(checkpoint, device=device, dtype=torch.float32)
         codec = VaeCodec.from_folder(vae) if vae is not None else loaded.codec
         if codec is None:
             raise ValueError(f"{checkpoint} carries no VAE and is not a pixel-space model: pass vae=<folder>")
@@ -173,15 +175,32 @@ class HDMPipeline:
         if width % m or height % m or width <= 0 or height <= 0:
             raise ValueError(f"width and height must be positive multiples of {m}, got {width}x{height}")
 
-    def _conditioning(
-        self, ctx: Tensor, n: int, pos: Tensor, addon: Tensor, rate: float, seeds: list[int]
-    ) -> Conditioning:
-        ctx = (
-            ctx.to(self.device, self.dtype).expand(n, -1, -1)
-            if ctx.shape[0] == 1
-            else ctx.to(self.device, self.dtype)
+    def compile(self, mode: CompileMode = "default") -> None:
+        """Sample through a torch.compile'd XUT from now on ("off" restores eager); see `warm_up`."""
+        self.net = compile_model(self.model, mode, device=self.device)
+
+    def warm_up(self, width: int, height: int, *, images: int = 1, guidance_scale: float = 3.0) -> None:
+        """One sampling step at this size and batch, so a compiled network has its graph before the first job.
+        Prompts of another token length (text_length None) still compile once more on first use."""
+        self.generate_batch(
+            [ImageJob("", seed=0, n=images)],
+            width=width,
+            height=height,
+            steps=1,
+            guidance_scale=guidance_scale,
+            decode=False,
         )
-        return Conditioning(ctx, pos, addon, rate, _routing_generators(seeds) if rate > 0 else None)
+
+    def _conditioning(
+        self, ctx: Tensor, pos: Tensor, addon: Tensor, rate: float, seeds: list[int]
+    ) -> Conditioning:
+        return Conditioning(
+            ctx.to(self.device, self.dtype),
+            pos,
+            addon,
+            rate,
+            _routing_generators(seeds) if rate > 0 else None,
+        )
 
     def generate(
         self,
@@ -202,51 +221,118 @@ class HDMPipeline:
         edit: EditSpec | None = None,
     ) -> GenerationResult:
         """`n` images per prompt; image i uses seed + i and is reproduced exactly by a batch of one with that seed.
-
+        One job through `generate_batch`; a callback raising SamplingCancelled stops it.
         `edit`: image-to-image / inpainting from an init image (hdm_core.edit)."""
-        self.check_size(width, height)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if seed is None:
             seed = random.randrange(0, 2**32)
-        b = len(prompts) * n
-        if not 0 <= seed <= MAX_SEED - b:
-            raise ValueError(f"seed must be in [0, 2^63 - 1 - batch], got {seed}")
-        seeds = [seed + i for i in range(b)]
-        h, w = height // self.downsample, width // self.downsample
-
-        cond_ctx = self._encode(prompts).repeat_interleave(n, dim=0)
-        pos = position_map(
-            h, w, x_shift=camera.x_shift, y_shift=camera.y_shift, zoom=camera.zoom, device=self.device
-        ).expand(b, -1, -1)
-        addon = torch.full((b,), math.log(width / height), device=self.device)
-        cond = self._conditioning(cond_ctx, b, pos, addon, tread.cond_rate, seeds)
-        uncond = None
-        if guidance_scale != 1.0:
-            uncond = self._conditioning(
-                self._encode([negative_prompt]), b, pos, addon, tread.uncond_rate, seeds
-            )
-
-        noise = initial_noise(seeds, (self.model.config.in_channels, h, w), self.device)
-        plan = None
-        if edit is not None:
-            plan = plan_edit(
-                edit, self.codec, noise, timesteps(steps, shift=shift), width=width, height=height
-            )
-        latents = sample_latents(
-            self.model,
-            noise if plan is None else plan.start,
-            cond,
-            uncond,
+        job = ImageJob(prompt, seed=seed, negative_prompt=negative_prompt, n=n, edit=edit)
+        step_cb = None if callback is None else (lambda i, total, _active: callback(i, total))
+        (result,) = self.generate_batch(
+            [job],
+            width=width,
+            height=height,
             steps=steps,
             guidance_scale=guidance_scale,
             sampler=sampler,
             shift=shift,
-            callback=callback,
-            ts=None if plan is None else plan.ts,
-            project=None if plan is None else plan.project,
+            camera=camera,
+            tread=tread,
+            callback=step_cb,
         )
-        images = self.codec.decode(latents.to(self.dtype))
-        if plan is not None:
-            images = plan.composite(images)
-        info = None if plan is None else plan.info
-        return GenerationResult(images=to_pil(images), seeds=seeds, latents=latents, edit=info)
+        if result is None:
+            raise RuntimeError("a single job cannot be dropped from its own batch")
+        return result
+
+    def generate_batch(
+        self,
+        jobs: Sequence[ImageJob],
+        *,
+        width: int = 1024,
+        height: int = 1024,
+        steps: int = 24,
+        guidance_scale: float = 3.0,
+        sampler: str = "euler",
+        shift: float = 1.0,
+        camera: Camera = Camera(),
+        tread: TreadGuidance = TreadGuidance(),
+        callback: BatchCallback | None = None,
+        decode: bool = True,
+    ) -> list[GenerationResult | None]:
+        """Several jobs that share every setting but prompt, negative prompt, seed and n, as one network batch.
+
+        Each job's images equal the same job run alone (its own noise and routing generators, its own text
+        encoding). Jobs whose encoded prompts differ in token count cannot share a batch without changing their
+        outputs (pad tokens enter the XUT unmasked), so they run as consecutive sub-batches of equal shape.
+        `callback(step, total, active)` gets the indices of the jobs still sampling in the current sub-batch and
+        returns the indices to cancel (or None): their rows leave the batch at once and their result is None.
+        Raising SamplingCancelled from it stops every job. A job with an `edit` (its own init image and start time)
+        runs as a sub-batch of its own."""
+        self.check_size(width, height)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; available: {sorted(SAMPLERS)}")
+        h, w = height // self.downsample, width // self.downsample
+        encoded = []
+        for job in jobs:
+            b = len(job.prompts) * job.n
+            if not 0 <= job.seed <= MAX_SEED - b:
+                raise ValueError(f"seed must be in [0, 2^63 - 1 - batch], got {job.seed}")
+            cond = self._encode(list(job.prompts)).repeat_interleave(job.n, dim=0)
+            uncond = self._encode([job.negative_prompt]).expand(b, -1, -1) if guidance_scale != 1.0 else None
+            encoded.append((cond, uncond))
+        groups: dict[tuple, list[int]] = {}
+        for j, (cond, uncond) in enumerate(encoded):
+            solo = None if jobs[j].edit is None else j
+            groups.setdefault((cond.shape[1], None if uncond is None else uncond.shape[1], solo), []).append(
+                j
+            )
+        latents: list[Tensor | None] = [None] * len(jobs)
+        plans: dict[int, EditPlan] = {}
+        for members in groups.values():
+            seeds = [s for j in members for s in jobs[j].seeds]
+            rows_job = [j for j in members for _ in jobs[j].seeds]
+            b = len(seeds)
+            pos = position_map(
+                h, w, x_shift=camera.x_shift, y_shift=camera.y_shift, zoom=camera.zoom, device=self.device
+            ).expand(b, -1, -1)
+            addon = torch.full((b,), math.log(width / height), device=self.device)
+            cond = self._conditioning(
+                torch.cat([encoded[j][0] for j in members]), pos, addon, tread.cond_rate, seeds
+            )
+            uncond = None
+            if guidance_scale != 1.0:
+                ctx = torch.cat([encoded[j][1] for j in members])
+                uncond = self._conditioning(ctx, pos, addon, tread.uncond_rate, seeds)
+            noise = initial_noise(seeds, (self.model.config.in_channels, h, w), self.device)
+            ts, project = timesteps(steps, shift=shift), None
+            edit = jobs[members[0]].edit
+            if edit is not None:
+                plan = plans[members[0]] = plan_edit(edit, self.codec, noise, ts, width=width, height=height)
+                noise, ts, project = plan.start, plan.ts, plan.project
+            out, rows_job = sample_rows(
+                self.net,
+                noise,
+                rows_job,
+                cond,
+                uncond,
+                ts,
+                guidance_scale=guidance_scale,
+                sampler=SAMPLERS[sampler],
+                callback=callback,
+                project=project,
+            )
+            for j in members:
+                if j in rows_job:
+                    latents[j] = out[[r for r, owner in enumerate(rows_job) if owner == j]]
+        results: list[GenerationResult | None] = []
+        for j, (job, lat) in enumerate(zip(jobs, latents, strict=True)):
+            if lat is None:
+                results.append(None)
+                continue
+            plan = plans.get(j)
+            images = []
+            if decode:
+                pixels = self.codec.decode(lat.to(self.dtype))
+                images = to_pil(pixels if plan is None else plan.composite(pixels))
+            info = None if plan is None else plan.info
+            results.append(GenerationResult(images=images, seeds=job.seeds, latents=lat, edit=info))
+        return results

@@ -81,8 +81,11 @@ class AxialRoPE(nn.Module):
     def apply(x: Tensor, rotation: Tensor) -> Tensor:
         """Interleaved pairs (x[2j], x[2j+1]) as complex numbers times e^(i theta):
         out[2j] = x[2j] cos - x[2j+1] sin; out[2j+1] = x[2j+1] cos + x[2j] sin. Computed in fp32."""
-        pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
-        return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
+        pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+        # A strided view of the fused qkv output is viewed as complex in place; copy only when its layout forbids.
+        if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
+            pairs = pairs.contiguous()
+        return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2).to(x.dtype)
 
     def forward(self, x: Tensor, pos: Tensor) -> Tensor:
         """x [B, L, H, Dh], pos [B, L, 2] -> x rotated, same shape."""
