@@ -197,6 +197,7 @@ class AdapterSection(Section):
     ] = ADAPTER_TARGETS
     trigger_words: Annotated[tuple[str, ...], Strict(False)] = ()
     caption_sample: str | None = None
+    base_name: str | None = None  # the base model's name in the file's metadata; default: init_from's stem
 
     @field_validator("factor")
     @classmethod
@@ -207,7 +208,7 @@ class AdapterSection(Section):
 
     def adapter_config(self) -> dict[str, Any]:
         """The fields of `hdm_core.adapter.AdapterConfig` (`AdapterConfig.from_dict(section.adapter_config())`)."""
-        return self.model_dump(mode="json", exclude={"trigger_words", "caption_sample"})
+        return self.model_dump(mode="json", exclude={"trigger_words", "caption_sample", "base_name"})
 
 
 class CacheSection(Section):
@@ -297,6 +298,8 @@ class TrainConfig(Section):
     def _adapter_needs_base(self) -> TrainConfig:
         if self.adapter is not None and not self.model.init_from:
             raise ValueError("model.init_from: an [adapter] run needs a base checkpoint to train on")
+        if self.adapter is not None and self.train.ema_decay > 0:
+            raise ValueError("train.ema_decay: must be 0 in an [adapter] run (no weight EMA of adapters)")
         return self
 
     @model_validator(mode="after")
