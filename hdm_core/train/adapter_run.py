@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file
 from torch import nn
 
@@ -43,7 +44,11 @@ class AdapterRun:
     def __init__(self, cfg: TrainConfig, model: XUT, files: list[Path], *, hash_base: bool = True) -> None:
         section, base_path = cfg.adapter, cfg.model.init_from
         assert section is not None and base_path is not None  # TrainConfig's validators
-        self.adapter: AdapterNetwork = attach(model, AdapterConfig.from_dict(section.adapter_config()))
+        with torch.random.fork_rng(devices=[]):
+            # The library initialises from the global RNG: seed it, so every rank and every rerun of the run (a
+            # resume replays the same data onto the same start) begins from the same adapter.
+            torch.manual_seed(cfg.seed)
+            self.adapter: AdapterNetwork = attach(model, AdapterConfig.from_dict(section.adapter_config()))
         self.module = HookedModel(model, self.adapter.network)
         sample = section.caption_sample
         if sample is None:

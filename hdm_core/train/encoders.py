@@ -103,8 +103,13 @@ class BatchEncoder:
         for done, (index, crops) in enumerate(sorted(todo.items()), 1):
             img = load_image(files[index], self.cfg.data.max_image_pixels)
             moments: dict[tuple[int, int], Tensor] = {}
-            for i in range(0, len(crops), BUILD_BATCH):
-                chunk = crops[i : i + BUILD_BATCH]
+            chunks = [
+                same[i : i + BUILD_BATCH]
+                for size in sorted({s for s, _ in crops})
+                for same in [[c for c in crops if c[0] == size]]
+                for i in range(0, len(same), BUILD_BATCH)
+            ]
+            for chunk in chunks:
                 pixels = torch.stack([square_crop(img, s, o).pixels for s, o in chunk]).to(self.device)
                 for key, m in zip(chunk, self.codec.encode_moments(pixels), strict=True):
                     moments[key] = m
