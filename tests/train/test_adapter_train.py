@@ -128,7 +128,7 @@ def test_adapter_run_trains_only_the_adapter_and_previews_use_it(
         tmp_path / "run" / "checkpoints" / "step-00000003" / "training_state.pt", weights_only=True
     )
     names = [n for g in state["optimizer"]["param_groups"] for n in g["names"]]
-    assert names and all(n.startswith("loras.") for n in names)  # the adapter's modules, nothing of the base
+    assert names and all(n.startswith("lycoris_") for n in names)  # the adapter, nothing of the base
     adapter = load_adapter(tmp_path / "run" / "final_adapter.safetensors")
     assert adapter.config.algorithm == "lora" and adapter.info.steps == 3
     preview = np.asarray(

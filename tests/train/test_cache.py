@@ -96,7 +96,9 @@ def test_cache_built_once_reused_and_invalidated_per_image(
     assert third.finished
     rebuilt = cache_records(tmp_path / "third")
     assert (
-        set(rebuilt) == {"latents"} and rebuilt["latents"]["total"] == 1 and rebuilt["latents"]["crops"] in (1, 2)
+        set(rebuilt) == {"latents"}
+        and rebuilt["latents"]["total"] == 1
+        and rebuilt["latents"]["crops"] in (1, 2)
     )
 
 
