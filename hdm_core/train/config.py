@@ -167,8 +167,7 @@ class SamplingSection(Section):
         return self
 
 
-# Mirrors `hdm_core.adapter.AdapterConfig` (this module imports no torch, so the values are repeated here;
-# tests/train/test_adapter_train.py checks both agree).
+# Mirrors `hdm_core.adapter.AdapterConfig` (no torch here; tests/train/test_adapter_config.py checks they agree).
 AdapterAlgorithm = Literal["lokr", "lora", "loha"]
 ADAPTER_TARGETS: tuple[str, ...] = ("*.attn.qkv", "*.attn.out", "*.xattn.*", "*.mlp.*")
 # HDM's fine-tuning recipe (spec §6 "finetune"), used where the config leaves these unset and [adapter] is present.
@@ -178,13 +177,9 @@ ADAPTER_RECIPE_WARMUP = 100
 
 
 class AdapterSection(Section):
-    """Train a LyCORIS adapter on a frozen `model.init_from` instead of the whole model.
-
-    Defaults = HDM's recipe: LoKr, factor 4, full matrix, norms trained. `rank`/`alpha` size LoRA/LoHa (LoKr with
-    `full_matrix = false` uses rank for w2); `factor` -1 = balanced. `targets`: fnmatch patterns over the XUT's
-    module names (only Linear layers get an adapter). `trigger_words` / `caption_sample` go into the adapter
-    file's metadata (default: the first caption of the data set as the sample).
-    """
+    """A LyCORIS adapter on the frozen `model.init_from`; defaults = HDM's recipe (LoKr, factor 4, full matrix,
+    norms trained). `rank`/`alpha`: LoRA/LoHa size; `factor` -1 = balanced; `targets`: fnmatch over XUT module
+    names. `trigger_words`, `caption_sample` (default: the data set's first caption) go into the file's metadata."""
 
     algorithm: AdapterAlgorithm = "lokr"
     rank: PositiveInt = 8
@@ -212,12 +207,8 @@ class AdapterSection(Section):
 
 
 class CacheSection(Section):
-    """Training caches (hdm_core.data.cache): VAE latents per image and crop, text embeddings per caption variant.
-
-    Built once under `dir` (default: RUN_DIR/cache), reused by later runs pointing at the same folder, keyed by the
-    image's content hash and the VAE's / text encoder's identity. `text_variants`: how many augmented variants of a
-    caption are cached (the recipe's tag shuffle/dropout draws among them); 0 = encode text online.
-    """
+    """Training caches (hdm_core.data.cache) under `dir` (default RUN_DIR/cache; share it between runs).
+    `text_variants`: at most this many variants of a caption the run reads are cached, others encoded online."""
 
     latents: bool = False
     text: bool = False
@@ -295,15 +286,11 @@ class TrainConfig(Section):
         return {**data, "optimizer": opt, "schedule": sched}
 
     @model_validator(mode="after")
-    def _adapter_needs_base(self) -> TrainConfig:
+    def _consistent(self) -> TrainConfig:
         if self.adapter is not None and not self.model.init_from:
             raise ValueError("model.init_from: an [adapter] run needs a base checkpoint to train on")
         if self.adapter is not None and self.train.ema_decay > 0:
             raise ValueError("train.ema_decay: must be 0 in an [adapter] run (no weight EMA of adapters)")
-        return self
-
-    @model_validator(mode="after")
-    def _codec_has_weights(self) -> TrainConfig:
         if self.codec.kind == "vae" and not (self.codec.path or self.model.init_from):
             raise ValueError(
                 'codec.path: is required when codec.kind = "vae" (unless model.init_from carries the VAE)'
