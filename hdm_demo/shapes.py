@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -101,9 +102,10 @@ def render(spec: ShapeSpec, size: int, rng: random.Random) -> Image.Image:
     return img.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def recipe(*, count: int, size: int, seed: int) -> dict:
+def recipe(*, count: int, size: int, seed: int, colours: Sequence[str] | None = None) -> dict:
     """Everything that decides the written set; stored as `synthetic.json` so a changed recipe is not reused."""
-    return {
+    drawn = {"drawn_colours": list(colours)} if colours is not None else {}
+    return drawn | {
         "count": count,
         "size": size,
         "seed": seed,
@@ -115,37 +117,56 @@ def recipe(*, count: int, size: int, seed: int) -> dict:
     }
 
 
-def is_generated(out_dir: str | Path, *, count: int, size: int = 64, seed: int = 0) -> bool:
+def is_generated(
+    out_dir: str | Path, *, count: int, size: int = 64, seed: int = 0, colours: Sequence[str] | None = None
+) -> bool:
     """True if `out_dir` holds a complete set written by this recipe (`generate_dataset` writes its files last)."""
     marker = Path(out_dir) / "synthetic.json"
     try:
         return json.loads(marker.read_text()) == json.loads(
-            json.dumps(recipe(count=count, size=size, seed=seed))
+            json.dumps(recipe(count=count, size=size, seed=seed, colours=colours))
         )
     except (OSError, ValueError):
         return False
 
 
-def generate_dataset(out_dir: str | Path, *, count: int, size: int = 64, seed: int = 0) -> Path:
+def generate_dataset(
+    out_dir: str | Path,
+    *,
+    count: int,
+    size: int = 64,
+    seed: int = 0,
+    colours: Sequence[str] | None = None,
+) -> Path:
     """Write `count` captioned images of `size` px (only non-held-out combinations), `heldout.json` and
-    `synthetic.json`; images of an earlier set in the folder are removed first."""
+    `synthetic.json`; images of an earlier set in the folder are removed first.
+
+    `colours`: draw only these palette colours (default all); a colour left out appears in no image and no caption
+    (the adapter bench pretrains without one, then teaches it with an adapter)."""
     if count < 1 or size < 8:
         raise ValueError(f"need count >= 1 and size >= 8, got count={count} size={size}")
+    unknown = sorted(set(colours or ()) - set(COLOURS))
+    if unknown or (colours is not None and not colours):
+        raise ValueError(f"colours must be a non-empty subset of {list(COLOURS)}, got {colours!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "synthetic.json").unlink(missing_ok=True)
     for old in [*out.glob("[0-9][0-9][0-9][0-9][0-9].png"), *out.glob("[0-9][0-9][0-9][0-9][0-9].txt")]:
         old.unlink()
     rng = random.Random(seed)
-    specs = all_specs(heldout=False)
+    specs = [s for s in all_specs(heldout=False) if colours is None or s.colour in colours]
     for i in range(count):
         spec = specs[i % len(specs)] if i < len(specs) else rng.choice(specs)
         render(spec, size, rng).save(out / f"{i:05d}.png")
         (out / f"{i:05d}.txt").write_text(spec.caption + "\n", encoding="utf-8")
-    heldout = [asdict(s) | {"caption": s.caption} for s in all_specs(heldout=True)]
+    heldout = [
+        asdict(s) | {"caption": s.caption}
+        for s in all_specs(heldout=True)
+        if colours is None or s.colour in colours
+    ]
     (out / "heldout.json").write_text(json.dumps(heldout, indent=1), encoding="utf-8")
     (out / "synthetic.json").write_text(
-        json.dumps(recipe(count=count, size=size, seed=seed)), encoding="utf-8"
+        json.dumps(recipe(count=count, size=size, seed=seed, colours=colours)), encoding="utf-8"
     )
     logger.info("wrote %d images of %dpx to %s (%d held-out prompts)", count, size, out, len(heldout))
     return out

@@ -116,6 +116,7 @@ class CaptionedImageDataset(Dataset):
                 "addon": torch.tensor(crop.addon, dtype=torch.float32),
                 "caption": caption,
                 "index": idx,
+                "offset": crop.offset,
                 "skipped": skipped,
             }
         raise RuntimeError(
@@ -131,6 +132,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "addon": torch.stack([s["addon"] for s in samples]),
         "captions": [s["caption"] for s in samples],
         "indices": [s["index"] for s in samples],
+        "offsets": [s["offset"] for s in samples],
         "skipped": sum(s["skipped"] for s in samples),
     }
 
