@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import console, errors
 from app.db import session_scope
-from app.routes import datasets, images, models, openai_compat, system, training
+from app.routes import adapters, datasets, images, models, openai_compat, system, training
 from app.settings import get_settings
 
 log = logging.getLogger("app")
@@ -101,7 +101,7 @@ def _nul_param(scope: Scope) -> str | None:
 
 def _startup() -> None:
     from app.auth import auth_open
-    from app.services import models
+    from app.services import adapters, models
 
     settings = get_settings()
     with session_scope() as session:
@@ -113,6 +113,8 @@ def _startup() -> None:
         try:
             n = models.scan_models_dir(session)
             log.info("models folder %s: %d checkpoint(s) registered", settings.models_dir, n)
+            n = adapters.scan_models_dir(session)
+            log.info("models folder %s: %d adapter(s) registered", settings.models_dir, n)
         except Exception as exc:  # database not migrated yet: /readyz says so
             log.warning("model scan skipped: %s", exc)
 
@@ -142,7 +144,7 @@ def create_app() -> FastAPI:
         '`{"error": {"code", "message", "param"}}`.',
     )
     errors.install(app)
-    for module in (images, openai_compat, training, models, datasets, system):
+    for module in (images, openai_compat, training, models, adapters, datasets, system):
         app.include_router(module.router)
     console.mount(app)
     stats = HttpStats()

@@ -52,6 +52,13 @@ class TreadGuidance(Strict):
     uncond_rate: float = Field(0.0, ge=0, le=0.9)
 
 
+class AdapterRef(Strict):
+    """One adapter of an image request, applied at ``weight`` (negative weights push away from what it learned)."""
+
+    id: Text = Field(min_length=1, max_length=300, description="An adapter id or name from /v1/adapters.")
+    weight: float = Field(1.0, ge=-4, le=4, description="Multiplier of the adapter's weight change; 0 = off.")
+
+
 class ImageParams(Strict):
     """Fields shared by ``POST /v1/images`` and the OpenAI-compatible endpoint's extensions."""
 
@@ -65,6 +72,11 @@ class ImageParams(Strict):
     camera: Camera = Field(default_factory=Camera)
     tread_guidance: TreadGuidance = Field(default_factory=TreadGuidance)
     output_format: Literal["png", "webp", "jpeg"] = "png"
+    adapters: list[AdapterRef] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Adapters applied on top of the model for this request (at most 8, weights in [-4, 4]).",
+    )
     webhook: WebhookUrl = None
 
     @model_validator(mode="after")
@@ -215,6 +227,18 @@ class TrainRequest(Strict):
         if self.base_model is None and self.arch is None:
             self.arch = "xut-small"
         return self
+
+
+class MergeRequest(Strict):
+    """``POST /v1/models/{id}/merge``: the model with these adapters merged in, written as a new model."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={"examples": [{"adapters": [{"id": "adp_0192f3a1b2c3d4e5f6a7b8", "weight": 1.0}]}]},
+    )
+    adapters: list[AdapterRef] = Field(min_length=1, max_length=8)
+    name: Text | None = Field(None, min_length=1, max_length=200, description="Name of the merged model.")
 
 
 class DatasetRequest(Strict):

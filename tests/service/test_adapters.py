@@ -1,0 +1,220 @@
+"""Adapters through the real stack (uvicorn + PostgreSQL + Redis + Celery worker): registry, per-request adapters
+with weights on the worker's cached model, exact return to the base model, A1111 parameters, merge (CLI and job)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+from service_stack import ROOT, Stack
+
+import hdm_core
+from hdm_core.adapter import AdapterConfig, apply_adapters, attach
+from hdm_core.adapter_io import AdapterInfo, file_sha256, load_adapter, save_adapter
+from hdm_core.codec import PixelCodec
+from hdm_core.pipeline import sample_latents
+from hdm_core.sampler import Conditioning
+
+SMALL = {"width": 32, "height": 32, "steps": 2, "guidance_scale": 2.0, "seed": 7, "model": "adapt-base"}
+
+
+def _base_model(seed: int = 0, preset: str = "xut-pixel-debug", **changes: Any) -> hdm_core.XUT:
+    """Random weights everywhere (XUT zero-initialises its output head, which would hide any adapter)."""
+    torch.manual_seed(seed)
+    model = hdm_core.XUT(hdm_core.PRESETS[preset].replace(**changes))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def _adapter(base: Path, model: hdm_core.XUT, cfg: AdapterConfig, path: Path, seed: int) -> Path:
+    net = attach(model, cfg)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    info = AdapterInfo(base_model=base.stem, base_sha256=file_sha256(base), steps=5, trigger_words=("zq",))
+    save_adapter(net, path, info)
+    net.detach()
+    return path
+
+
+def _cli(stack: Stack, *args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        env=stack.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def files(stack: Stack) -> dict[str, Path]:
+    models = Path(stack.env["HDM_MODELS_DIR"])
+    base = models / "adapt-base.safetensors"
+    hdm_core.save_checkpoint(base, _base_model(), codec=PixelCodec())
+    out = {"base": base}
+    specs = {
+        "style-a": AdapterConfig(),  # HDM's recipe: LoKr factor 4, full matrix, norms
+        "style-b": AdapterConfig(algorithm="lora", rank=4, alpha=2.0),
+    }
+    for i, (name, cfg) in enumerate(specs.items()):
+        out[name] = _adapter(base, _base_model(), cfg, models / "adapters" / f"{name}.safetensors", seed=i + 1)
+    other = _base_model(preset="xut-pixel-debug", mlp_dim=256)
+    out["other-arch"] = _adapter(base, other, AdapterConfig(), models / "adapters" / "other-arch.safetensors", 9)
+    _cli(stack, "models", "import", str(base), "--name", "adapt-base")
+    for name in ("style-a", "style-b", "other-arch"):
+        _cli(stack, "adapters", "import", str(out[name]))
+    return out
+
+
+def _image(c: Any, body: dict[str, Any]) -> tuple[dict[str, Any], bytes, str]:
+    r = c.post("/v1/images", json={"prompt": "a zq circle", **SMALL, **body}, headers={"Prefer": "wait=60"})
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert job["status"] == "succeeded", job
+    png = c.get(f"/v1/images/{job['id']}/files/0").content
+    img = Image.open(io.BytesIO(png))
+    return job, img.tobytes(), img.text["parameters"]
+
+
+def test_adapters_listed_with_metadata(live_worker: Stack, files: dict[str, Path]) -> None:
+    with live_worker.client() as c:
+        listed = {a["name"]: a for a in c.get("/v1/adapters").json()["data"]}
+        assert set(listed) >= {"style-a", "style-b", "other-arch"}
+        a = listed["style-a"]
+        assert a["id"].startswith("adp_") and a["algorithm"] == "lokr" and a["config"]["factor"] == 4
+        assert a["base_model"]["name"] == "adapt-base"
+        assert a["base_model"]["sha256"] == file_sha256(files["base"])
+        assert a["trigger_words"] == ["zq"] and a["steps"] == 5
+        assert a["size_bytes"] == files["style-a"].stat().st_size and a["sha256"] == file_sha256(files["style-a"])
+        assert listed["style-b"]["algorithm"] == "lora" and listed["style-b"]["config"]["rank"] == 4
+        assert c.get(f"/v1/adapters/{a['id']}").json()["name"] == "style-a"
+        assert c.get(f"/v1/adapters/{a['id']}/file").content == files["style-a"].read_bytes()
+        models = [m["name"] for m in c.get("/v1/models").json()["data"]]
+        assert "adapt-base" in models and not {"style-a", "style-b", "other-arch"} & set(models)
+
+
+def test_two_adapters_negative_weight_and_exact_return_to_base(live_worker: Stack, files: dict[str, Path]) -> None:
+    with live_worker.client() as c:
+        base_job, base, _ = _image(c, {})
+        assert base_job["model_cache_hit"] is False  # loaded for this request: what a fresh worker draws
+        both_job, both, params = _image(
+            c, {"adapters": [{"id": "style-a", "weight": 0.7}, {"id": "style-b", "weight": -1.5}]}
+        )
+        one_job, one, _ = _image(c, {"adapters": [{"id": "style-a", "weight": 0.7}]})
+        assert len({base, both, one}) == 3  # each adapter set changes the image
+        assert both_job["model_cache_hit"] is True  # applied to the cached model, not reloaded
+        assert [(a["name"], a["weight"]) for a in both_job["adapters"]] == [("style-a", 0.7), ("style-b", -1.5)]
+        assert both_job["request"]["adapters"][1]["id"].startswith("adp_")
+        assert params.startswith("a zq circle <lora:style-a:0.7> <lora:style-b:-1.5>\n"), params
+        sha_a, sha_b = file_sha256(files["style-a"])[:10], file_sha256(files["style-b"])[:10]
+        assert f'Lora hashes: "style-a: {sha_a}, style-b: {sha_b}"' in params, params
+        # the same set again keeps the merged weights and draws the same image
+        assert _image(c, {"adapters": [{"id": "style-a", "weight": 0.7}]})[1] == one
+        after_job, after, after_params = _image(c, {})
+        assert after == base and after_job["adapters"] == []  # bit-identical to the freshly loaded model
+        assert "<lora:" not in after_params and "Lora hashes" not in after_params
+        zero = _image(c, {"adapters": [{"id": "style-a", "weight": 0.0}]})[1]
+        assert zero == base
+
+
+def test_openai_endpoint_takes_adapters(live_worker: Stack, files: dict[str, Path]) -> None:
+    body = {"prompt": "a zq circle", "size": "32x32", "steps": 2, "seed": 7, "model": "adapt-base"}
+    with live_worker.client() as c:
+        r = c.post("/v1/images/generations", json={**body, "adapters": [{"id": "style-a", "weight": 0.7}]})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["data"]) == 1
+        r = c.post("/v1/images/generations", json={**body, "adapters": [{"id": "nope"}]})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "adapters.0.id", r.text
+
+
+def test_adapter_request_validation(stack: Stack, files: dict[str, Path]) -> None:
+    ok = {"id": "style-a", "weight": 1.0}
+    cases = [
+        ([ok, {"id": "adp_missing", "weight": 1}], 422, "adapters.1.id", "unknown_adapter"),
+        ([{"id": "other-arch", "weight": 1}], 422, "adapters.0.id", "adapter_arch_mismatch"),
+        ([{"id": "style-a", "weight": 4.5}], 422, "adapters.0.weight", None),
+        ([{"id": "style-a", "weight": -4.5}], 422, "adapters.0.weight", None),
+        ([{"id": "style-a", "weight": 1, "scale": 2}], 422, "adapters.0.scale", "unknown_field"),
+        ([ok] * 9, 422, "adapters", None),
+        ([ok, ok], 422, "adapters.1.id", None),
+    ]
+    with stack.client() as c:
+        for adapters, status, param, code in cases:
+            r = c.post("/v1/images", json={"prompt": "x", **SMALL, "adapters": adapters})
+            assert r.status_code == status and r.json()["error"]["param"] == param, (adapters, r.text)
+            assert code is None or r.json()["error"]["code"] == code, r.text
+        msg = c.post("/v1/images", json={"prompt": "x", **SMALL, "adapters": [{"id": "other-arch"}]}).json()
+        assert "mlp_dim 256 (adapter) vs 320 (model)" in msg["error"]["message"], msg
+        assert c.get("/v1/adapters/adp_missing").status_code == 404
+
+
+def _latents(model: hdm_core.XUT) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(1, model.config.in_channels, 16, 16, generator=g)
+    cond = Conditioning(torch.randn(1, 5, model.config.ctx_dim, generator=g))
+    uncond = Conditioning(torch.zeros(1, 5, model.config.ctx_dim))
+    return sample_latents(model, noise, cond, uncond, steps=3, guidance_scale=2.0)
+
+
+def test_cli_merge_equals_base_plus_adapter(stack: Stack, files: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "merged.safetensors"
+    printed = _cli(stack, "adapters", "merge", str(files["base"]), f"{files['style-a']}:1", "--out", str(out))
+    assert printed == str(out)
+    merged = hdm_core.load_checkpoint(out)
+    assert merged.codec is not None and merged.codec.kind == "pixel"
+    merged_meta = json.loads(merged.metadata["hdm_merged_adapters"])
+    assert merged_meta == [{"name": "style-a", "sha256": file_sha256(files["style-a"]), "weight": 1.0}]
+    base = hdm_core.load_checkpoint(files["base"]).model
+    base_latents = _latents(base)
+    with apply_adapters(base, [(load_adapter(files["style-a"]), 1.0)]):
+        applied = _latents(base)
+    merged_latents = _latents(merged.model)
+    assert (applied - base_latents).abs().max() > 1e-3
+    assert (merged_latents - applied).abs().max() < 1e-4
+    bad = subprocess.run(
+        [sys.executable, "-m", "app.cli", "adapters", "merge", str(files["base"]), str(files["other-arch"])]
+        + ["--out", str(tmp_path / "bad.safetensors")],
+        env=stack.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "mlp_dim" in bad.stderr and not (tmp_path / "bad.safetensors").exists()
+
+
+def test_merge_job_registers_a_model_drawing_base_plus_adapter(
+    live_worker: Stack, files: dict[str, Path]
+) -> None:
+    with live_worker.client() as c:
+        r = c.post(
+            "/v1/models/adapt-base/merge",
+            json={"adapters": [{"id": "style-b", "weight": 1.0}], "name": "adapt-base+b"},
+            headers={"Prefer": "wait=60"},
+        )
+        assert r.status_code == 200, r.text
+        job = r.json()
+        assert job["object"] == "merge_job" and job["status"] == "succeeded", job
+        model = c.get(f"/v1/models/{job['model']}").json()
+        assert model["name"] == "adapt-base+b" and model["source"] == "merge" and model["codec"] == "pixel"
+        assert c.get(f"/v1/merge-jobs/{job['id']}").json()["model"] == job["model"]
+        adapted = _image(c, {"adapters": [{"id": "style-b", "weight": 1.0}]})[1]
+        merged = _image(c, {"model": "adapt-base+b"})[1]
+        assert merged == adapted
+        r = c.post("/v1/models/adapt-base/merge", json={"adapters": [{"id": "other-arch"}]})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "adapters.0.id", r.text
+        r = c.post("/v1/models/adapt-base/merge", json={"adapters": []})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "adapters", r.text
