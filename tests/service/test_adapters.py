@@ -71,9 +71,13 @@ def files(stack: Stack) -> dict[str, Path]:
         "style-b": AdapterConfig(algorithm="lora", rank=4, alpha=2.0),
     }
     for i, (name, cfg) in enumerate(specs.items()):
-        out[name] = _adapter(base, _base_model(), cfg, models / "adapters" / f"{name}.safetensors", seed=i + 1)
+        out[name] = _adapter(
+            base, _base_model(), cfg, models / "adapters" / f"{name}.safetensors", seed=i + 1
+        )
     other = _base_model(preset="xut-pixel-debug", mlp_dim=256)
-    out["other-arch"] = _adapter(base, other, AdapterConfig(), models / "adapters" / "other-arch.safetensors", 9)
+    out["other-arch"] = _adapter(
+        base, other, AdapterConfig(), models / "adapters" / "other-arch.safetensors", 9
+    )
     _cli(stack, "models", "import", str(base), "--name", "adapt-base")
     for name in ("style-a", "style-b", "other-arch"):
         _cli(stack, "adapters", "import", str(out[name]))
@@ -99,7 +103,9 @@ def test_adapters_listed_with_metadata(live_worker: Stack, files: dict[str, Path
         assert a["base_model"]["name"] == "adapt-base"
         assert a["base_model"]["sha256"] == file_sha256(files["base"])
         assert a["trigger_words"] == ["zq"] and a["steps"] == 5
-        assert a["size_bytes"] == files["style-a"].stat().st_size and a["sha256"] == file_sha256(files["style-a"])
+        assert a["size_bytes"] == files["style-a"].stat().st_size and a["sha256"] == file_sha256(
+            files["style-a"]
+        )
         assert listed["style-b"]["algorithm"] == "lora" and listed["style-b"]["config"]["rank"] == 4
         assert c.get(f"/v1/adapters/{a['id']}").json()["name"] == "style-a"
         assert c.get(f"/v1/adapters/{a['id']}/file").content == files["style-a"].read_bytes()
@@ -107,17 +113,22 @@ def test_adapters_listed_with_metadata(live_worker: Stack, files: dict[str, Path
         assert "adapt-base" in models and not {"style-a", "style-b", "other-arch"} & set(models)
 
 
-def test_two_adapters_negative_weight_and_exact_return_to_base(live_worker: Stack, files: dict[str, Path]) -> None:
+def test_two_adapters_negative_weight_and_exact_return_to_base(
+    live_worker: Stack, files: dict[str, Path]
+) -> None:
     with live_worker.client() as c:
         base_job, base, _ = _image(c, {})
         assert base_job["model_cache_hit"] is False  # loaded for this request: what a fresh worker draws
         both_job, both, params = _image(
             c, {"adapters": [{"id": "style-a", "weight": 0.7}, {"id": "style-b", "weight": -1.5}]}
         )
-        one_job, one, _ = _image(c, {"adapters": [{"id": "style-a", "weight": 0.7}]})
+        one = _image(c, {"adapters": [{"id": "style-a", "weight": 0.7}]})[1]
         assert len({base, both, one}) == 3  # each adapter set changes the image
         assert both_job["model_cache_hit"] is True  # applied to the cached model, not reloaded
-        assert [(a["name"], a["weight"]) for a in both_job["adapters"]] == [("style-a", 0.7), ("style-b", -1.5)]
+        assert [(a["name"], a["weight"]) for a in both_job["adapters"]] == [
+            ("style-a", 0.7),
+            ("style-b", -1.5),
+        ]
         assert both_job["request"]["adapters"][1]["id"].startswith("adp_")
         assert params.startswith("a zq circle <lora:style-a:0.7> <lora:style-b:-1.5>\n"), params
         sha_a, sha_b = file_sha256(files["style-a"])[:10], file_sha256(files["style-b"])[:10]
@@ -173,7 +184,7 @@ def _latents(model: hdm_core.XUT) -> torch.Tensor:
 def test_cli_merge_equals_base_plus_adapter(stack: Stack, files: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "merged.safetensors"
     printed = _cli(stack, "adapters", "merge", str(files["base"]), f"{files['style-a']}:1", "--out", str(out))
-    assert printed == str(out)
+    assert printed.splitlines()[-1] == str(out)
     merged = hdm_core.load_checkpoint(out)
     assert merged.codec is not None and merged.codec.kind == "pixel"
     merged_meta = json.loads(merged.metadata["hdm_merged_adapters"])
@@ -185,15 +196,22 @@ def test_cli_merge_equals_base_plus_adapter(stack: Stack, files: dict[str, Path]
     merged_latents = _latents(merged.model)
     assert (applied - base_latents).abs().max() > 1e-3
     assert (merged_latents - applied).abs().max() < 1e-4
+    argv = [
+        "adapters",
+        "merge",
+        str(files["base"]),
+        str(files["other-arch"]),
+        "--out",
+        str(tmp_path / "bad.st"),
+    ]
     bad = subprocess.run(
-        [sys.executable, "-m", "app.cli", "adapters", "merge", str(files["base"]), str(files["other-arch"])]
-        + ["--out", str(tmp_path / "bad.safetensors")],
+        [sys.executable, "-m", "app.cli", *argv],
         env=stack.env,
         cwd=ROOT,
         capture_output=True,
         text=True,
     )
-    assert bad.returncode == 2 and "mlp_dim" in bad.stderr and not (tmp_path / "bad.safetensors").exists()
+    assert bad.returncode == 2 and "mlp_dim" in bad.stderr and not (tmp_path / "bad.st").exists()
 
 
 def test_merge_job_registers_a_model_drawing_base_plus_adapter(
