@@ -163,9 +163,21 @@ class VaeCodec(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
-        dtype = self.vae.dtype
-        z = self.vae.encode(images.to(dtype)).latent_dist.sample(generator)
-        return ((z.float() - self.vae_mean) / self.vae_std).to(images.dtype)
+        return self.sample_moments(self.encode_moments(images), generator=generator).to(images.dtype)
+
+    @torch.no_grad()
+    def encode_moments(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] -> the encoder's Gaussian [B, 2C, H/f, W/f] (mean, log-variance): the deterministic
+        part of `encode`, what the training latent cache stores."""
+        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.parameters
+
+    @torch.no_grad()
+    def sample_moments(self, moments: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """A latent drawn from `encode_moments`' Gaussian with `generator`, normalised (fp32) [B, C, h, w]."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        z = DiagonalGaussianDistribution(moments).sample(generator)
+        return (z.float() - self.vae_mean) / self.vae_std
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:

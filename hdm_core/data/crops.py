@@ -45,21 +45,29 @@ def crop_position_map(resized_hw: tuple[int, int], offset: int, size: int, laten
     return grid[0].permute(1, 2, 0).reshape(latent * latent, 2).contiguous()
 
 
+def crop_offset(width: int, height: int, size: int, rng: random.Random) -> int:
+    """The crop's offset along the longer side: uniform in [0, long - short) (exclusive, as the reference; 0 for
+    square images). The one draw from `rng` a crop makes (the training caches replay it without the pixels)."""
+    new_w, new_h = resized_size(width, height, size)
+    long_side = max(new_w, new_h)
+    return rng.randrange(long_side - size) if long_side > size else 0
+
+
 def shifted_square_crop(
     img: Image.Image, size: int, rng: random.Random, *, downsample: int = 1
 ) -> CropResult:
-    """Spec §7: RGB, shorter side -> `size` (bicubic), a square at a random offset along the longer side.
+    """Spec §7: RGB, shorter side -> `size` (bicubic), a square at a random offset along the longer side."""
+    return square_crop(img, size, crop_offset(img.width, img.height, size, rng), downsample=downsample)
 
-    The offset is an integer uniform in [0, long - short) (exclusive, as the reference; 0 for square images).
-    """
+
+def square_crop(img: Image.Image, size: int, offset: int, *, downsample: int = 1) -> CropResult:
+    """The shifted square crop at a given offset (see `shifted_square_crop`)."""
     if size % downsample:
         raise ValueError(f"crop size {size} must be a multiple of the codec downsample factor {downsample}")
     img = img.convert("RGB")
     new_w, new_h = resized_size(img.width, img.height, size)
     if (new_w, new_h) != img.size:
         img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    long_side = max(new_w, new_h)
-    offset = rng.randrange(long_side - size) if long_side > size else 0
     box = (offset, 0, offset + size, size) if new_w >= new_h else (0, offset, size, offset + size)
     square = img.crop(box)
     pixels = torch.frombuffer(bytearray(square.tobytes()), dtype=torch.uint8).view(size, size, 3)

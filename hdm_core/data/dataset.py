@@ -115,6 +115,7 @@ class CaptionedImageDataset(Dataset):
                 "addon": torch.tensor(crop.addon, dtype=torch.float32),
                 "caption": caption,
                 "index": idx,
+                "offset": crop.offset,
                 "skipped": skipped,
             }
         raise RuntimeError(
@@ -130,6 +131,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "addon": torch.stack([s["addon"] for s in samples]),
         "captions": [s["caption"] for s in samples],
         "indices": [s["index"] for s in samples],
+        "offsets": [s["offset"] for s in samples],
         "skipped": sum(s["skipped"] for s in samples),
     }
 

@@ -167,6 +167,64 @@ class SamplingSection(Section):
         return self
 
 
+# Mirrors `hdm_core.adapter.AdapterConfig` (this module imports no torch, so the values are repeated here;
+# tests/train/test_adapter_train.py checks both agree).
+AdapterAlgorithm = Literal["lokr", "lora", "loha"]
+ADAPTER_TARGETS: tuple[str, ...] = ("*.attn.qkv", "*.attn.out", "*.xattn.*", "*.mlp.*")
+# HDM's fine-tuning recipe (spec §6 "finetune"), used where the config leaves these unset and [adapter] is present.
+ADAPTER_RECIPE_LR = 0.1
+ADAPTER_RECIPE_BETAS = (0.9, 0.95)
+ADAPTER_RECIPE_WARMUP = 100
+
+
+class AdapterSection(Section):
+    """Train a LyCORIS adapter on a frozen `model.init_from` instead of the whole model.
+
+    Defaults = HDM's recipe: LoKr, factor 4, full matrix, norms trained. `rank`/`alpha` size LoRA/LoHa (LoKr with
+    `full_matrix = false` uses rank for w2); `factor` -1 = balanced. `targets`: fnmatch patterns over the XUT's
+    module names (only Linear layers get an adapter). `trigger_words` / `caption_sample` go into the adapter
+    file's metadata (default: the first caption of the data set as the sample).
+    """
+
+    algorithm: AdapterAlgorithm = "lokr"
+    rank: PositiveInt = 8
+    alpha: Annotated[float, Field(gt=0.0)] = 4.0
+    factor: int = 4
+    full_matrix: bool = True
+    train_norm: bool = True
+    targets: Annotated[
+        tuple[Annotated[str, Field(min_length=1)], ...], Strict(False), Field(min_length=1)
+    ] = ADAPTER_TARGETS
+    trigger_words: Annotated[tuple[str, ...], Strict(False)] = ()
+    caption_sample: str | None = None
+    base_name: str | None = None  # the base model's name in the file's metadata; default: init_from's stem
+
+    @field_validator("factor")
+    @classmethod
+    def _valid_factor(cls, v: int) -> int:
+        if v != -1 and v < 2:
+            raise ValueError("must be -1 (balanced) or an integer >= 2")
+        return v
+
+    def adapter_config(self) -> dict[str, Any]:
+        """The fields of `hdm_core.adapter.AdapterConfig` (`AdapterConfig.from_dict(section.adapter_config())`)."""
+        return self.model_dump(mode="json", exclude={"trigger_words", "caption_sample", "base_name"})
+
+
+class CacheSection(Section):
+    """Training caches (hdm_core.data.cache): VAE latents per image and crop, text embeddings per caption variant.
+
+    Built once under `dir` (default: RUN_DIR/cache), reused by later runs pointing at the same folder, keyed by the
+    image's content hash and the VAE's / text encoder's identity. `text_variants`: how many augmented variants of a
+    caption are cached (the recipe's tag shuffle/dropout draws among them); 0 = encode text online.
+    """
+
+    latents: bool = False
+    text: bool = False
+    dir: str | None = None
+    text_variants: NonNegativeInt = 8
+
+
 class TrainSection(Section):
     precision: Precision = "fp32"
     device: DeviceName = "auto"
@@ -215,8 +273,34 @@ class TrainConfig(Section):
     objective: ObjectiveSection = ObjectiveSection()
     sampling: SamplingSection = SamplingSection()
     train: TrainSection = TrainSection()
+    adapter: AdapterSection | None = None
+    cache: CacheSection = CacheSection()
     seed: int = 20090220  # the reference's seed_everything value (spec §6)
     source: str = ""  # where the config came from (informational)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _adapter_recipe_defaults(cls, data: Any) -> Any:
+        """With [adapter], unset lr / betas / warmup take HDM's fine-tuning recipe instead of pretraining's."""
+        if not isinstance(data, dict) or data.get("adapter") is None:
+            return data
+        data = dict(data)
+        opt = dict(data.get("optimizer") or {})
+        opt.setdefault("betas", list(ADAPTER_RECIPE_BETAS))
+        sched = dict(data.get("schedule") or {})
+        sched.setdefault("warmup_steps", ADAPTER_RECIPE_WARMUP)
+        stages = data.get("stages")
+        if isinstance(stages, list | tuple):
+            data["stages"] = [{"lr": ADAPTER_RECIPE_LR, **s} if isinstance(s, dict) else s for s in stages]
+        return {**data, "optimizer": opt, "schedule": sched}
+
+    @model_validator(mode="after")
+    def _adapter_needs_base(self) -> TrainConfig:
+        if self.adapter is not None and not self.model.init_from:
+            raise ValueError("model.init_from: an [adapter] run needs a base checkpoint to train on")
+        if self.adapter is not None and self.train.ema_decay > 0:
+            raise ValueError("train.ema_decay: must be 0 in an [adapter] run (no weight EMA of adapters)")
+        return self
 
     @model_validator(mode="after")
     def _codec_has_weights(self) -> TrainConfig:
@@ -290,6 +374,7 @@ def config_from_dict(
             ),
             "codec": cfg.codec.model_copy(update={"path": _resolve(cfg.codec.path, base)}),
             "data": cfg.data.model_copy(update={"path": _resolve(cfg.data.path, base)}),
+            "cache": cfg.cache.model_copy(update={"dir": _resolve(cfg.cache.dir, base)}),
         }
     )
 

@@ -17,30 +17,32 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from torch import Tensor
 
 from hdm_core.checkpoint import MODEL_PREFIX, TEXT_LENGTH_KEY, save_checkpoint
 from hdm_core.data import CaptionedImageDataset, StageSampler, StreamLayout, make_loader, mix_seed
 from hdm_core.flow import flow_loss, sample_t
 from hdm_core.model import XUT
 from hdm_core.train import components, distributed
+from hdm_core.train.adapter_run import AdapterRun
 from hdm_core.train.config import StageSection, TrainConfig
 from hdm_core.train.distributed import DistInfo
+from hdm_core.train.encoders import BatchEncoder
 from hdm_core.train.metrics import MetricsLog, memory_mb
 from hdm_core.train.optim import Ema, build_optimizer, lr_factor, set_lr, set_stage_hparams, stage_steps
 from hdm_core.train.previews import save_preview
 from hdm_core.train.run_dir import (
+    ADAPTER_FILE,
     EMA_FILE,
     MODEL_FILE,
     STATE_FILE,
     STATE_VERSION,
     RunDir,
+    TrainingResult,
     load_training_state,
     save_training_state,
 )
@@ -48,16 +50,6 @@ from hdm_core.train.run_dir import (
 logger = logging.getLogger("hdm_core.train")
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-
-
-@dataclass(frozen=True)
-class TrainingResult:
-    run_dir: Path
-    step: int  # optimizer steps completed in total
-    stage: int  # index of the stage the run ended in
-    finished: bool  # every stage ran to its end
-    last_loss: float | None
-    checkpoint: Path | None  # the newest snapshot folder written by this call
 
 
 class Trainer:
@@ -81,10 +73,6 @@ class Trainer:
         self.codec = components.build_codec(cfg, self.device, frozen_dtype)
         self.model = components.build_model(cfg).to(self.device)
         components.check_compatible(self.model, self.text_encoder, self.codec)
-        self.ddp = distributed.wrap_ddp(self.model, info)  # = self.model without torchrun
-        self.optimizer = build_optimizer(self.model, cfg.optimizer)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
-        self.ema = Ema(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.files = CaptionedImageDataset(
             cfg.data.path,
             size=cfg.stages[0].resolution,
@@ -92,6 +80,16 @@ class Trainer:
             downsample=self.codec.downsample,
             max_pixels=cfg.data.max_image_pixels,
         ).files
+        self.encoder = BatchEncoder(cfg, self.codec, self.text_encoder, self.device)
+        # An adapter run trains only the adapter (hooked into the frozen base); otherwise the whole model.
+        self.adapter = (
+            AdapterRun(cfg, self.model, self.files, hash_base=info.is_main) if cfg.adapter else None
+        )
+        self.trained = self.adapter.network if self.adapter else self.model
+        self.ddp = distributed.wrap_ddp(self.adapter.module if self.adapter else self.model, info)
+        self.optimizer = build_optimizer(self.trained, cfg.optimizer)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
+        self.ema = Ema(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.step = self.stage = self.step_in_stage = self.skipped_images = 0
         self.last_loss: float | None = None
         self.last_snapshot: Path | None = None
@@ -107,8 +105,11 @@ class Trainer:
             raise RuntimeError(
                 f"{snap.path}: training state version {state.get('version')} != {STATE_VERSION}"
             )
-        sd = {k[len(MODEL_PREFIX) :]: v for k, v in load_file(snap.path / MODEL_FILE).items()}
-        self.model.load_state_dict(sd, strict=True)
+        if self.adapter is not None:
+            self.adapter.load(snap.path / ADAPTER_FILE)
+        else:
+            sd = {k[len(MODEL_PREFIX) :]: v for k, v in load_file(snap.path / MODEL_FILE).items()}
+            self.model.load_state_dict(sd, strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
@@ -137,7 +138,7 @@ class Trainer:
 
     def save(self) -> None:
         """Collective (fingerprints, RNG states); rank 0 writes the snapshot."""
-        fingerprints = distributed.gather(distributed.weights_fingerprint(self.model), self.info)
+        fingerprints = distributed.gather(distributed.weights_fingerprint(self.trained), self.info)
         rng = distributed.gather(distributed.rng_state(self.device), self.info)
         if not self.info.is_main:
             return
@@ -159,18 +160,22 @@ class Trainer:
         meta = {"step": str(self.step), "stage": self.cfg.stage_name(self.stage), **self._model_metadata()}
 
         def write(folder: Path) -> None:
+            save_training_state(folder / STATE_FILE, state)
+            if self.adapter is not None:  # the adapter alone, never a copy of the base
+                self.adapter.save(folder / ADAPTER_FILE, self.step)
+                return
             save_checkpoint(folder / MODEL_FILE, self.model, codec=self.codec, metadata=meta)
             if self.ema is not None:
                 ema_model = XUT(self.model.config)
                 ema_model.load_state_dict({k: v.cpu() for k, v in self.ema.shadow.items()})
                 save_checkpoint(folder / EMA_FILE, ema_model, codec=self.codec, metadata=meta)
-            save_training_state(folder / STATE_FILE, state)
 
         info = {
             "stage": self.stage,
             "step_in_stage": self.step_in_stage,
             "world_size": self.info.world_size,
             "rank_fingerprints": fingerprints,
+            **(self.adapter.manifest_entry(ADAPTER_FILE, self.step) if self.adapter else {}),
         }
         self.last_snapshot = self.run_dir.save_snapshot(self.step, write, info)
 
@@ -190,7 +195,7 @@ class Trainer:
             batch = next(batches)
             skipped += batch["skipped"]
             slot = layout.slot_start(self.step_in_stage, micro, self.info.rank)
-            x0, ctx = self._encode(batch, mix_seed(seed, stage_idx, "vae", slot))
+            x0, ctx = self.encoder.encode(batch, mix_seed(seed, stage_idx, "vae", slot), stage.resolution)
             noise_gen = torch.Generator().manual_seed(mix_seed(seed, stage_idx, "noise", slot))
             t = sample_t(x0.shape[0], generator=noise_gen, mean=obj.t_logit_mean, std=obj.t_logit_std)
             routes = None
@@ -217,7 +222,7 @@ class Trainer:
             losses.append(float(loss.detach()))
         self.scaler.unscale_(self.optimizer)
         clip = stage.grad_clip if stage.grad_clip is not None else self.cfg.train.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trained.parameters(), clip if clip > 0 else math.inf)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -238,6 +243,7 @@ class Trainer:
         )
         finished = False
         try:
+            self.encoder.open_caches(self.run_dir.root, self.files, self.info, self._cache_progress)
             while self.stage < len(cfg.stages):
                 stage = cfg.stages[self.stage]
                 total = stage_steps(stage, len(self.files), self._layout(stage).global_batch)
@@ -250,7 +256,9 @@ class Trainer:
                 finished = True
         finally:
             self.metrics.close()
-        if finished and self.info.is_main:
+        if finished and self.info.is_main and self.adapter is not None:
+            self.adapter.save(self.run_dir.final_adapter_path, self.step)
+        elif finished and self.info.is_main:
             save_checkpoint(
                 self.run_dir.final_path,
                 self.model,
@@ -353,16 +361,8 @@ class Trainer:
         pin = self.device.type == "cuda"
         return iter(make_loader(dataset, sampler, num_workers=data.num_workers, pin_memory=pin))
 
-    @torch.no_grad()
-    def _encode(self, batch: dict[str, Any], codec_seed: int) -> tuple[Tensor, Tensor]:
-        """Frozen codec and text encoder: pixels (B, 3, S, S) -> x0 (B, C, S/ds, S/ds), captions -> ctx (B, L, D)."""
-        pixels = batch["pixels"].to(self.device, non_blocking=True)
-        x0 = self.codec.encode(pixels, generator=torch.Generator(self.device).manual_seed(codec_seed)).float()
-        # Spec §4: training pads (and truncates) every caption to max_length.
-        ctx = self.text_encoder.encode(
-            batch["captions"], padding="max_length", max_length=self.cfg.text_encoder.max_length
-        )
-        return x0, ctx.float()
+    def _cache_progress(self, record: dict[str, Any]) -> None:
+        self.metrics.write({"step": self.step, "time": time.time(), "kind": "cache", **record})
 
     def _layout(self, stage: StageSection) -> StreamLayout:
         return StreamLayout(stage.batch_size, stage.grad_accum, self.info.world_size)

@@ -7,8 +7,10 @@ Layout of ``run_dir/`` (the worker and docs/training.md read it; names on disk a
     checkpoints/step-00000500/model.safetensors      # weights via hdm_core.save_checkpoint (load_checkpoint reads it)
     checkpoints/step-00000500/training_state.pt      # optimizer, grad scaler, step, stage, data position, RNG
     checkpoints/step-00000500/model_ema.safetensors  # only with train.ema_decay > 0
+    checkpoints/step-00000500/adapter.safetensors    # [adapter] runs: the adapter (save_adapter), no model copy
     checkpoints/manifest.json                # the complete snapshots, oldest first, with sha256 per file
     final.safetensors                        # when every stage has finished
+    final_adapter.safetensors                # [adapter] runs, instead of final.safetensors
 
 In code a step folder is a *snapshot* (weights + training state); "checkpoint" means the weights file format.
 A snapshot is written into a hidden temp folder, every file fsynced, the folder renamed into place, and only then
@@ -37,9 +39,22 @@ logger = logging.getLogger(__name__)
 SNAPSHOTS = "checkpoints"  # the folder name on disk (read by the worker)
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
+ADAPTER_FILE = "adapter.safetensors"  # instead of MODEL_FILE in an [adapter] run
 EMA_FILE = "model_ema.safetensors"
 STATE_FILE = "training_state.pt"
 STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """What `run_training` returns."""
+
+    run_dir: Path
+    step: int  # optimizer steps completed in total
+    stage: int  # index of the stage the run ended in
+    finished: bool  # every stage ran to its end
+    last_loss: float | None
+    checkpoint: Path | None  # the newest snapshot folder written by this call
 
 
 @dataclass(frozen=True)
@@ -69,6 +84,10 @@ class RunDir:
     @property
     def final_path(self) -> Path:
         return self.root / "final.safetensors"
+
+    @property
+    def final_adapter_path(self) -> Path:
+        return self.root / "final_adapter.safetensors"
 
     def start(self, cfg: TrainConfig, *, resume: bool) -> None:
         """Rank 0, before training: record the config; a fresh run refuses a folder that holds snapshots."""
@@ -145,7 +164,7 @@ class RunDir:
         """None if every listed file is present with the recorded size and sha256, else what is wrong."""
         folder = self.dir / entry["name"]
         files = entry.get("files") or {}
-        if STATE_FILE not in files or MODEL_FILE not in files:
+        if STATE_FILE not in files or not ({MODEL_FILE, ADAPTER_FILE} & set(files)):
             return "manifest entry lists no model/training state"
         for fname, meta in files.items():
             path = folder / fname
