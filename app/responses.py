@@ -115,6 +115,7 @@ class TrainJob(BaseModel):
     metrics: TrainMetrics
     gpus: list[int] = Field(description="The GPU slots leased to the run.")
     checkpoints: list[str] = Field(description="Ids of the models this run registered so far.")
+    adapters: list[str] = Field(description="Ids of the adapters an adapter run registered so far.")
     error: JobError | None
     attempts: int
 

@@ -9,6 +9,8 @@ from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field, U
 
 from hdm_core.config import MAX_SEED
 from hdm_core.train.config import (
+    ADAPTER_TARGETS,
+    AdapterSection,
     ObjectiveSection,
     SamplingSection,
     StageSection,
@@ -169,6 +171,32 @@ class Stage(Strict):
         return self
 
 
+class AdapterSpec(Strict):
+    """Train a LyCORIS adapter on ``base_model`` (frozen) instead of the whole model: the trainer's [adapter]
+    (AdapterSection) with the server's limits; defaults = HDM's recipe (LoKr, factor 4, full matrix, norms
+    trained; stages without an explicit ``lr`` get the recipe's)."""
+
+    algorithm: _core(AdapterSection, "algorithm") = "lokr"  # type: ignore[valid-type]
+    rank: _core(AdapterSection, "rank", le=1024) = 8  # type: ignore[valid-type]
+    alpha: _core(AdapterSection, "alpha", le=10_000) = 4.0  # type: ignore[valid-type]
+    factor: _core(AdapterSection, "factor", ge=-1, le=1024) = 4  # type: ignore[valid-type]
+    full_matrix: bool = True
+    train_norm: bool = True
+    targets: _core(AdapterSection, "targets", max_length=64) = Field(  # type: ignore[valid-type]
+        default=ADAPTER_TARGETS,
+        description="fnmatch patterns over the XUT's module names; only Linear layers get an adapter.",
+    )
+    trigger_words: _core(AdapterSection, "trigger_words", max_length=32) = ()  # type: ignore[valid-type]
+    caption_sample: Text | None = Field(
+        None, max_length=2000, description="Stored in the file; default: the data set's first caption."
+    )
+
+    @model_validator(mode="after")
+    def _section_rules(self) -> AdapterSpec:
+        AdapterSection(**self.model_dump())  # the trainer's own rules (e.g. factor -1 or >= 2), as a 422 now
+        return self
+
+
 class TrainRequest(Strict):
     model_config = ConfigDict(
         extra="forbid",
@@ -218,6 +246,9 @@ class TrainRequest(Strict):
         ),
     )
     t_logit_std: _core(ObjectiveSection, "t_logit_std") = 1.0  # type: ignore[valid-type]
+    adapter: AdapterSpec | None = Field(
+        None, description="Train an adapter on base_model instead of fine-tuning the whole model."
+    )
     webhook: WebhookUrl = None
 
     @model_validator(mode="after")

@@ -113,6 +113,9 @@ def train_job(session: Session, job: Job) -> dict[str, Any]:
         },
         "gpus": job.slots or [],
         "checkpoints": [c.id for c in job_checkpoints(session, job.id)],
+        "adapters": list(
+            session.scalars(select(Adapter.id).where(Adapter.train_job_id == job.id).order_by(Adapter.id))
+        ),
         "error": job.error,
         "attempts": job.attempts,
     }

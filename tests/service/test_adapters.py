@@ -7,13 +7,15 @@ import io
 import json
 import subprocess
 import sys
+import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from PIL import Image
-from service_stack import ROOT, Stack
+from service_stack import OTHER_KEY, ROOT, Stack
 
 import hdm_core
 from hdm_core.adapter import AdapterConfig, apply_adapters, attach
@@ -21,6 +23,7 @@ from hdm_core.adapter_io import AdapterInfo, file_sha256, load_adapter, save_ada
 from hdm_core.codec import PixelCodec
 from hdm_core.pipeline import sample_latents
 from hdm_core.sampler import Conditioning
+from hdm_core.train.config import ADAPTER_RECIPE_LR
 
 SMALL = {"width": 32, "height": 32, "steps": 2, "guidance_scale": 2.0, "seed": 7, "model": "adapt-base"}
 
@@ -236,3 +239,84 @@ def test_merge_job_registers_a_model_drawing_base_plus_adapter(
         assert r.status_code == 422 and r.json()["error"]["param"] == "adapters.0.id", r.text
         r = c.post("/v1/models/adapt-base/merge", json={"adapters": []})
         assert r.status_code == 422 and r.json()["error"]["param"] == "adapters", r.text
+
+
+@pytest.fixture(scope="module")
+def dataset_id(stack: Stack) -> str:
+    root = Path(stack.env["HDM_DATA_ROOT"]) / "zq-squares"
+    root.mkdir(parents=True, exist_ok=True)
+    for i, (name, rgb) in enumerate([("red", (220, 30, 30)), ("blue", (30, 30, 220))] * 4):
+        Image.new("RGB", (32, 32), rgb).save(root / f"{i:03d}.png")
+        (root / f"{i:03d}.txt").write_text(f"a zq {name} square")
+    with stack.client() as c:
+        ds = c.post("/v1/datasets", json={"name": "zq", "path": "zq-squares"}).json()
+        deadline = time.monotonic() + 60
+        while (ds := c.get(f"/v1/datasets/{ds['id']}").json())["status"] == "validating":
+            assert time.monotonic() < deadline, ds
+            time.sleep(0.2)
+    assert ds["status"] == "ready", ds
+    return str(ds["id"])
+
+
+def _train_body(dataset: str, **kw: Any) -> dict[str, Any]:
+    return {
+        "name": "zq-adapter",
+        "base_model": "adapt-base",
+        "dataset": dataset,
+        "precision": "fp32",
+        "checkpoint_every": 2,
+        "text_max_length": 16,
+        "stages": [{"resolution": 16, "steps": 4, "batch_size": 2, "warmup_steps": 0}],
+        "adapter": {"trigger_words": ["zq"]},
+        **kw,
+    }
+
+
+def test_adapter_train_job_registers_an_adapter_usable_in_images(
+    live_worker: Stack, files: dict[str, Path], dataset_id: str
+) -> None:
+    s = live_worker
+    with s.client() as c:
+        r = c.post("/v1/train-jobs", json=_train_body(dataset_id))
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["request"]["stages"][0]["lr"] == ADAPTER_RECIPE_LR  # HDM's recipe where none was given
+        done = s.wait_job(job["id"], timeout=300, path="/v1/train-jobs")
+        assert done["status"] == "succeeded", (done, s.logs())
+        config = tomllib.loads((Path(s.env["HDM_RUNS_DIR"]) / job["id"] / "config.toml").read_text())
+        assert config["adapter"]["algorithm"] == "lokr" and config["adapter"]["factor"] == 4
+        assert config["adapter"]["base_name"] == "adapt-base" and config["model"]["init_from"]
+        assert (
+            done["checkpoints"] == [] and len(done["adapters"]) >= 2
+        )  # snapshots at steps 2, 4 and the final
+        listed = {a["id"]: a for a in c.get("/v1/adapters").json()["data"]}
+        final = next(listed[i] for i in done["adapters"] if listed[i]["name"] == f"{job['id']}-final")
+        assert final["source"] == "train_job" and final["train_job"] == job["id"] and final["steps"] == 4
+        assert final["base_model"]["name"] == "adapt-base"
+        assert final["base_model"]["sha256"] == file_sha256(files["base"])
+        assert final["trigger_words"] == ["zq"] and final["algorithm"] == "lokr"
+        assert final["size_bytes"] < 0.05 * files["base"].stat().st_size
+        base = _image(c, {})[1]
+        trained = _image(c, {"adapters": [{"id": final["id"], "weight": 1.0}]})[1]
+        assert trained != base
+        # another key neither sees nor uses it
+        with s.client(OTHER_KEY) as other:
+            assert final["id"] not in {a["id"] for a in other.get("/v1/adapters").json()["data"]}
+            r = other.post("/v1/images", json={"prompt": "x", **SMALL, "adapters": [{"id": final["id"]}]})
+            assert r.status_code == 422 and r.json()["error"]["param"] == "adapters.0.id"
+
+
+def test_adapter_train_job_validation(stack: Stack, files: dict[str, Path], dataset_id: str) -> None:
+    cases = [
+        ({"base_model": None}, "base_model"),
+        ({"adapter": {"factor": 1}}, "adapter.factor"),
+        ({"adapter": {"algorithm": "dora"}}, "adapter.algorithm"),
+        ({"adapter": {"rank": 0}}, "adapter.rank"),
+        ({"adapter": {"targets": []}}, "adapter.targets"),
+        ({"adapter": {"alpha": 0}}, "adapter.alpha"),
+        ({"adapter": {"dropout": 0.1}}, "adapter.dropout"),
+    ]
+    with stack.client() as c:
+        for change, param in cases:
+            r = c.post("/v1/train-jobs", json=_train_body(dataset_id, **change))
+            assert r.status_code == 422 and r.json()["error"]["param"] == param, (change, r.text)
