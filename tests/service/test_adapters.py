@@ -320,3 +320,47 @@ def test_adapter_train_job_validation(stack: Stack, files: dict[str, Path], data
         for change, param in cases:
             r = c.post("/v1/train-jobs", json=_train_body(dataset_id, **change))
             assert r.status_code == 422 and r.json()["error"]["param"] == param, (change, r.text)
+
+
+def test_scan_registers_adapters_apart_from_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start-up scans (SQLite, the scan functions themselves): an adapter file is registered as an adapter and
+    never as a model; a LyCORIS file without hdm-serve metadata and an XUT checkpoint are not adapters."""
+    from safetensors.torch import save_file
+
+    from app.db import reset_caches, session_scope
+    from app.migrate import upgrade
+    from app.models import Adapter, Checkpoint
+    from app.services import adapters, models
+    from app.settings import get_settings
+
+    folder = tmp_path / "models"
+    base = folder / "base.safetensors"
+    hdm_core.save_checkpoint(base, _base_model(), codec=PixelCodec())
+    _adapter(base, _base_model(), AdapterConfig(), folder / "loras" / "mine.safetensors", seed=1)
+    save_file({"lycoris_backbone_x.lokr_w1": torch.zeros(2)}, str(folder / "foreign.safetensors"))
+    assert adapters.is_adapter_file(folder / "loras" / "mine.safetensors")
+    assert not adapters.is_adapter_file(folder / "foreign.safetensors")
+    assert not adapters.is_adapter_file(base) and not models.is_xut_checkpoint(
+        folder / "loras" / "mine.safetensors"
+    )
+    url = f"sqlite:///{tmp_path / 'hdm.db'}"
+    monkeypatch.setenv("HDM_DATABASE_URL", url)
+    monkeypatch.setenv("HDM_MODELS_DIR", str(folder))
+    get_settings.cache_clear()
+    reset_caches()
+    try:
+        upgrade(url)
+        with session_scope() as session:
+            assert models.scan_models_dir(session) == 1
+            assert adapters.scan_models_dir(session) == 1
+            assert adapters.scan_models_dir(session) == 1  # the same row again, not a second one
+            assert [c.name for c in session.query(Checkpoint)] == ["base"]
+            rows = list(session.query(Adapter))
+            assert [(a.name, a.algorithm, a.base_model, a.owner) for a in rows] == [
+                ("mine", "lokr", "base", None)
+            ]
+    finally:
+        get_settings.cache_clear()
+        reset_caches()
