@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import io
 import json
+import secrets
 import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from PIL import Image
-from service_stack import OTHER_KEY, ROOT, Stack
+from service_stack import API_KEY, OTHER_KEY, ROOT, Stack, stack_env
 
 import hdm_core
 from hdm_core.adapter import AdapterConfig, apply_adapters, attach
@@ -64,8 +66,9 @@ def _cli(stack: Stack, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def files(stack: Stack) -> dict[str, Path]:
-    models = Path(stack.env["HDM_MODELS_DIR"])
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A models folder with a base model (random weights) and adapter files, found by the start-up scan."""
+    models = tmp_path_factory.mktemp("adapter-models")
     base = models / "adapt-base.safetensors"
     hdm_core.save_checkpoint(base, _base_model(), codec=PixelCodec())
     out = {"base": base}
@@ -77,14 +80,44 @@ def files(stack: Stack) -> dict[str, Path]:
         out[name] = _adapter(
             base, _base_model(), cfg, models / "adapters" / f"{name}.safetensors", seed=i + 1
         )
-    other = _base_model(preset="xut-pixel-debug", mlp_dim=256)
-    out["other-arch"] = _adapter(
-        base, other, AdapterConfig(), models / "adapters" / "other-arch.safetensors", 9
-    )
-    _cli(stack, "models", "import", str(base), "--name", "adapt-base")
-    for name in ("style-a", "style-b", "other-arch"):
-        _cli(stack, "adapters", "import", str(out[name]))
     return out
+
+
+@pytest.fixture(scope="module")
+def astack(
+    tmp_path_factory: pytest.TempPathFactory,
+    files: dict[str, Path],
+    assets: dict[str, Path],
+    pg_admin: Any,
+    redis_url: str,
+    queue_prefix: str,
+) -> Iterator[Stack]:
+    """A stack of its own (database, queues, models folder), so these models never become another test's default."""
+    name = f"hdm_test_{secrets.token_hex(6)}"
+    pg_admin.execute(f'CREATE DATABASE "{name}"')
+    tmp = tmp_path_factory.mktemp("adapter-stack")
+    env = stack_env(
+        tmp,
+        {**assets, "models": files["base"].parent},
+        f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
+        redis_url,
+        queue_prefix + "a",
+    )
+    s = Stack(env, tmp, API_KEY)
+    try:
+        s.migrate()
+        s.start_api()
+        s.start_worker(0)
+        other = _base_model(preset="xut-pixel-debug", mlp_dim=256)
+        files["other-arch"] = _adapter(
+            files["base"], other, AdapterConfig(), tmp / "elsewhere" / "other-arch.safetensors", 9
+        )
+        _cli(s, "adapters", "import", str(files["other-arch"]))
+        yield s
+    finally:
+        s.stop()
+        pg_admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        pg_admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
 
 
 def _image(c: Any, body: dict[str, Any]) -> tuple[dict[str, Any], bytes, str]:
@@ -97,8 +130,8 @@ def _image(c: Any, body: dict[str, Any]) -> tuple[dict[str, Any], bytes, str]:
     return job, img.tobytes(), img.text["parameters"]
 
 
-def test_adapters_listed_with_metadata(live_worker: Stack, files: dict[str, Path]) -> None:
-    with live_worker.client() as c:
+def test_adapters_listed_with_metadata(astack: Stack, files: dict[str, Path]) -> None:
+    with astack.client() as c:
         listed = {a["name"]: a for a in c.get("/v1/adapters").json()["data"]}
         assert set(listed) >= {"style-a", "style-b", "other-arch"}
         a = listed["style-a"]
@@ -117,9 +150,9 @@ def test_adapters_listed_with_metadata(live_worker: Stack, files: dict[str, Path
 
 
 def test_two_adapters_negative_weight_and_exact_return_to_base(
-    live_worker: Stack, files: dict[str, Path]
+    astack: Stack, files: dict[str, Path]
 ) -> None:
-    with live_worker.client() as c:
+    with astack.client() as c:
         base_job, base, _ = _image(c, {})
         assert base_job["model_cache_hit"] is False  # loaded for this request: what a fresh worker draws
         both_job, both, params = _image(
@@ -145,9 +178,9 @@ def test_two_adapters_negative_weight_and_exact_return_to_base(
         assert zero == base
 
 
-def test_openai_endpoint_takes_adapters(live_worker: Stack, files: dict[str, Path]) -> None:
+def test_openai_endpoint_takes_adapters(astack: Stack, files: dict[str, Path]) -> None:
     body = {"prompt": "a zq circle", "size": "32x32", "steps": 2, "seed": 7, "model": "adapt-base"}
-    with live_worker.client() as c:
+    with astack.client() as c:
         r = c.post("/v1/images/generations", json={**body, "adapters": [{"id": "style-a", "weight": 0.7}]})
         assert r.status_code == 200, r.text
         assert len(r.json()["data"]) == 1
@@ -155,7 +188,7 @@ def test_openai_endpoint_takes_adapters(live_worker: Stack, files: dict[str, Pat
         assert r.status_code == 422 and r.json()["error"]["param"] == "adapters.0.id", r.text
 
 
-def test_adapter_request_validation(stack: Stack, files: dict[str, Path]) -> None:
+def test_adapter_request_validation(astack: Stack, files: dict[str, Path]) -> None:
     ok = {"id": "style-a", "weight": 1.0}
     cases = [
         ([ok, {"id": "adp_missing", "weight": 1}], 422, "adapters.1.id", "unknown_adapter"),
@@ -166,7 +199,7 @@ def test_adapter_request_validation(stack: Stack, files: dict[str, Path]) -> Non
         ([ok] * 9, 422, "adapters", None),
         ([ok, ok], 422, "adapters.1.id", None),
     ]
-    with stack.client() as c:
+    with astack.client() as c:
         for adapters, status, param, code in cases:
             r = c.post("/v1/images", json={"prompt": "x", **SMALL, "adapters": adapters})
             assert r.status_code == status and r.json()["error"]["param"] == param, (adapters, r.text)
@@ -184,9 +217,11 @@ def _latents(model: hdm_core.XUT) -> torch.Tensor:
     return sample_latents(model, noise, cond, uncond, steps=3, guidance_scale=2.0)
 
 
-def test_cli_merge_equals_base_plus_adapter(stack: Stack, files: dict[str, Path], tmp_path: Path) -> None:
+def test_cli_merge_equals_base_plus_adapter(astack: Stack, files: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "merged.safetensors"
-    printed = _cli(stack, "adapters", "merge", str(files["base"]), f"{files['style-a']}:1", "--out", str(out))
+    printed = _cli(
+        astack, "adapters", "merge", str(files["base"]), f"{files['style-a']}:1", "--out", str(out)
+    )
     assert printed.splitlines()[-1] == str(out)
     merged = hdm_core.load_checkpoint(out)
     assert merged.codec is not None and merged.codec.kind == "pixel"
@@ -209,7 +244,7 @@ def test_cli_merge_equals_base_plus_adapter(stack: Stack, files: dict[str, Path]
     ]
     bad = subprocess.run(
         [sys.executable, "-m", "app.cli", *argv],
-        env=stack.env,
+        env=astack.env,
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -218,9 +253,9 @@ def test_cli_merge_equals_base_plus_adapter(stack: Stack, files: dict[str, Path]
 
 
 def test_merge_job_registers_a_model_drawing_base_plus_adapter(
-    live_worker: Stack, files: dict[str, Path]
+    astack: Stack, files: dict[str, Path]
 ) -> None:
-    with live_worker.client() as c:
+    with astack.client() as c:
         r = c.post(
             "/v1/models/adapt-base/merge",
             json={"adapters": [{"id": "style-b", "weight": 1.0}], "name": "adapt-base+b"},
@@ -242,13 +277,13 @@ def test_merge_job_registers_a_model_drawing_base_plus_adapter(
 
 
 @pytest.fixture(scope="module")
-def dataset_id(stack: Stack) -> str:
-    root = Path(stack.env["HDM_DATA_ROOT"]) / "zq-squares"
+def dataset_id(astack: Stack) -> str:
+    root = Path(astack.env["HDM_DATA_ROOT"]) / "zq-squares"
     root.mkdir(parents=True, exist_ok=True)
     for i, (name, rgb) in enumerate([("red", (220, 30, 30)), ("blue", (30, 30, 220))] * 4):
         Image.new("RGB", (32, 32), rgb).save(root / f"{i:03d}.png")
         (root / f"{i:03d}.txt").write_text(f"a zq {name} square")
-    with stack.client() as c:
+    with astack.client() as c:
         ds = c.post("/v1/datasets", json={"name": "zq", "path": "zq-squares"}).json()
         deadline = time.monotonic() + 60
         while (ds := c.get(f"/v1/datasets/{ds['id']}").json())["status"] == "validating":
@@ -273,9 +308,9 @@ def _train_body(dataset: str, **kw: Any) -> dict[str, Any]:
 
 
 def test_adapter_train_job_registers_an_adapter_usable_in_images(
-    live_worker: Stack, files: dict[str, Path], dataset_id: str
+    astack: Stack, files: dict[str, Path], dataset_id: str
 ) -> None:
-    s = live_worker
+    s = astack
     with s.client() as c:
         r = c.post("/v1/train-jobs", json=_train_body(dataset_id))
         assert r.status_code == 202, r.text
@@ -306,7 +341,7 @@ def test_adapter_train_job_registers_an_adapter_usable_in_images(
             assert r.status_code == 422 and r.json()["error"]["param"] == "adapters.0.id"
 
 
-def test_adapter_train_job_validation(stack: Stack, files: dict[str, Path], dataset_id: str) -> None:
+def test_adapter_train_job_validation(astack: Stack, files: dict[str, Path], dataset_id: str) -> None:
     cases = [
         ({"base_model": None}, "base_model"),
         ({"adapter": {"factor": 1}}, "adapter.factor"),
@@ -316,7 +351,7 @@ def test_adapter_train_job_validation(stack: Stack, files: dict[str, Path], data
         ({"adapter": {"alpha": 0}}, "adapter.alpha"),
         ({"adapter": {"dropout": 0.1}}, "adapter.dropout"),
     ]
-    with stack.client() as c:
+    with astack.client() as c:
         for change, param in cases:
             r = c.post("/v1/train-jobs", json=_train_body(dataset_id, **change))
             assert r.status_code == 422 and r.json()["error"]["param"] == param, (change, r.text)
