@@ -149,9 +149,7 @@ def test_adapters_listed_with_metadata(astack: Stack, files: dict[str, Path]) ->
         assert "adapt-base" in models and not {"style-a", "style-b", "other-arch"} & set(models)
 
 
-def test_two_adapters_negative_weight_and_exact_return_to_base(
-    astack: Stack, files: dict[str, Path]
-) -> None:
+def test_two_adapters_negative_weight_and_exact_return_to_base(astack: Stack, files: dict[str, Path]) -> None:
     with astack.client() as c:
         base_job, base, _ = _image(c, {})
         assert base_job["model_cache_hit"] is False  # loaded for this request: what a fresh worker draws
@@ -252,9 +250,7 @@ def test_cli_merge_equals_base_plus_adapter(astack: Stack, files: dict[str, Path
     assert bad.returncode == 2 and "mlp_dim" in bad.stderr and not (tmp_path / "bad.st").exists()
 
 
-def test_merge_job_registers_a_model_drawing_base_plus_adapter(
-    astack: Stack, files: dict[str, Path]
-) -> None:
+def test_merge_job_registers_a_model_drawing_base_plus_adapter(astack: Stack, files: dict[str, Path]) -> None:
     with astack.client() as c:
         r = c.post(
             "/v1/models/adapt-base/merge",
