@@ -1,4 +1,4 @@
-"""``hdm`` command line: serve, worker, migrate, generate, models import, train."""
+"""``hdm`` command line: serve, worker, migrate, generate, models import, adapters import/merge, train."""
 
 from __future__ import annotations
 
@@ -175,6 +175,46 @@ def cmd_models_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapters_import(args: argparse.Namespace) -> int:
+    from app.db import session_scope
+    from app.services import adapters
+
+    _settings()
+    with session_scope() as session:
+        try:
+            row = adapters.register_file(session, Path(args.path), name=args.name)
+        except ValueError as exc:
+            log.error("%s", exc)
+            return 2
+        print(row.id, row.name)
+    return 0
+
+
+def adapter_weight(spec: str) -> tuple[str, float]:
+    """``PATH[:WEIGHT]`` (weight 1 when absent; a path may itself contain ':')."""
+    path, sep, weight = spec.rpartition(":")
+    if sep:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def cmd_adapters_merge(args: argparse.Namespace) -> int:
+    from hdm_core.adapter import AdapterError
+    from hdm_core.adapter_merge import merge_checkpoint
+    from hdm_core.checkpoint import CheckpointError
+
+    try:
+        out = merge_checkpoint(args.base, [adapter_weight(a) for a in args.adapters], args.out)
+    except (AdapterError, CheckpointError, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+    print(out)
+    return 0
+
+
 def cmd_keys_create(args: argparse.Namespace) -> int:
     import hashlib
     import secrets
@@ -267,6 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("path")
     imp.add_argument("--name", default=None)
     imp.set_defaults(func=cmd_models_import)
+    ad = sub.add_parser("adapters", help="LyCORIS adapters: register, merge into a checkpoint")
+    ads = ad.add_subparsers(dest="adapters_command", required=True)
+    adi = ads.add_parser("import", help="register an adapter file")
+    adi.add_argument("path")
+    adi.add_argument("--name", default=None)
+    adi.set_defaults(func=cmd_adapters_import)
+    adm = ads.add_parser("merge", help="write BASE with the adapters merged in as a full checkpoint")
+    adm.add_argument("base", help="base checkpoint .safetensors")
+    adm.add_argument(
+        "adapters", nargs="+", metavar="ADAPTER[:WEIGHT]", help="adapter file, weight 1 by default"
+    )
+    adm.add_argument("--out", required=True, help="the merged checkpoint (.safetensors)")
+    adm.set_defaults(func=cmd_adapters_merge)
     k = sub.add_parser("keys", help="API keys stored in the database (hashed)")
     ks = k.add_subparsers(dest="keys_command", required=True)
     kc = ks.add_parser("create", help="create a key and print it once")

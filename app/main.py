@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import console, errors
 from app.db import session_scope
-from app.routes import datasets, images, models, openai_compat, system, training
+from app.routes import adapters, datasets, images, models, openai_compat, system, training
 from app.services import webhooks
 from app.services.maintenance import MaintenanceThread
 from app.services.webhooks import DeliveryThread
@@ -145,7 +145,7 @@ def _nul_param(scope: Scope) -> str | None:
 
 def _startup() -> None:
     from app.auth import auth_open
-    from app.services import models
+    from app.services import adapters, models
 
     settings = get_settings()
     webhooks.allow_list()  # a malformed HDM_WEBHOOK_ALLOW_HOSTS stops the start, not the first delivery
@@ -171,6 +171,8 @@ def _startup() -> None:
         try:
             n = models.scan_models_dir(session)
             log.info("models folder %s: %d checkpoint(s) registered", settings.models_dir, n)
+            n = adapters.scan_models_dir(session)
+            log.info("models folder %s: %d adapter(s) registered", settings.models_dir, n)
         except Exception as exc:  # database not migrated yet: /readyz says so
             log.warning("model scan skipped: %s", exc)
 
@@ -199,7 +201,7 @@ def create_app() -> FastAPI:
         '`{"error": {"code", "message", "param"}}`.',
     )
     errors.install(app)
-    for module in (images, openai_compat, training, models, datasets, system):
+    for module in (images, openai_compat, training, models, adapters, datasets, system):
         app.include_router(module.router)
     console.mount(app)
     stats = HttpStats()

@@ -1,4 +1,5 @@
-"""SQLAlchemy 2 models: jobs, job events, images, checkpoints, datasets, GPU leases, API keys, webhook deliveries."""
+"""SQLAlchemy 2 models: jobs, job events, images, checkpoints, adapters, datasets, GPU leases, API keys, webhook
+deliveries."""
 
 from __future__ import annotations
 
@@ -84,6 +85,35 @@ class DeletedModel(Base):
     path: Mapped[str] = mapped_column(Text)
     path_sha256: Mapped[str] = mapped_column(String(64), index=True)
     deleted_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
+
+
+class Adapter(Base):
+    """A LyCORIS adapter file (hdm_core.adapter_io), applied on top of a model per image request. Its own table, so
+    /v1/models lists only what can be a request's `model`."""
+
+    __tablename__ = "adapters"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(300), unique=True)
+    owner: Mapped[str | None] = mapped_column(
+        String(64), index=True
+    )  # null: shared (found on disk, imported)
+    algorithm: Mapped[str] = mapped_column(String(20))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)  # hdm_core.adapter.AdapterConfig.to_dict()
+    base_model: Mapped[str] = mapped_column(String(300))
+    base_sha256: Mapped[str] = mapped_column(String(64))
+    base_arch: Mapped[dict[str, Any]] = mapped_column(
+        JSON
+    )  # XUTConfig.to_dict() of the model it was trained on
+    trigger_words: Mapped[list[str]] = mapped_column(JSON)
+    caption_sample: Mapped[str] = mapped_column(Text, default="")
+    steps: Mapped[int] = mapped_column(Integer)
+    params: Mapped[int] = mapped_column(BigInteger)
+    source: Mapped[str] = mapped_column(String(20), default="file")
+    train_job_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
 
 
 class Dataset(Base):

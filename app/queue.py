@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 TASK_IMAGE = "hdm.image"
 TASK_TRAIN = "hdm.train"
 TASK_DATASET = "hdm.dataset"
-TASKS = {"image": TASK_IMAGE, "train": TASK_TRAIN, "dataset": TASK_DATASET}
+TASK_MERGE = "hdm.merge"
+TASKS = {"image": TASK_IMAGE, "train": TASK_TRAIN, "dataset": TASK_DATASET, "merge": TASK_MERGE}
 FINAL = ("succeeded", "failed", "cancelled")
 
 

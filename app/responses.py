@@ -22,6 +22,12 @@ class ModelRef(BaseModel):
     name: str | None
 
 
+class AppliedAdapter(BaseModel):
+    id: str
+    name: str
+    weight: Number
+
+
 class ImageOut(BaseModel):
     index: int
     seed: int
@@ -46,6 +52,7 @@ class ImageJob(BaseModel):
     progress: Progress
     request: dict[str, Any]
     model: ModelRef
+    adapters: list[AppliedAdapter] = Field(description="Adapters applied on top of the model, with weights.")
     images: list[ImageOut]
     error: JobError | None
     timings: dict[str, float | None]
@@ -108,6 +115,7 @@ class TrainJob(BaseModel):
     metrics: TrainMetrics
     gpus: list[int] = Field(description="The GPU slots leased to the run.")
     checkpoints: list[str] = Field(description="Ids of the models this run registered so far.")
+    adapters: list[str] = Field(description="Ids of the adapters an adapter run registered so far.")
     error: JobError | None
     attempts: int
 
@@ -184,6 +192,56 @@ class ModelDeleted(BaseModel):
     object: Literal["model"] = "model"
     deleted: Literal[True] = True
     file_deleted: bool = Field(description="Its weights file was removed from disk.")
+
+
+class AdapterBase(BaseModel):
+    name: str = Field(description="The model the adapter was trained on.")
+    sha256: str
+    arch: dict[str, Any]
+
+
+class AdapterOut(BaseModel):
+    id: str = Field(examples=["adp_0192f3a1b2c3d4e5f6a7b8"])
+    object: Literal["adapter"] = "adapter"
+    name: str
+    algorithm: Literal["lokr", "lora", "loha"]
+    config: dict[str, Any] = Field(description="rank, alpha, factor, full_matrix, train_norm, targets.")
+    base_model: AdapterBase
+    trigger_words: list[str]
+    caption_sample: str
+    steps: int = Field(description="Training steps.")
+    params: int
+    source: str = Field(description="file | train_job")
+    train_job: str | None
+    sha256: str
+    path: str
+    size_bytes: int
+    created_at: str
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterOut]
+    has_more: bool
+
+
+class AdapterDeleted(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    deleted: Literal[True] = True
+
+
+class MergeJob(BaseModel):
+    id: str = Field(examples=["merge_0192f3a1b2c3d4e5f6a7b8"])
+    object: Literal["merge_job"] = "merge_job"
+    status: Status
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    request: dict[str, Any]
+    base_model: str | None
+    model: str | None = Field(description="Id of the merged model, once registered.")
+    error: JobError | None
 
 
 class Health(BaseModel):

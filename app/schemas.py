@@ -19,6 +19,8 @@ from pydantic import (
 
 from hdm_core.config import MAX_SEED
 from hdm_core.train.config import (
+    ADAPTER_TARGETS,
+    AdapterSection,
     ObjectiveSection,
     SamplingSection,
     StageSection,
@@ -62,6 +64,13 @@ class TreadGuidance(Strict):
     uncond_rate: float = Field(0.0, ge=0, le=0.9)
 
 
+class AdapterRef(Strict):
+    """One adapter of an image request, applied at ``weight`` (negative weights push away from what it learned)."""
+
+    id: Text = Field(min_length=1, max_length=300, description="An adapter id or name from /v1/adapters.")
+    weight: float = Field(1.0, ge=-4, le=4, description="Multiplier of the adapter's weight change; 0 = off.")
+
+
 class ImageParams(Strict):
     """Fields shared by ``POST /v1/images`` and the OpenAI-compatible endpoint's extensions."""
 
@@ -75,6 +84,11 @@ class ImageParams(Strict):
     camera: Camera = Field(default_factory=Camera)
     tread_guidance: TreadGuidance = Field(default_factory=TreadGuidance)
     output_format: Literal["png", "webp", "jpeg"] = "png"
+    adapters: list[AdapterRef] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Adapters applied on top of the model for this request (at most 8, weights in [-4, 4]).",
+    )
     webhook: WebhookUrl = None
 
     @field_validator("seed")
@@ -169,6 +183,32 @@ class Stage(Strict):
         return self
 
 
+class AdapterSpec(Strict):
+    """Train a LyCORIS adapter on ``base_model`` (frozen) instead of the whole model: the trainer's [adapter]
+    (AdapterSection) with the server's limits; defaults = HDM's recipe (LoKr, factor 4, full matrix, norms
+    trained; stages without an explicit ``lr`` get the recipe's)."""
+
+    algorithm: _core(AdapterSection, "algorithm") = "lokr"  # type: ignore[valid-type]
+    rank: _core(AdapterSection, "rank", le=1024) = 8  # type: ignore[valid-type]
+    alpha: _core(AdapterSection, "alpha", le=10_000) = 4.0  # type: ignore[valid-type]
+    factor: _core(AdapterSection, "factor", ge=-1, le=1024) = 4  # type: ignore[valid-type]
+    full_matrix: bool = True
+    train_norm: bool = True
+    targets: _core(AdapterSection, "targets", max_length=64) = Field(  # type: ignore[valid-type]
+        default=ADAPTER_TARGETS,
+        description="fnmatch patterns over the XUT's module names; only Linear layers get an adapter.",
+    )
+    trigger_words: _core(AdapterSection, "trigger_words", max_length=32) = ()  # type: ignore[valid-type]
+    caption_sample: Text | None = Field(
+        None, max_length=2000, description="Stored in the file; default: the data set's first caption."
+    )
+
+    @model_validator(mode="after")
+    def _section_rules(self) -> AdapterSpec:
+        AdapterSection(**self.model_dump())  # the trainer's own rules (e.g. factor -1 or >= 2), as a 422 now
+        return self
+
+
 class TrainRequest(Strict):
     model_config = ConfigDict(
         extra="forbid",
@@ -218,6 +258,9 @@ class TrainRequest(Strict):
         ),
     )
     t_logit_std: _core(ObjectiveSection, "t_logit_std") = 1.0  # type: ignore[valid-type]
+    adapter: AdapterSpec | None = Field(
+        None, description="Train an adapter on base_model instead of fine-tuning the whole model."
+    )
     webhook: WebhookUrl = None
 
     @field_validator("arch")
@@ -234,6 +277,18 @@ class TrainRequest(Strict):
         if self.base_model is None and self.arch is None:
             self.arch = "xut-small"
         return self
+
+
+class MergeRequest(Strict):
+    """``POST /v1/models/{id}/merge``: the model with these adapters merged in, written as a new model."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={"examples": [{"adapters": [{"id": "adp_0192f3a1b2c3d4e5f6a7b8", "weight": 1.0}]}]},
+    )
+    adapters: list[AdapterRef] = Field(min_length=1, max_length=8)
+    name: Text | None = Field(None, min_length=1, max_length=200, description="Name of the merged model.")
 
 
 class DatasetRequest(Strict):

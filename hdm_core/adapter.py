@@ -27,7 +27,7 @@ from lycoris import LycorisNetwork, create_lycoris
 from lycoris.modules import LohaModule, LokrModule, NormModule
 from torch import Tensor, nn
 
-from .config import XUTConfig
+from .config import ADAPTER_ARCH_FIELDS, XUTConfig, adapter_arch_diffs
 from .model import XUT
 
 if TYPE_CHECKING:
@@ -41,22 +41,7 @@ Algorithm = Literal["lokr", "lora", "loha"]
 DEFAULT_TARGETS: tuple[str, ...] = ("*.attn.qkv", "*.attn.out", "*.xattn.*", "*.mlp.*")
 # The blocks' RMSNorms (inside ModulatedNorm), added to the targets when `train_norm` is set.
 NORM_TARGETS: tuple[str, ...] = ("*_pre_norm.norm",)
-# XUTConfig fields that decide the shapes and meaning of the weights an adapter changes.
-ARCH_FIELDS: tuple[str, ...] = (
-    "patch_size",
-    "in_channels",
-    "dim",
-    "ctx_dim",
-    "heads",
-    "head_dim",
-    "mlp_dim",
-    "depth",
-    "enc_blocks",
-    "dec_blocks",
-    "tread_pre",
-    "tread_post",
-    "addon_dim",
-)
+ARCH_FIELDS = ADAPTER_ARCH_FIELDS  # the one list, in hdm_core.config (torch-free)
 
 
 class AdapterError(ValueError):
@@ -243,11 +228,7 @@ def adapter_parameter_count(config: XUTConfig, cfg: AdapterConfig) -> int:
 
 def check_base(adapter_base: XUTConfig, model_config: XUTConfig, *, name: str = "adapter") -> None:
     """Refuse an adapter trained on an XUT of another shape, naming the fields that differ."""
-    diffs = [
-        f"{f} {getattr(adapter_base, f)} (adapter) vs {getattr(model_config, f)} (model)"
-        for f in ARCH_FIELDS
-        if getattr(adapter_base, f) != getattr(model_config, f)
-    ]
+    diffs = adapter_arch_diffs(adapter_base, model_config)
     if diffs:
         raise AdapterError(f"{name} was trained for a different XUT architecture: {'; '.join(diffs)}")
 

@@ -114,6 +114,34 @@ class XUTConfig:
         )
 
 
+# XUTConfig fields that decide the shapes and meaning of the weights an adapter changes: an adapter applies to a
+# model only when these agree (hdm_core.adapter.check_base; the API checks the same without torch).
+ADAPTER_ARCH_FIELDS: tuple[str, ...] = (
+    "patch_size",
+    "in_channels",
+    "dim",
+    "ctx_dim",
+    "heads",
+    "head_dim",
+    "mlp_dim",
+    "depth",
+    "enc_blocks",
+    "dec_blocks",
+    "tread_pre",
+    "tread_post",
+    "addon_dim",
+)
+
+
+def adapter_arch_diffs(adapter_base: XUTConfig, model: XUTConfig) -> list[str]:
+    """The adapter-relevant fields where an adapter's base architecture and a model's differ, as readable text."""
+    return [
+        f"{f} {getattr(adapter_base, f)} (adapter) vs {getattr(model, f)} (model)"
+        for f in ADAPTER_ARCH_FIELDS
+        if getattr(adapter_base, f) != getattr(model, f)
+    ]
+
+
 PRESETS: dict[str, XUTConfig] = {
     # Released HDM weights (`config/arch/xut-small-1024-tread.json`, which is the base model).
     "xut-base": XUTConfig(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,16 @@ from PIL.PngImagePlugin import PngInfo
 EXT = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 
 
-def parameters_text(req: dict[str, Any], *, seed: int, model_name: str, model_hash: str | None) -> str:
+def parameters_text(
+    req: dict[str, Any],
+    *,
+    seed: int,
+    model_name: str,
+    model_hash: str | None,
+    adapters: Sequence[tuple[str, float, str | None]] = (),
+) -> str:
+    """A1111's layout. ``adapters``: (name, weight, sha256) each, written as A1111 writes LoRAs: a
+    ``<lora:name:weight>`` tag per adapter after the prompt and a ``Lora hashes`` field (first 10 hex digits)."""
     cam = req.get("camera") or {}
     tread = req.get("tread_guidance") or {}
     fields = [
@@ -25,9 +35,15 @@ def parameters_text(req: dict[str, Any], *, seed: int, model_name: str, model_ha
         f"Model: {model_name}",
         f"Camera: x_shift {cam.get('x_shift', 0)}, y_shift {cam.get('y_shift', 0)}, zoom {cam.get('zoom', 1)}",
         f"TREAD guidance: cond {tread.get('cond_rate', 0)}, uncond {tread.get('uncond_rate', 0)}",
+        *(
+            ['Lora hashes: "' + ", ".join(f"{n}: {(h or '')[:10]}" for n, _, h in adapters) + '"']
+            if adapters
+            else []
+        ),
         "Version: hdm-serve",
     ]
-    return f"{req['prompt']}\nNegative prompt: {req.get('negative_prompt', '')}\n" + ", ".join(fields)
+    prompt = " ".join([req["prompt"], *(f"<lora:{n}:{w:g}>" for n, w, _ in adapters)])
+    return f"{prompt}\nNegative prompt: {req.get('negative_prompt', '')}\n" + ", ".join(fields)
 
 
 def save(image: Image.Image, path: Path, fmt: str, parameters: str) -> None:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from sqlalchemy import update
 
 from app.db import session_scope
-from app.models import Checkpoint, Dataset, Job
+from app.models import Adapter, Checkpoint, Dataset, Job
 from app.services import jobs, leases
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,17 @@ class ModelFile:
 
 
 @dataclass(frozen=True)
+class AdapterFile:
+    """An adapter a job applies (request order); ``path`` is None when it was unregistered after the request."""
+
+    id: str
+    name: str
+    path: str | None
+    sha256: str
+    weight: float
+
+
+@dataclass(frozen=True)
 class Claimed:
     job_id: str
     attempt: int  # only this attempt may finish the job (jobs.finish(attempt=...))
@@ -38,6 +49,7 @@ class Claimed:
     model: ModelFile | None
     dataset_id: str | None
     dataset_path: str | None
+    adapters: tuple[AdapterFile, ...] = ()
 
 
 def claim(job_id: str, worker: str, *, slot: int | None = None) -> Claimed | Literal["skipped", "bounced"]:
@@ -71,6 +83,12 @@ def claim(job_id: str, worker: str, *, slot: int | None = None) -> Claimed | Lit
         session.refresh(job)
         ckpt = session.get(Checkpoint, job.model_id) if job.model_id else None
         ds = session.get(Dataset, job.dataset_id) if job.dataset_id else None
+        applied = []
+        for a in job.request.get("adapters") or []:
+            row = session.get(Adapter, a["id"])
+            applied.append(
+                AdapterFile(a["id"], a["name"], row.path if row else None, a["sha256"], float(a["weight"]))
+            )
         return Claimed(
             job_id=job_id,
             attempt=job.attempts,
@@ -79,4 +97,5 @@ def claim(job_id: str, worker: str, *, slot: int | None = None) -> Claimed | Lit
             model=ModelFile(ckpt.path, ckpt.name, ckpt.sha256, ckpt.codec, ckpt.arch) if ckpt else None,
             dataset_id=job.dataset_id,
             dataset_path=ds.path if ds else None,
+            adapters=tuple(applied),
         )

@@ -37,6 +37,10 @@ def run_one(job_id: str, kind: str, worker: str, slot: int) -> str:
         from worker.images import run_image_job
 
         return run_image_job(job_id, worker=worker, slot=slot)
+    if kind == "merge":
+        from worker.merges import run_merge_job
+
+        return run_merge_job(job_id, worker=worker)
     if kind == "dataset":
         from worker.datasets import run_dataset_job
 

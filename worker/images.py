@@ -15,7 +15,7 @@ from app.services import jobs, leases
 from app.settings import get_settings
 from hdm_core import imagefile
 from worker import model_cache
-from worker.claim import claim
+from worker.claim import AdapterFile, claim
 from worker.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def run_image_job(job_id: str, *, worker: str, slot: int | None) -> str:
     ckpt_info = (c.model.path, c.model.name, c.model.sha256, c.model.codec) if c.model else None
     try:
         with Heartbeat(job_id):
-            outcome, error, timings = _generate(job_id, req, ckpt_info)
+            outcome, error, timings = _generate(job_id, req, ckpt_info, c.adapters)
     finally:
         with session_scope() as session:
             leases.release(session, job_id)
@@ -73,6 +73,7 @@ def _generate(
     job_id: str,
     req: dict[str, Any],
     ckpt: tuple[str, str, str | None, str | None] | None,
+    adapters: tuple[AdapterFile, ...] = (),
 ) -> tuple[str, dict[str, Any] | None, dict[str, float]]:
     from hdm_core.pipeline import Camera, TreadGuidance
     from hdm_core.sampler import SamplingCancelled
@@ -88,6 +89,10 @@ def _generate(
         t0 = time.perf_counter()
         pipe, loaded_now = model_cache.get_pipeline(path, settings.text_encoder, settings.device, vae=vae)
         timings["cache_hit"] = 0.0 if loaded_now else 1.0
+        gone = [a.name for a in adapters if a.path is None]
+        if gone:
+            raise ValueError(f"adapter(s) {gone} are no longer registered")
+        model_cache.use_adapters(pipe, [(str(a.path), a.name, a.sha256, a.weight) for a in adapters])
         timings["load_s"] = round(time.perf_counter() - t0, 4)
         t1 = time.perf_counter()
         result = pipe.generate(
@@ -115,7 +120,13 @@ def _generate(
                 img,
                 file,
                 fmt,
-                imagefile.parameters_text(req, seed=seed, model_name=model_name, model_hash=sha),
+                imagefile.parameters_text(
+                    req,
+                    seed=seed,
+                    model_name=model_name,
+                    model_hash=sha,
+                    adapters=[(a.name, a.weight, a.sha256) for a in adapters],
+                ),
             )
             rows.append(
                 Image(

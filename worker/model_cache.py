@@ -1,23 +1,35 @@
-"""One loaded pipeline per worker process; asking for another checkpoint evicts the old one first."""
+"""One loaded pipeline per worker process; asking for another checkpoint evicts the old one first.
+
+Adapters are merged into the cached model's weights in place (hdm_core.adapter.apply_adapters), never by reloading
+it. The last applied set stays merged while the next request asks for the same adapters and weights; a request for a
+different set (or none) first puts the base weights back bit-exactly (AppliedAdapters.restore), so a request without
+adapters always samples the base model as a fresh worker would. Adapter files are read through a small LRU cache."""
 
 from __future__ import annotations
 
 import gc
 import logging
 import threading
+from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+ADAPTER_FILES_CACHED = 8  # adapter files held in memory (a LoKr adapter of the full model is tens of MB)
+
 _lock = threading.Lock()
 _current: tuple[tuple[str, str, str, str], Any] | None = None
+# what is merged into _current's model now: ((sha256, weight), ...) and the handle that restores it
+_applied: tuple[tuple[tuple[str, float], ...], Any] | None = None
+_files: OrderedDict[tuple[str, str], Any] = OrderedDict()
 
 
 def get_pipeline(
     checkpoint: str, text_encoder: Path | None, device: str, vae: Path | None = None
 ) -> tuple[Any, bool]:
     """Returns (pipeline, loaded_now). ``vae``: a diffusers folder for a checkpoint that carries no VAE."""
-    global _current
+    global _current, _applied
     import torch
 
     from hdm_core.pipeline import HDMPipeline
@@ -30,7 +42,7 @@ def get_pipeline(
             return _current[1], False
         if _current is not None:
             log.info("evicting %s", _current[0][0])
-            _current = None
+            _current, _applied = None, None
             gc.collect()
             if torch.cuda.is_available() and device.startswith("cuda"):
                 torch.cuda.empty_cache()
@@ -38,6 +50,46 @@ def get_pipeline(
         pipe = HDMPipeline.from_paths(checkpoint, text_encoder, device=device, dtype=torch.float32, vae=vae)
         _current = (key, pipe)
         return pipe, True
+
+
+def _adapter_file(path: str, sha256: str, name: str) -> Any:
+    from hdm_core.adapter_io import load_adapter
+
+    key = (path, sha256)
+    if key in _files:
+        _files.move_to_end(key)
+        return _files[key]
+    loaded = load_adapter(path, name=name)
+    _files[key] = loaded
+    while len(_files) > ADAPTER_FILES_CACHED:
+        _files.popitem(last=False)
+    return loaded
+
+
+def use_adapters(pipe: Any, adapters: Sequence[tuple[str, str, str, float]]) -> bool:
+    """Make ``pipe``'s model the base model plus ``adapters`` ((path, name, sha256, weight), ...; weight 0 = off).
+    Returns whether the weights changed. On an error (AdapterError is a ValueError) the model is the base model."""
+    global _applied
+    from hdm_core.adapter import apply_adapters
+
+    wanted = tuple((sha, float(w)) for _, _, sha, w in adapters if w != 0)
+    with _lock:
+        if _current is None or _current[1] is not pipe:
+            raise RuntimeError("use_adapters: the pipeline is not the cached one")
+        state = _applied or ((), None)
+        if state[0] == wanted:
+            return False
+        if state[1] is not None:
+            state[1].restore()
+            log.info("adapters removed: %s", state[1].adapters)
+        _applied = None
+        if not wanted:
+            return True
+        loaded = [(_adapter_file(p, sha, name), float(w)) for p, name, sha, w in adapters if w != 0]
+        handle = apply_adapters(pipe.model, loaded)
+        _applied = (wanted, handle)
+        log.info("adapters applied: %s", handle.adapters)
+        return True
 
 
 def loaded() -> str | None:

@@ -33,3 +33,10 @@ def dataset_task(self, job_id: str) -> str:  # type: ignore[no-untyped-def]
     from worker.datasets import run_dataset_job
 
     return run_dataset_job(job_id, worker=str(self.request.hostname))
+
+
+@app.task(name="hdm.merge", bind=True, acks_late=True, ignore_result=True)
+def merge_task(self, job_id: str) -> str:  # type: ignore[no-untyped-def]
+    from worker.merges import run_merge_job
+
+    return run_merge_job(job_id, worker=str(self.request.hostname))

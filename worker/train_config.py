@@ -58,7 +58,14 @@ def trainer_config(req: dict[str, Any], codec: str | None) -> dict[str, Any]:
     }
     if settings.cpu_threads > 0:
         train["num_threads"] = settings.cpu_threads
+    adapter = None
+    if req.get(
+        "adapter"
+    ):  # [adapter]: the trainer's AdapterSection; the file names the registered base model
+        section = {**req["adapter"], "base_name": req.get("base_model_name")}
+        adapter = {k: v for k, v in section.items() if v is not None}
     return {
+        **({"adapter": adapter} if adapter else {}),
         "seed": req.get("seed", 0),
         "model": model,
         "text_encoder": {

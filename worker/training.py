@@ -18,9 +18,9 @@ from typing import Any
 from sqlalchemy import select
 
 from app.db import session_scope
-from app.models import Checkpoint, Job, JobEvent
+from app.models import Adapter, Checkpoint, Job, JobEvent
 from app.procutil import alive, die_with_parent, kill_tree, process_tree
-from app.services import jobs, leases, models
+from app.services import adapters, jobs, leases, models
 from app.settings import get_settings
 from hdm_core.train.config import write_config
 from worker.claim import claim
@@ -99,7 +99,13 @@ class _Supervisor:
             entries = []
         for e in entries:
             name = e.get("name")
-            src = self.run_dir / "checkpoints" / str(name) / "model.safetensors"
+            is_adapter = e.get("kind") == "adapter"  # [adapter] runs: the snapshot holds the adapter alone
+            file = (
+                (e.get("adapter") or {}).get("file", "adapter.safetensors")
+                if is_adapter
+                else "model.safetensors"
+            )
+            src = self.run_dir / "checkpoints" / str(name) / str(file)
             if not name or name in self.registered or not src.is_file():
                 continue
             dest = get_settings().models_dir / "train" / self.job_id / f"{name}.safetensors"
@@ -112,22 +118,37 @@ class _Supervisor:
                     tmp = dest.with_name(dest.name + ".tmp")
                     shutil.copyfile(src, tmp)
                     os.replace(tmp, dest)
-                ckpt = models.register_file(
-                    session,
-                    dest,
-                    name=f"{self.job_id}-{name}",
-                    source="train_job",
-                    train_job_id=self.job_id,
-                    step=e.get("step"),
-                )
+                row = self.register(session, dest, name, e.get("step"), is_adapter)
+                what = "adapter" if is_adapter else "checkpoint"
                 jobs.add_event(
-                    session, self.job_id, "log", {"message": f"checkpoint {ckpt.id} at step {e.get('step')}"}
+                    session, self.job_id, "log", {"message": f"{what} {row.id} at step {e.get('step')}"}
                 )
                 session.commit()
                 self.registered.add(name)
             except Exception as exc:
                 session.rollback()
                 log.warning("registering %s failed: %s", src, exc)
+
+    def register(self, session: Any, path: Path, name: str, step: int | None, is_adapter: bool) -> Any:
+        """A file of this run in the registry: an adapter (owned by the job's key) or a checkpoint."""
+        if is_adapter:
+            job = session.get(Job, self.job_id)
+            return adapters.register_file(
+                session,
+                path,
+                name=f"{self.job_id}-{name}",
+                owner=job.owner if job else None,
+                source="train_job",
+                train_job_id=self.job_id,
+            )
+        return models.register_file(
+            session,
+            path,
+            name=f"{self.job_id}-{name}",
+            source="train_job",
+            train_job_id=self.job_id,
+            step=step,
+        )
 
 
 PREEMPT = "PREEMPT"
@@ -192,7 +213,8 @@ def run_train_job(job_id: str, *, worker: str) -> str:
             sup.load_stored(session)
             sup.registered = {
                 c.name.removeprefix(f"{job_id}-")
-                for c in session.query(Checkpoint).filter_by(train_job_id=job_id)
+                for table in (Checkpoint, Adapter)
+                for c in session.query(table).filter_by(train_job_id=job_id)
             }
         rc, cancelled, preempted = _supervise(sup, cmd, env, tree)
     except Exception as exc:
@@ -224,17 +246,13 @@ def run_train_job(job_id: str, *, worker: str) -> str:
         outcome = "cancelled"
     elif rc == 0:
         outcome = "succeeded"
-        final = run_dir / "final.safetensors"
-        if final.is_file():
-            with session_scope() as session:
-                models.register_file(
-                    session,
-                    final,
-                    name=f"{job_id}-final",
-                    source="train_job",
-                    train_job_id=job_id,
-                    step=sup.latest.get("step"),
-                )
+        for final, is_adapter in (
+            (run_dir / "final.safetensors", False),
+            (run_dir / "final_adapter.safetensors", True),
+        ):
+            if final.is_file():
+                with session_scope() as session:
+                    sup.register(session, final, "final", sup.latest.get("step"), is_adapter)
     else:
         tail = (run_dir / "train.log").read_bytes()[-2000:].decode(errors="replace")
         error = {"code": "trainer_failed", "message": f"trainer exited with {rc}: {tail}"}

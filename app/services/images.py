@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app.errors import Invalid, NotFound
 from app.models import Image, Job
 from app.schemas import ImageRequest
-from app.services import jobs, models, presenter, webhooks
+from app.services import adapters, jobs, models, presenter, webhooks
 from app.settings import get_settings
 from hdm_core.config import MAX_SEED
 
@@ -51,6 +51,7 @@ def create(
     model = models.resolve(session, req.model, owner=owner)
     resolved = req.model_dump(mode="json")
     resolved["model"] = model.id
+    resolved["adapters"] = adapters.for_request(session, resolved["adapters"], model, owner)
     if resolved["seed"] is None:
         resolved["seed"] = secrets.randbelow(2**32)
     resolved["seed"] = min(resolved["seed"], MAX_SEED - req.n + 1)

@@ -22,7 +22,7 @@ from app.settings import get_settings
 
 log = logging.getLogger(__name__)
 FINAL = queue.FINAL
-PREFIX = {"image": "img", "train": "train", "dataset": "dsv"}
+PREFIX = {"image": "img", "train": "train", "dataset": "dsv", "merge": "merge"}
 
 
 def request_hash(body: dict[str, Any]) -> str:

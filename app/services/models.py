@@ -85,8 +85,10 @@ def register_file(
     train_job_id: str | None = None,
     step: int | None = None,
     revive: bool = False,
+    owner: str | None = None,
 ) -> Checkpoint:
-    """Register a checkpoint file (idempotent by path). ``revive``: an explicit import lifts a tombstone."""
+    """Register a checkpoint file (idempotent by path). ``revive``: an explicit import lifts a tombstone.
+    ``owner``: the key that may see it (None: shared); a train job's checkpoints belong to the job's key."""
     path = path.resolve()
     existing = session.scalar(select(Checkpoint).where(Checkpoint.path == str(path)))
     if existing is not None:
@@ -97,7 +99,8 @@ def register_file(
             session.delete(row)
     elif session.scalar(tomb.limit(1)) is not None:
         raise ModelDeleted(f"{path} belongs to a deleted model")
-    owner = session.scalar(select(Job.owner).where(Job.id == train_job_id)) if train_job_id else None
+    if train_job_id:
+        owner = session.scalar(select(Job.owner).where(Job.id == train_job_id))
     info = describe(path)
     base = name or path.stem
     candidate, i = base, 1

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.db import as_utc
-from app.models import Checkpoint, Dataset, Image, Job, JobEvent
+from app.models import Adapter, Checkpoint, Dataset, Image, Job, JobEvent
 from hdm_core.config import SAMPLER_NAMES
 
 SAMPLERS = list(SAMPLER_NAMES)
@@ -66,6 +66,10 @@ def image_job(session: Session, job: Job, base_url: str = "") -> dict[str, Any]:
         "progress": {"step": job.progress_step, "total": job.progress_total},
         "request": job.request,
         "model": {"id": job.model_id, "name": model.name if model else None},
+        "adapters": [
+            {"id": a["id"], "name": a["name"], "weight": a["weight"]}
+            for a in job.request.get("adapters") or []
+        ],
         "images": [
             {
                 "index": im.index,
@@ -109,8 +113,26 @@ def train_job(session: Session, job: Job) -> dict[str, Any]:
         },
         "gpus": job.slots or [],
         "checkpoints": [c.id for c in job_checkpoints(session, job.id)],
+        "adapters": list(
+            session.scalars(select(Adapter.id).where(Adapter.train_job_id == job.id).order_by(Adapter.id))
+        ),
         "error": job.error,
         "attempts": job.attempts,
+    }
+
+
+def merge_job(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "object": "merge_job",
+        "status": job.status,
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+        "request": job.request,
+        "base_model": job.model_id,
+        "model": (job.result or {}).get("model"),
+        "error": job.error,
     }
 
 
@@ -120,6 +142,8 @@ def job_body(session: Session, job: Job) -> dict[str, Any]:
         return image_job(session, job)
     if job.kind == "train":
         return train_job(session, job)
+    if job.kind == "merge":
+        return merge_job(job)
     return {"id": job.id, "object": f"{job.kind}_job", "status": job.status, "error": job.error}
 
 
@@ -155,6 +179,27 @@ def model(ckpt: Checkpoint, default_id: str | None = None) -> dict[str, Any]:
         "samplers": SAMPLERS,
         "shared": ckpt.owner is None,
         "default": ckpt.id == default_id,
+    }
+
+
+def adapter(row: Adapter) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "object": "adapter",
+        "name": row.name,
+        "algorithm": row.algorithm,
+        "config": row.config,
+        "base_model": {"name": row.base_model, "sha256": row.base_sha256, "arch": row.base_arch},
+        "trigger_words": row.trigger_words,
+        "caption_sample": row.caption_sample,
+        "steps": row.steps,
+        "params": row.params,
+        "source": row.source,
+        "train_job": row.train_job_id,
+        "sha256": row.sha256,
+        "path": row.path,
+        "size_bytes": row.size_bytes,
+        "created_at": iso(row.created_at),
     }
 
 

@@ -16,6 +16,7 @@ from app.schemas import TrainRequest
 from app.services import jobs, leases, models, webhooks
 from app.settings import get_settings
 from hdm_core.config import PRESETS, XUTConfig, is_pixel_space, param_count
+from hdm_core.train.config import ADAPTER_RECIPE_LR
 
 log = logging.getLogger(__name__)
 SAMPLE_MEDIA = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp"}
@@ -41,6 +42,8 @@ def create(
     base = (
         models.resolve(session, req.base_model, owner=owner, param="base_model") if req.base_model else None
     )
+    if req.adapter is not None and base is None:
+        raise Invalid("An adapter is trained on a base model: give base_model.", param="base_model")
     if isinstance(req.arch, str) and req.arch not in PRESETS:
         raise Invalid(
             f"Unknown preset {req.arch!r}; one of {list(PRESETS)} or an architecture object.", param="arch"
@@ -90,6 +93,14 @@ def create(
     request = req.model_dump(mode="json")
     request["dataset_path"] = ds.path
     request["base_model_path"] = base.path if base else None
+    request["base_model_name"] = base.name if base else None
+    if (
+        req.adapter is not None
+    ):  # HDM's recipe lr where the caller gave none (the trainer's default, one value)
+        given = raw.get("stages") or []
+        for i, stage in enumerate(request["stages"]):
+            if "lr" not in (given[i] if i < len(given) else {}):
+                stage["lr"] = ADAPTER_RECIPE_LR
     job, created = jobs.create_job(
         session,
         kind="train",

@@ -11,6 +11,7 @@ from sqlalchemy import create_engine, inspect
 from app.migrate import alembic_config, current_revision, head_revision
 
 TABLES = {
+    "adapters",
     "api_keys",
     "checkpoints",
     "datasets",

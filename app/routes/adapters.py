@@ -1,0 +1,80 @@
+"""/v1/adapters: the adapter registry; ``POST /v1/models/{id}/merge`` and /v1/merge-jobs: adapters merged into a
+model as a new model (a job run by a worker)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.deps import CallerDep, SessionDep
+from app.responses import AdapterDeleted, AdapterList, AdapterOut, MergeJob
+from app.routes.common import After, IdemKey, Limit, Prefer, job_response, prefer_wait, wait_final
+from app.schemas import MergeRequest
+from app.services import adapters, jobs, merges, presenter
+
+router = APIRouter(tags=["adapters"])
+Ref = Annotated[str, PathParam(max_length=300)]
+
+
+@router.get("/v1/adapters", response_model=AdapterList)
+def list_adapters(owner: CallerDep, session: SessionDep, limit: Limit = 100, after: After = None) -> Any:
+    rows, more = adapters.page(session, owner, limit, after)
+    return presenter.page([presenter.adapter(a) for a in rows], more)
+
+
+@router.get("/v1/adapters/{adapter_id}", response_model=AdapterOut)
+def get_adapter(adapter_id: Ref, owner: CallerDep, session: SessionDep) -> Any:
+    return presenter.adapter(adapters.get(session, adapter_id, owner))
+
+
+@router.get(
+    "/v1/adapters/{adapter_id}/file",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def adapter_file(adapter_id: Ref, owner: CallerDep, session: SessionDep) -> Any:
+    path = adapters.file_path(adapters.get(session, adapter_id, owner))
+    return FileResponse(path, media_type="application/octet-stream", filename=path.name)
+
+
+@router.delete("/v1/adapters/{adapter_id}", response_model=AdapterDeleted)
+def delete_adapter(adapter_id: Ref, owner: CallerDep, session: SessionDep) -> Any:
+    row = adapters.get(session, adapter_id, owner)
+    adapters.delete(session, row)
+    return {"id": row.id, "object": "adapter", "deleted": True}
+
+
+@router.post(
+    "/v1/models/{model_id}/merge",
+    status_code=202,
+    response_model=MergeJob,
+    responses={200: {"model": MergeJob, "description": "finished within Prefer: wait"}},
+)
+async def merge_model(
+    model_id: Ref,
+    req: MergeRequest,
+    owner: CallerDep,
+    session: SessionDep,
+    idempotency_key: IdemKey = None,
+    prefer: Prefer = None,
+) -> Any:
+    job, _ = await run_in_threadpool(
+        merges.create, session, model_id, req, owner=owner, idempotency_key=idempotency_key
+    )
+    wait = prefer_wait(prefer)
+    if wait:
+        job = await wait_final(session, job, wait)
+    return job_response(
+        presenter.merge_job(job), final=job.status in jobs.FINAL, location=f"/v1/merge-jobs/{job.id}"
+    )
+
+
+@router.get("/v1/merge-jobs/{job_id}", response_model=MergeJob)
+def get_merge_job(
+    job_id: Annotated[str, PathParam(max_length=64)], owner: CallerDep, session: SessionDep
+) -> Any:
+    return presenter.merge_job(jobs.get_job(session, job_id, "merge", owner))
