@@ -5,10 +5,13 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from pydantic import field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_WEBHOOK_SECRET = "change-me"
+# hdm_core.precision.DTypeSetting and hdm_core.compile.CompileMode (the API process never imports torch)
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 
 
 class Settings(BaseSettings):
@@ -26,6 +29,13 @@ class Settings(BaseSettings):
     vae: Path | None = None
     default_model: str | None = None
     device: str = "cpu"
+    # Inference precision of the worker and `hdm generate`: auto = bf16 on CUDA, fp32 on CPU (hdm_core.precision).
+    dtype: str = "auto"
+    # torch.compile of the XUT in the image worker (hdm_core.compile), compiled and warmed up per shape on first use
+    compile: str = "off"
+    # Queued image jobs with the same settings sampled as one network batch (worker/batcher.py); 0 = auto: 8 on a
+    # CUDA device, 1 (no batching) on CPU, where a bigger batch is not faster per image (bench/batch.py).
+    max_batch: int = Field(0, ge=0, le=64)
 
     api_keys: str = ""  # comma-separated; empty = open (embedded mode only, warned at start)
     require_api_keys: bool = False
@@ -86,6 +96,15 @@ class Settings(BaseSettings):
     def _unset(cls, v: object) -> object:
         return None if v == "" else v  # `HDM_VAE=` (compose passes unset variables as empty) means none
 
+    @field_validator("dtype", "compile")
+    @classmethod
+    def _choice(cls, v: str, info: ValidationInfo) -> str:
+        choices = DTYPES if info.field_name == "dtype" else COMPILE_MODES
+        v = v.strip().lower()
+        if v not in choices:
+            raise ValueError(f"HDM_{str(info.field_name).upper()} must be one of {', '.join(choices)}; got {v!r}")
+        return v
+
     @field_validator("data_root", "models_dir", "outputs_dir", "runs_dir")
     @classmethod
     def _abs(cls, v: Path) -> Path:
@@ -102,6 +121,11 @@ class Settings(BaseSettings):
     @property
     def webhook_hosts(self) -> list[str]:
         return [h.strip().lower() for h in self.webhook_allow_hosts.split(",") if h.strip()]
+
+    @property
+    def image_batch_limit(self) -> int:
+        """Image jobs per network batch (HDM_MAX_BATCH; 0 = 8 on CUDA, 1 on CPU)."""
+        return self.max_batch or (8 if self.device.startswith("cuda") else 1)
 
     @property
     def slot_list(self) -> list[int]:

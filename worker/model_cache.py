@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,16 +20,24 @@ log = logging.getLogger(__name__)
 ADAPTER_FILES_CACHED = 8  # adapter files held in memory (a LoKr adapter of the full model is tens of MB)
 
 _lock = threading.Lock()
-_current: tuple[tuple[str, str, str, str], Any] | None = None
+_current: tuple[tuple[str, ...], Any] | None = None
+_warm: set[tuple[int, int, int]] = set()  # (width, height, images per batch) the compiled network has seen
 # what is merged into _current's model now: ((sha256, weight), ...) and the handle that restores it
 _applied: tuple[tuple[tuple[str, float], ...], Any] | None = None
 _files: OrderedDict[tuple[str, str], Any] = OrderedDict()
 
 
 def get_pipeline(
-    checkpoint: str, text_encoder: Path | None, device: str, vae: Path | None = None
+    checkpoint: str,
+    text_encoder: Path | None,
+    device: str,
+    vae: Path | None = None,
+    *,
+    dtype: str = "auto",
+    compile_mode: str = "off",
 ) -> tuple[Any, bool]:
-    """Returns (pipeline, loaded_now). ``vae``: a diffusers folder for a checkpoint that carries no VAE."""
+    """Returns (pipeline, loaded_now). ``vae``: a diffusers folder for a checkpoint that carries no VAE.
+    ``dtype``: HDM_DTYPE (hdm_core.precision.resolve_dtype); ``compile_mode``: HDM_COMPILE (see `warm_up`)."""
     global _current, _applied
     import torch
 
@@ -36,20 +45,36 @@ def get_pipeline(
 
     if text_encoder is None:
         raise ValueError("no text encoder configured (HDM_TEXT_ENCODER)")
-    key = (checkpoint, str(text_encoder), device, str(vae or ""))
+    key = (checkpoint, str(text_encoder), device, str(vae or ""), dtype, compile_mode)
     with _lock:
         if _current is not None and _current[0] == key:
             return _current[1], False
         if _current is not None:
             log.info("evicting %s", _current[0][0])
             _current, _applied = None, None
+            _warm.clear()
             gc.collect()
             if torch.cuda.is_available() and device.startswith("cuda"):
                 torch.cuda.empty_cache()
         log.info("loading %s on %s", checkpoint, device)
-        pipe = HDMPipeline.from_paths(checkpoint, text_encoder, device=device, dtype=torch.float32, vae=vae)
+        pipe = HDMPipeline.from_paths(checkpoint, text_encoder, device=device, dtype=dtype, vae=vae)
+        if compile_mode != "off":
+            pipe.compile(compile_mode)
         _current = (key, pipe)
         return pipe, True
+
+
+def warm_up(pipe: Any, width: int, height: int, images: int, guidance_scale: float) -> float:
+    """Compile the cached pipeline's network for this shape before a job samples with it (the first call of a new
+    shape compiles: tens of seconds that would otherwise count as the job's sampling time). Returns the seconds
+    spent; 0 for an eager pipeline or a shape seen before."""
+    if pipe.net is pipe.model or (width, height, images) in _warm:
+        return 0.0
+    t0 = time.perf_counter()
+    pipe.warm_up(width, height, images=images, guidance_scale=guidance_scale)
+    _warm.add((width, height, images))
+    log.info("compiled for %dx%d x%d in %.1fs", width, height, images, time.perf_counter() - t0)
+    return time.perf_counter() - t0
 
 
 def _adapter_file(path: str, sha256: str, name: str) -> Any:
