@@ -23,6 +23,15 @@ MAX_BODY_BYTES = (
     1_000_000  # the largest valid request (two 8000-char prompts and a train config) is far smaller
 )
 
+# routes whose body may carry an init image and a mask (base64 in JSON, or multipart files counted per part)
+UPLOAD_ROUTES = frozenset({"/v1/images", "/v1/images/generations", "/v1/images/edits"})
+
+
+def body_limit(path: str) -> int:
+    if path.rstrip("/") not in UPLOAD_ROUTES:
+        return MAX_BODY_BYTES
+    return MAX_BODY_BYTES + 2 * (get_settings().upload_max_bytes * 4 // 3 + 4)  # two files as base64
+
 
 class HttpStats:
     """Request counters for /metrics."""
@@ -52,10 +61,9 @@ class GuardAndCount:
             )
             return
         length = dict(scope.get("headers") or []).get(b"content-length", b"0")
-        if length.isdigit() and int(length) > MAX_BODY_BYTES:
-            await self._reject(
-                scope, send, 413, "too_large", f"Request body over {MAX_BODY_BYTES} bytes.", None
-            )
+        limit = body_limit(scope.get("path", ""))
+        if length.isdigit() and int(length) > limit:
+            await self._reject(scope, send, 413, "too_large", f"Request body over {limit} bytes.", None)
             return
 
         async def _send(message: Message) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,15 @@ from PIL.PngImagePlugin import PngInfo
 EXT = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 
 
-def parameters_text(req: dict[str, Any], *, seed: int, model_name: str, model_hash: str | None) -> str:
+def parameters_text(
+    req: dict[str, Any],
+    *,
+    seed: int,
+    model_name: str,
+    model_hash: str | None,
+    extra: Sequence[str] = (),
+) -> str:
+    """`extra`: more `key: value` fields (an edit's mode and strength, hdm_core.edit.EditInfo)."""
     cam = req.get("camera") or {}
     tread = req.get("tread_guidance") or {}
     fields = [
@@ -25,6 +34,7 @@ def parameters_text(req: dict[str, Any], *, seed: int, model_name: str, model_ha
         f"Model: {model_name}",
         f"Camera: x_shift {cam.get('x_shift', 0)}, y_shift {cam.get('y_shift', 0)}, zoom {cam.get('zoom', 1)}",
         f"TREAD guidance: cond {tread.get('cond_rate', 0)}, uncond {tread.get('uncond_rate', 0)}",
+        *extra,
         "Version: hdm-serve",
     ]
     return f"{req['prompt']}\nNegative prompt: {req.get('negative_prompt', '')}\n" + ", ".join(fields)
