@@ -212,13 +212,17 @@ async function resultCard(job, im) {
 async function sendToImg2img(src, job, im) {
   setInitImage({ src, job, im, data: null });
   const data = await dataUrl(await (await fetch(src)).blob());
-  if (state.initImage && state.initImage.src === src) state.initImage.data = data;
+  if (state.initImage && state.initImage.src === src) {
+    state.initImage.data = data;
+    $("gen-img2img").dataset.ready = "1";
+  }
   $("gen-width").value = im.width; $("gen-height").value = im.height;
   $("gen-width").dispatchEvent(new Event("input"));
 }
 
 function setInitImage(init) {
   state.initImage = init;
+  $("gen-img2img").dataset.ready = init && init.data ? "1" : "";
   $("gen-img2img").hidden = !init;
   $("gen-init-preview").src = init ? init.src : "";
   if (init) { $("gen-edit").open = true; $("gen-img2img").scrollIntoView({ block: "nearest" }); }
