@@ -12,6 +12,8 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError, SQL
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.uploads import UploadError
+
 log = logging.getLogger(__name__)
 
 
@@ -178,6 +180,19 @@ async def _db_error(request: Request, exc: SQLAlchemyError) -> JSONResponse:
     )
 
 
+# JSON bodies carry the image to edit as `init_image`; the multipart /v1/images/edits names its parts as OpenAI does
+_JSON_UPLOAD_PARAM = {"image": "init_image", "mask": "mask"}
+
+
+async def _upload_handler(request: Request, exc: UploadError) -> JSONResponse:
+    multipart = request.url.path.endswith("/edits")
+    param = exc.field if multipart else _JSON_UPLOAD_PARAM.get(exc.field, exc.field)
+    limit = f" (limit: {exc.limit})" if exc.limit is not None and str(exc.limit) not in exc.message else ""
+    message = f"{param}: {exc.message}{limit}"
+    code = "too_large" if exc.status == 413 else f"invalid_image_{exc.problem}"
+    return JSONResponse(error_body(code, message, param), status_code=exc.status)
+
+
 async def _unhandled(_request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error: %s", type(exc).__name__)
     return JSONResponse(
@@ -190,4 +205,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, _service_handler)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_handler)  # type: ignore[arg-type]
     app.add_exception_handler(SQLAlchemyError, _db_error)  # type: ignore[arg-type]
+    app.add_exception_handler(UploadError, _upload_handler)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unhandled)

@@ -26,6 +26,16 @@ MAX_BODY_BYTES = (
     1_000_000  # the largest valid request (two 8000-char prompts and a train config) is far smaller
 )
 
+# routes whose body may carry an init image and a mask (base64 in JSON, or multipart files counted per part)
+UPLOAD_ROUTES = frozenset({"/v1/images", "/v1/images/generations", "/v1/images/edits"})
+MULTIPART_ROUTES = frozenset({"/v1/images/edits"})
+
+
+def body_limit(path: str) -> int:
+    if path.rstrip("/") not in UPLOAD_ROUTES:
+        return MAX_BODY_BYTES
+    return MAX_BODY_BYTES + 2 * (get_settings().upload_max_bytes * 4 // 3 + 4)  # two files as base64
+
 
 class HttpStats:
     """Request counters for /metrics."""
@@ -39,7 +49,7 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 
 
 class GuardAndCount:
-    """Pure ASGI middleware (no per-request task overhead): rejects NUL in URLs, bodies over MAX_BODY_BYTES
+    """Pure ASGI middleware (no per-request task overhead): rejects NUL in URLs, bodies over `body_limit`
     (announced or streamed in chunks), bodies that are not JSON; counts requests by method and route template."""
 
     def __init__(self, app: ASGIApp, stats: HttpStats) -> None:
@@ -61,10 +71,10 @@ class GuardAndCount:
             return
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length", b"0")
-        if length.isdigit() and int(length) > MAX_BODY_BYTES:
-            await self._reject(
-                method, send, 413, "too_large", f"Request body over {MAX_BODY_BYTES} bytes.", None
-            )
+        path = scope.get("path", "").rstrip("/")
+        limit = body_limit(path)
+        if length.isdigit() and int(length) > limit:
+            await self._reject(method, send, 413, "too_large", f"Request body over {limit} bytes.", None)
             return
         if method in ("POST", "PUT", "PATCH") and (
             length not in (b"", b"0") or b"transfer-encoding" in headers
@@ -72,6 +82,8 @@ class GuardAndCount:
             ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
             if not ctype:  # `curl -d` without -H: a JSON body is still JSON
                 scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
+            elif path in MULTIPART_ROUTES and ctype == b"multipart/form-data":
+                pass  # OpenAI's images.edit: files, each part counted as it streams (app/multipart.py)
             elif ctype != b"application/json" and not ctype.endswith(b"+json"):
                 await self._reject(
                     method,
@@ -92,7 +104,7 @@ class GuardAndCount:
             await send(message)
 
         try:
-            await self.app(scope, _limited(receive), _send)
+            await self.app(scope, _limited(receive, limit), _send)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.counts[(method, route, status)] += 1
@@ -113,8 +125,8 @@ class GuardAndCount:
         self.counts[(method, "rejected", status)] += 1
 
 
-def _limited(receive: Receive) -> Receive:
-    """``receive`` that counts body bytes and stops at MAX_BODY_BYTES, so a chunked body without Content-Length
+def _limited(receive: Receive, limit: int) -> Receive:
+    """``receive`` that counts body bytes and stops at ``limit``, so a chunked body without Content-Length
     is refused (413) after at most that much is buffered, not read whole."""
     seen = 0
 
@@ -123,8 +135,8 @@ def _limited(receive: Receive) -> Receive:
         message = await receive()
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
-            if seen > MAX_BODY_BYTES:  # FastAPI re-raises its own HTTPException from the body read as is
-                raise HTTPException(413, f"Request body over {MAX_BODY_BYTES} bytes.")
+            if seen > limit:  # FastAPI re-raises its own HTTPException from the body read as is
+                raise HTTPException(413, f"Request body over {limit} bytes.")
         return message
 
     return wrapped

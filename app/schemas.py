@@ -90,6 +90,26 @@ class ImageParams(Strict):
         description="Adapters applied on top of the model for this request (at most 8, weights in [-4, 4]).",
     )
     webhook: WebhookUrl = None
+    # image editing (issue 13): checked and stored by app/services/edits.py before the job exists
+    init_image: str | None = Field(
+        None,
+        description="Image-to-image / inpainting: a PNG, JPEG or WebP as base64 or a data: URL "
+        "(HDM_UPLOAD_MAX_BYTES, HDM_UPLOAD_MAX_PIXELS). It is fitted to width x height (cover, centre crop).",
+    )
+    strength: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="How far the init image is noised: 0 keeps it, 1 ignores it. Default 0.8.",
+    )
+    mask: str | None = Field(
+        None,
+        description="Inpainting mask (base64 / data: URL), the init image's size: white (or transparent) = repaint. "
+        "Without it, an init image with transparency uses that as the mask.",
+    )
+    mask_blur: float = Field(
+        0.0, ge=0, le=64, description="Inward feather of the mask edge, pixels (Gaussian sigma)."
+    )
 
     @field_validator("seed")
     @classmethod
@@ -140,6 +160,18 @@ class OpenAIImageRequest(ImageParams):
             ]
         },
     )
+
+    prompt: Text = Field(min_length=1, max_length=8000)
+    size: Text = Field("1024x1024", max_length=20, pattern=r"^\d{1,5}x\d{1,5}$", description="WxH")
+    response_format: Literal["b64_json", "url"] = "b64_json"
+
+
+class OpenAIEditRequest(ImageParams):
+    """The text fields of OpenAI's ``images.edit`` form (the files come as parts) plus the extension fields;
+    unknown OpenAI options are ignored. ``strength`` defaults to 1 with a mask (the masked area is repainted from
+    noise, as OpenAI's edits do) and to 0.8 without one (image-to-image)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     prompt: Text = Field(min_length=1, max_length=8000)
     size: Text = Field("1024x1024", max_length=20, pattern=r"^\d{1,5}x\d{1,5}$", description="WxH")

@@ -82,6 +82,12 @@ class Settings(BaseSettings):
     image_size_multiple: int = 16
     image_max_pixels: int = 4_200_000
     max_wait_s: int = 60
+    # init images and masks of edit requests (app/uploads.py): per file, after base64 decoding; width x height
+    upload_max_bytes: int = 20 * 2**20
+    upload_max_pixels: int = 4096 * 4096
+    uploads_dir: Path | None = (
+        None  # validated uploads as PNG; default HDM_OUTPUTS_DIR/uploads (worker reads them)
+    )
     sync_timeout_s: int = 600  # /v1/images/generations
     train_kill_grace_s: float = 15.0  # SIGTERM to the trainer's process group, then SIGKILL after this
     cpu_threads: int = (
@@ -91,7 +97,7 @@ class Settings(BaseSettings):
         ""  # override the trainer launcher (tests use a stand-in); default torchrun hdm_core.train
     )
 
-    @field_validator("text_encoder", "vae", mode="before")
+    @field_validator("text_encoder", "vae", "uploads_dir", mode="before")
     @classmethod
     def _unset(cls, v: object) -> object:
         return None if v == "" else v  # `HDM_VAE=` (compose passes unset variables as empty) means none
@@ -105,10 +111,14 @@ class Settings(BaseSettings):
             raise ValueError(f"HDM_{str(info.field_name).upper()} must be one of {', '.join(choices)}; got {v!r}")
         return v
 
-    @field_validator("data_root", "models_dir", "outputs_dir", "runs_dir")
+    @field_validator("data_root", "models_dir", "outputs_dir", "runs_dir", "uploads_dir")
     @classmethod
-    def _abs(cls, v: Path) -> Path:
-        return v.expanduser().resolve()
+    def _abs(cls, v: Path | None) -> Path | None:
+        return None if v is None else v.expanduser().resolve()
+
+    @property
+    def uploads_root(self) -> Path:
+        return self.uploads_dir or self.outputs_dir / "uploads"
 
     @property
     def api_key_list(self) -> list[str]:

@@ -20,9 +20,11 @@ def parameters_text(
     model_name: str,
     model_hash: str | None,
     adapters: Sequence[tuple[str, float, str | None]] = (),
+    extra: Sequence[str] = (),
 ) -> str:
     """A1111's layout. ``adapters``: (name, weight, sha256) each, written as A1111 writes LoRAs: a
-    ``<lora:name:weight>`` tag per adapter after the prompt and a ``Lora hashes`` field (first 10 hex digits)."""
+    ``<lora:name:weight>`` tag per adapter after the prompt and a ``Lora hashes`` field (first 10 hex digits).
+    ``extra``: more ``key: value`` fields (an edit's mode and strength, hdm_core.edit.EditInfo)."""
     cam = req.get("camera") or {}
     tread = req.get("tread_guidance") or {}
     fields = [
@@ -40,6 +42,7 @@ def parameters_text(
             if adapters
             else []
         ),
+        *extra,
         "Version: hdm-serve",
     ]
     prompt = " ".join([req["prompt"], *(f"<lora:{n}:{w:g}>" for n, w, _ in adapters)])

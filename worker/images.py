@@ -11,7 +11,7 @@ from sqlalchemy import delete, update
 
 from app.db import session_scope, utcnow
 from app.models import Image, Job
-from app.services import jobs, leases
+from app.services import edits, jobs, leases
 from app.settings import get_settings
 from hdm_core import imagefile
 from worker import model_cache
@@ -69,6 +69,31 @@ def run_image_job(job_id: str, *, worker: str, slot: int | None) -> str:
     return outcome
 
 
+def _edit_spec(req: dict[str, Any]) -> Any:
+    """The job's init image and mask (PNGs the API validated and wrote, app/services/edits.py) as an EditSpec."""
+    if not req.get("init_image"):
+        return None
+    from PIL import Image as PILImage
+
+    from hdm_core.edit import EditSpec
+
+    def load(upload_id: str) -> PILImage.Image:
+        try:
+            with PILImage.open(edits.path(upload_id), formats=["PNG"]) as im:
+                im.load()
+                return im.copy()
+        except OSError as exc:  # removed since the job was created: the job fails, the worker does not
+            raise ValueError(f"upload {upload_id} is no longer available: {exc}") from None
+
+    mask = req.get("mask")
+    return EditSpec(
+        image=load(req["init_image"]),
+        strength=req["strength"],
+        mask=load(mask) if mask else None,
+        mask_blur=req.get("mask_blur", 0.0),
+    )
+
+
 def _generate(
     job_id: str,
     req: dict[str, Any],
@@ -108,6 +133,7 @@ def _generate(
             camera=Camera(**req["camera"]),
             tread=TreadGuidance(**req["tread_guidance"]),
             callback=_Progress(job_id, req["steps"]),
+            edit=_edit_spec(req),
         )
         timings["sample_s"] = round(time.perf_counter() - t1, 4)
         t2 = time.perf_counter()
@@ -126,6 +152,7 @@ def _generate(
                     model_name=model_name,
                     model_hash=sha,
                     adapters=[(a.name, a.weight, a.sha256) for a in adapters],
+                    extra=result.edit.parameters_fields() if result.edit else (),
                 ),
             )
             rows.append(

@@ -8,7 +8,7 @@ const SIZES = [
   ["256×256 (1:1)", 256, 256], ["64×64 (1:1, tiny models)", 64, 64], ["32×32 (1:1, tiny models)", 32, 32],
 ];
 const FINAL = ["succeeded", "failed", "cancelled"];
-const state = { job: null, follow: null, lastSeed: null, initImage: null, models: [] };
+const state = { job: null, follow: null, lastSeed: null, initImage: null, mask: null, models: [] };
 
 export function initGenerate() {
   const size = $("gen-size");
@@ -30,7 +30,15 @@ export function initGenerate() {
   $("gen-form").addEventListener("submit", submit);
   $("gen-cancel").addEventListener("click", cancel);
   $("gen-seed-reuse").addEventListener("click", () => { $("gen-seed").value = state.lastSeed; });
-  $("gen-init-clear").addEventListener("click", () => setInitImage(null));
+  $("gen-init-clear").addEventListener("click", () => { setInitImage(null); $("gen-init-file").value = ""; });
+  $("gen-init-file").addEventListener("change", async (e) => {
+    const f = e.target.files[0];
+    setInitImage(f ? { src: URL.createObjectURL(f), data: await dataUrl(f) } : null);
+  });
+  $("gen-mask-file").addEventListener("change", async (e) => {
+    const f = e.target.files[0];
+    state.mask = f ? await dataUrl(f) : null;
+  });
   $("gal-filter").addEventListener("submit", (e) => { e.preventDefault(); gallery.cursors = [null]; showGallery(); });
   $("gal-older").addEventListener("click", () => { gallery.cursors.push(gallery.next); showGallery(); });
   $("gal-newer").addEventListener("click", () => { gallery.cursors.pop(); showGallery(); });
@@ -75,10 +83,22 @@ export function readForm() {
   return { ...body, ...imageEditFields() };
 }
 
-// HOOK(image-editing): return the init image / mask fields of the request here (e.g. an uploaded file id or
-// base64 of state.initImage.blob) once POST /v1/images takes them. Until then nothing is sent.
+// HOOK(image-editing): the init image and mask go as data URLs (POST /v1/images init_image / mask).
 function imageEditFields() {
-  return {};
+  if (!state.initImage || !state.initImage.data) return {};
+  const fields = { init_image: state.initImage.data, strength: num("gen-strength") };
+  if (state.mask) Object.assign(fields, { mask: state.mask, mask_blur: num("gen-mask-blur") });
+  return fields;
+}
+
+/** A Blob (a chosen file, a result image) as a data: URL. */
+function dataUrl(blob) {
+  return new Promise((resolve, reject) => {
+    const r = new FileReader();
+    r.onload = () => resolve(r.result);
+    r.onerror = () => reject(r.error);
+    r.readAsDataURL(blob);
+  });
 }
 
 /** Fills the form from a job's request (Gallery "generate again", checkpoints "generate with this"). */
@@ -185,15 +205,27 @@ async function resultCard(job, im) {
       downloadLink(src, `${job.id}-${im.index}.${ext}`),
       el("button", { type: "button", on: { click: () => { $("gen-seed").value = im.seed; $("gen-seed").focus(); } } },
         "Reuse seed"),
-      el("button", { type: "button", class: "send-img2img", on: { click: () => setInitImage({ src, job, im }) } },
+      el("button", { type: "button", class: "send-img2img", on: { click: () => sendToImg2img(src, job, im) } },
         "Send to image-to-image")));
+}
+
+async function sendToImg2img(src, job, im) {
+  setInitImage({ src, job, im, data: null });
+  const data = await dataUrl(await (await fetch(src)).blob());
+  if (state.initImage && state.initImage.src === src) {
+    state.initImage.data = data;
+    $("gen-img2img").dataset.ready = "1";
+  }
+  $("gen-width").value = im.width; $("gen-height").value = im.height;
+  $("gen-width").dispatchEvent(new Event("input"));
 }
 
 function setInitImage(init) {
   state.initImage = init;
+  $("gen-img2img").dataset.ready = init && init.data ? "1" : "";
   $("gen-img2img").hidden = !init;
   $("gen-init-preview").src = init ? init.src : "";
-  if (init) $("gen-img2img").scrollIntoView({ block: "nearest" });
+  if (init) { $("gen-edit").open = true; $("gen-img2img").scrollIntoView({ block: "nearest" }); }
 }
 
 async function cancel() {

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app.errors import Invalid, NotFound
 from app.models import Image, Job
 from app.schemas import ImageRequest
-from app.services import adapters, jobs, models, presenter, webhooks
+from app.services import adapters, edits, jobs, models, presenter, webhooks
 from app.settings import get_settings
 from hdm_core.config import MAX_SEED
 
@@ -37,14 +37,21 @@ def create(
     owner: str,
     idempotency_key: str | None,
     raw_body: dict[str, Any] | None = None,
+    files: tuple[bytes, bytes | None] | None = None,
+    masked_strength: float = edits.DEFAULT_STRENGTH,
 ) -> tuple[Job, bool]:
+    """Sync (uploads are decoded here): call it from a worker thread. ``files``: a multipart edit's image and mask
+    (else ``req.init_image`` / ``req.mask``); ``masked_strength``: the default strength with a mask."""
     check_size(req.width, req.height)
     if req.sampler not in presenter.SAMPLERS:
         raise Invalid(
             f"Unknown sampler {req.sampler!r}; choose one of {presenter.SAMPLERS}.", param="sampler"
         )
     webhooks.check_url(req.webhook)
+    edit = edits.from_request(req, files, masked_strength=masked_strength)
     raw = raw_body if raw_body is not None else req.model_dump(mode="json", exclude_unset=True)
+    if edit is not None:  # the idempotency hash sees the uploads' content ids, the job never their bytes
+        raw = {**raw, "init_image": edit["init_image"], "mask": edit["mask"]}
     existing = jobs.find_idempotent(session, owner, idempotency_key, jobs.request_hash(raw))
     if existing is not None:
         return existing, False
@@ -52,6 +59,11 @@ def create(
     resolved = req.model_dump(mode="json")
     resolved["model"] = model.id
     resolved["adapters"] = adapters.for_request(session, resolved["adapters"], model, owner)
+    if edit is not None:
+        resolved.update(edit)
+    else:
+        for name in ("init_image", "strength", "mask", "mask_blur"):
+            resolved.pop(name)
     if resolved["seed"] is None:
         resolved["seed"] = secrets.randbelow(2**32)
     resolved["seed"] = min(resolved["seed"], MAX_SEED - req.n + 1)

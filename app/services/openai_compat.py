@@ -3,21 +3,44 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db import as_utc
 from app.errors import GenerationFailed, Invalid
 from app.models import Image, Job
-from app.schemas import ImageRequest, OpenAIImageRequest
+from app.schemas import ImageRequest, OpenAIEditRequest, OpenAIImageRequest
 from app.services import images, jobs
 
 
-def image_request(req: OpenAIImageRequest) -> tuple[ImageRequest, dict[str, Any]]:
+def edit_request(fields: dict[str, str]) -> tuple[OpenAIEditRequest, ImageRequest, dict[str, Any]]:
+    """The text fields of an ``images.edit`` form as the equivalent ``POST /v1/images`` request (its uploads go
+    to ``images.create`` as files), and the raw body (for idempotency)."""
+    body: dict[str, Any] = {k: v for k, v in fields.items() if k not in ("init_image", "mask")}
+    for name in ("camera", "tread_guidance"):  # objects arrive as JSON text in a form
+        if name in body:
+            try:
+                body[name] = json.loads(body[name])
+            except ValueError:
+                raise Invalid(f"{name} must be a JSON object in a form.", param=name) from None
+    try:
+        req = OpenAIEditRequest(**body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        code = "missing_field" if first["type"] == "missing" else "invalid_value"
+        raise Invalid(f"{param}: {first['msg']}", param=param, code=code) from None
+    ireq, raw = image_request(req)
+    return req, ireq, raw
+
+
+def image_request(req: OpenAIImageRequest | OpenAIEditRequest) -> tuple[ImageRequest, dict[str, Any]]:
     """The equivalent ``POST /v1/images`` request, and the raw body (for idempotency)."""
     m = re.fullmatch(r"(\d+)x(\d+)", req.size)
     if not m:

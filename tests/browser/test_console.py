@@ -80,6 +80,13 @@ def test_generate_shows_progress_and_image(console: Console) -> None:
     assert c.find("#gen-img2img").is_displayed()
     assert c.find("#gen-init-preview").get_attribute("src") == imgs[0].get_attribute("src")
     c.screenshot("03-generate")
+    # the result goes back as init_image; strength 0 returns it unchanged (pixel model)
+    c.wait(lambda: c.find("#gen-img2img").get_attribute("data-ready") == "1", 15, "the init image read")
+    c.fill("#gen-strength", 0)
+    c.fill("#gen-n", 1)
+    c.find("#gen-submit").click()
+    c.wait(lambda: "upl_" in c.find("#gen-params").text, 120, "an edit job's parameters")
+    assert "strength\n0" in c.find("#gen-params").text
     c.find("#gen-init-clear").click()
 
 
