@@ -108,7 +108,9 @@ class Settings(BaseSettings):
         choices = DTYPES if info.field_name == "dtype" else COMPILE_MODES
         v = v.strip().lower()
         if v not in choices:
-            raise ValueError(f"HDM_{str(info.field_name).upper()} must be one of {', '.join(choices)}; got {v!r}")
+            raise ValueError(
+                f"HDM_{str(info.field_name).upper()} must be one of {', '.join(choices)}; got {v!r}"
+            )
         return v
 
     @field_validator("data_root", "models_dir", "outputs_dir", "runs_dir", "uploads_dir")

@@ -1,4 +1,5 @@
-"""Background heartbeat for the job a worker is running (job row + its GPU leases)."""
+"""Background heartbeat for the jobs a worker is running (job rows + their GPU leases): one job, or the image jobs
+of one batch (worker/batcher.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ log = logging.getLogger(__name__)
 
 
 class Heartbeat(threading.Thread):
-    def __init__(self, job_id: str) -> None:
-        super().__init__(name=f"heartbeat-{job_id}", daemon=True)
-        self.job_id = job_id
+    def __init__(self, job_ids: str | list[str]) -> None:
+        self.job_ids = [job_ids] if isinstance(job_ids, str) else list(job_ids)
+        super().__init__(name=f"heartbeat-{self.job_ids[0]}", daemon=True)
         self.stop_event = threading.Event()
 
     def run(self) -> None:
@@ -23,10 +24,11 @@ class Heartbeat(threading.Thread):
         while not self.stop_event.wait(interval):
             try:
                 with session_scope() as session:
-                    jobs.heartbeat(session, self.job_id)
-                    leases.beat(session, self.job_id)
+                    for job_id in self.job_ids:
+                        jobs.heartbeat(session, job_id)
+                    leases.beat(session, self.job_ids)
             except Exception as exc:
-                log.warning("heartbeat for %s failed: %s", self.job_id, exc)
+                log.warning("heartbeat for %s failed: %s", self.job_ids, exc)
 
     def __enter__(self) -> Heartbeat:
         self.start()

@@ -1,4 +1,5 @@
-"""Run one image job by id (claimed through worker/claim.py): sample, write the files, record them."""
+"""Run one image job by id (claimed through worker/claim.py), with the queued jobs that share its batch: sample,
+write the files, record them."""
 
 from __future__ import annotations
 
@@ -7,66 +8,43 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, update
+from sqlalchemy import delete
 
-from app.db import session_scope, utcnow
-from app.models import Image, Job
+from app.db import session_scope
+from app.models import Image
 from app.services import edits, jobs, leases
 from app.settings import get_settings
 from hdm_core import imagefile
-from worker import model_cache
-from worker.claim import AdapterFile, claim
+from worker import batcher, model_cache
+from worker.claim import Claimed, claim
 from worker.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 
 
-class _Progress:
-    """Sampler callback: records progress and stops the sampler when a cancel was requested."""
-
-    def __init__(self, job_id: str, total: int) -> None:
-        self.job_id, self.total = job_id, total
-        self.last_write = 0.0
-
-    def __call__(self, step: int, total: int) -> None:
-        from hdm_core.sampler import SamplingCancelled
-
-        with session_scope() as session:
-            if jobs.cancel_requested(session, self.job_id):
-                raise SamplingCancelled(f"job {self.job_id} cancelled at step {step}")
-            now = time.monotonic()
-            if step >= total or now - self.last_write >= 0.2:
-                self.last_write = now
-                session.execute(
-                    update(Job)
-                    .where(Job.id == self.job_id)
-                    .values(progress_step=step, progress_total=total, heartbeat_at=utcnow())
-                )
-                jobs.add_event(session, self.job_id, "progress", {"step": step, "total": total})
-
-
 def run_image_job(job_id: str, *, worker: str, slot: int | None) -> str:
-    """Returns what happened (for logs/tests): skipped | bounced | succeeded | failed | cancelled."""
+    """Returns what happened to ``job_id`` (for logs/tests): skipped | bounced | succeeded | failed | cancelled.
+    Queued jobs that can share its network batch run with it (worker/batcher.py), each finished on its own."""
     c = claim(job_id, worker, slot=slot)
     if isinstance(c, str):
         return c
-    attempt, req = c.attempt, c.request
-    ckpt_info = (c.model.path, c.model.name, c.model.sha256, c.model.codec) if c.model else None
+    group = [c, *batcher.claim_companions(c, worker, get_settings().image_batch_limit)]
     try:
-        with Heartbeat(job_id):
-            outcome, error, timings = _generate(job_id, req, ckpt_info, c.adapters)
+        with Heartbeat([g.job_id for g in group]):
+            outcomes = _generate(group)
     finally:
         with session_scope() as session:
             leases.release(session, job_id)
-    with session_scope() as session:
-        cache_hit = timings.pop("cache_hit", None)
-        result = {"timings": timings, "cache_hit": None if cache_hit is None else bool(cache_hit)}
-        if not jobs.finish(session, job_id, outcome, error=error, result=result, attempt=attempt):
-            log.warning(
-                "job %s: finishing as %s was refused (requeued or finished elsewhere)", job_id, outcome
-            )
-    log.info("job %s %s in %.2fs", job_id, outcome, sum(v or 0 for v in timings.values()))
-    return outcome
+    for g, (outcome, error, result) in zip(group, outcomes, strict=True):
+        if outcome == "cancelled":  # finished by the batch callback when the cancel was seen
+            continue
+        with session_scope() as session:
+            if not jobs.finish(session, g.job_id, outcome, error=error, result=result, attempt=g.attempt):
+                log.warning(
+                    "job %s: finishing as %s was refused (requeued or finished elsewhere)", g.job_id, outcome
+                )
+        log.info("job %s %s in %.2fs", g.job_id, outcome, sum(v or 0 for v in result["timings"].values()))
+    return outcomes[0][0]
 
 
 def _edit_spec(req: dict[str, Any]) -> Any:
@@ -94,53 +72,117 @@ def _edit_spec(req: dict[str, Any]) -> Any:
     )
 
 
-def _generate(
-    job_id: str,
-    req: dict[str, Any],
-    ckpt: tuple[str, str, str | None, str | None] | None,
-    adapters: tuple[AdapterFile, ...] = (),
-) -> tuple[str, dict[str, Any] | None, dict[str, float]]:
+Outcome = tuple[str, dict[str, Any] | None, dict[str, Any]]  # status, error, result (timings, cache hit, ...)
+
+
+def _generate(group: list[Claimed]) -> list[Outcome]:
+    """Sample the jobs of ``group`` (one job, or a batch sharing every setting batcher.SHARED_FIELDS names) as one
+    generate_batch call, then write each job's files. A failure before sampling fails every job of the group."""
+    from hdm_core.batching import ImageJob
     from hdm_core.pipeline import Camera, TreadGuidance
-    from hdm_core.sampler import SamplingCancelled
+    from hdm_core.precision import dtype_name
 
     settings = get_settings()
-    timings: dict[str, float] = {}
+    head = group[0]
+    req, adapters = head.request, head.adapters
+    batch = {"id": batcher.new_batch_id(), "size": len(group)}
+    result: dict[str, Any] = {"timings": {}, "cache_hit": None, "batch": batch}
     try:
-        if ckpt is None:
+        if head.model is None:
             raise ValueError("the job's model is no longer registered")
-        path, model_name, sha, codec = ckpt
         # a checkpoint without its own VAE (and not pixel-space) decodes with the server's HDM_VAE
-        vae = settings.vae if codec not in ("vae", "pixel") else None
+        vae = settings.vae if head.model.codec not in ("vae", "pixel") else None
         t0 = time.perf_counter()
-        pipe, loaded_now = model_cache.get_pipeline(path, settings.text_encoder, settings.device, vae=vae)
-        timings["cache_hit"] = 0.0 if loaded_now else 1.0
+        pipe, loaded_now = model_cache.get_pipeline(
+            head.model.path,
+            settings.text_encoder,
+            settings.device,
+            vae=vae,
+            dtype=settings.dtype,
+            compile_mode=settings.compile,
+        )
+        result.update(cache_hit=not loaded_now, dtype=dtype_name(pipe.dtype))
         gone = [a.name for a in adapters if a.path is None]
         if gone:
             raise ValueError(f"adapter(s) {gone} are no longer registered")
         model_cache.use_adapters(pipe, [(str(a.path), a.name, a.sha256, a.weight) for a in adapters])
-        timings["load_s"] = round(time.perf_counter() - t0, 4)
+        images = sum(g.request["n"] for g in group)  # one prompt per job
+        compile_s = model_cache.warm_up(pipe, req["width"], req["height"], images, req["guidance_scale"])
+        result["timings"]["load_s"] = round(time.perf_counter() - t0, 4)
+        if compile_s:
+            result["timings"]["compile_s"] = round(compile_s, 4)
+        _log_batch(group, batch, result["dtype"])
+        specs = [
+            ImageJob(
+                g.request["prompt"],
+                seed=g.request["seed"],
+                negative_prompt=g.request.get("negative_prompt", ""),
+                n=g.request["n"],
+                edit=_edit_spec(g.request),
+            )
+            for g in group
+        ]
+        progress = batcher.BatchProgress(group, result)
         t1 = time.perf_counter()
-        result = pipe.generate(
-            req["prompt"],
-            negative_prompt=req.get("negative_prompt", ""),
-            n=req["n"],
+        generated = pipe.generate_batch(
+            specs,
             width=req["width"],
             height=req["height"],
             steps=req["steps"],
             guidance_scale=req["guidance_scale"],
-            seed=req["seed"],
             sampler=req["sampler"],
+            shift=req.get("shift", 1.0),
             camera=Camera(**req["camera"]),
             tread=TreadGuidance(**req["tread_guidance"]),
-            callback=_Progress(job_id, req["steps"]),
-            edit=_edit_spec(req),
+            callback=progress,
         )
-        timings["sample_s"] = round(time.perf_counter() - t1, 4)
+        result["timings"]["sample_s"] = round(time.perf_counter() - t1, 4)
+    except Exception as exc:
+        return [_failed(g.job_id, exc, result) for g in group]
+    return [
+        ("cancelled", None, result) if res is None else _save(g, res, result)
+        for g, res in zip(group, generated, strict=True)
+    ]
+
+
+def _log_batch(group: list[Claimed], batch: dict[str, Any], dtype: str) -> None:
+    ids = [g.job_id for g in group]
+    if len(group) > 1:
+        log.info("%s: %d jobs in one batch: %s", batch["id"], len(group), ", ".join(ids))
+    with session_scope() as session:
+        for job_id in ids:
+            message = f"sampling in {dtype}" + (
+                f", {batch['id']} of {len(group)} jobs" if len(group) > 1 else ""
+            )
+            jobs.add_event(
+                session,
+                job_id,
+                "log",
+                {"message": message, "dtype": dtype, "batch_id": batch["id"], "batch_size": len(group)},
+            )
+        session.commit()
+
+
+def _failed(job_id: str, exc: Exception, shared: dict[str, Any]) -> Outcome:
+    result = {**shared, "timings": dict(shared["timings"])}
+    if isinstance(exc, ValueError):
+        log.warning("job %s: %s", job_id, exc)
+        return "failed", {"code": "invalid_request", "message": str(exc)}, result
+    log.error("job %s failed", job_id, exc_info=exc)
+    return "failed", {"code": "generation_error", "message": f"{type(exc).__name__}: {exc}"}, result
+
+
+def _save(c: Claimed, generated: Any, shared: dict[str, Any]) -> Outcome:
+    """Write one job's files and image rows; its own decode_s."""
+    result = {**shared, "timings": dict(shared["timings"])}
+    req, model, adapters = c.request, c.model, c.adapters
+    assert model is not None  # checked before sampling
+    try:
         t2 = time.perf_counter()
         fmt = req.get("output_format", "png")
-        out_dir = settings.outputs_dir / job_id
+        out_dir = get_settings().outputs_dir / c.job_id
         rows = []
-        for i, (img, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
+        for i, (img, seed) in enumerate(zip(generated.images, generated.seeds, strict=True)):
             file = out_dir / f"{i}.{imagefile.EXT[fmt]}"
             imagefile.save(
                 img,
@@ -149,15 +191,18 @@ def _generate(
                 imagefile.parameters_text(
                     req,
                     seed=seed,
-                    model_name=model_name,
-                    model_hash=sha,
+                    model_name=model.name,
+                    model_hash=model.sha256,
                     adapters=[(a.name, a.weight, a.sha256) for a in adapters],
-                    extra=result.edit.parameters_fields() if result.edit else (),
+                    extra=(
+                        *(generated.edit.parameters_fields() if generated.edit else ()),
+                        f"Dtype: {shared.get('dtype')}",
+                    ),
                 ),
             )
             rows.append(
                 Image(
-                    job_id=job_id,
+                    job_id=c.job_id,
                     index=i,
                     seed=seed,
                     width=img.width,
@@ -168,15 +213,9 @@ def _generate(
             )
         with session_scope() as session:
             for row in rows:  # replace rows a killed earlier attempt may have left
-                session.execute(delete(Image).where(Image.job_id == job_id, Image.index == row.index))
+                session.execute(delete(Image).where(Image.job_id == c.job_id, Image.index == row.index))
                 session.add(row)
-        timings["decode_s"] = round(time.perf_counter() - t2, 4)
-        return "succeeded", None, timings
-    except SamplingCancelled:
-        return "cancelled", None, timings
-    except ValueError as exc:
-        log.warning("job %s: %s", job_id, exc)
-        return "failed", {"code": "invalid_request", "message": str(exc)}, timings
+        result["timings"]["decode_s"] = round(time.perf_counter() - t2, 4)
+        return "succeeded", None, result
     except Exception as exc:
-        log.exception("job %s failed", job_id)
-        return "failed", {"code": "generation_error", "message": f"{type(exc).__name__}: {exc}"}, timings
+        return _failed(c.job_id, exc, result)

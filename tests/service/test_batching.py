@@ -1,0 +1,161 @@
+"""Batching across requests and the worker's precision setting, against the real stack (uvicorn + PostgreSQL + Redis
++ Celery workers). A stack of its own: jobs are queued while no worker runs, then one worker takes them."""
+
+from __future__ import annotations
+
+import io
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from service_stack import API_KEY, ROOT, Stack, stack_env
+
+SMALL = {"width": 32, "height": 32, "steps": 3, "guidance_scale": 3.0}
+PROMPTS = ["a red circle", "a blue square", "a green line", "a black dot"]  # three words each: one sub-batch
+
+
+@pytest.fixture(scope="module")
+def bstack(
+    tmp_path_factory: pytest.TempPathFactory,
+    assets: dict[str, Path],
+    pg_admin: Any,
+    redis_url: str,
+    queue_prefix: str,
+) -> Iterator[Stack]:
+    name = f"hdm_test_{secrets.token_hex(6)}"
+    pg_admin.execute(f'CREATE DATABASE "{name}"')
+    tmp = tmp_path_factory.mktemp("batch-stack")
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    s = Stack(stack_env(tmp, assets, url, redis_url, queue_prefix + "b"), tmp, API_KEY)
+    try:
+        s.migrate()
+        s.start_api()
+        yield s
+    finally:
+        s.stop()
+        pg_admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _post(s: Stack, prompt: str, seed: int, **kw: Any) -> str:
+    with s.client() as c:
+        r = c.post("/v1/images", json={"prompt": prompt, "seed": seed, **SMALL, **kw})
+        assert r.status_code == 202, r.text
+        return str(r.json()["id"])
+
+
+def _events(s: Stack, job_id: str) -> list[dict[str, Any]]:
+    with s.client() as c:
+        return list(c.get(f"/v1/images/{job_id}/events").json()["data"])
+
+
+def _batch_of(s: Stack, job_id: str) -> dict[str, Any]:
+    (log,) = [e["data"] for e in _events(s, job_id) if e["type"] == "log" and "batch_id" in e["data"]]
+    return log
+
+
+def _pixels(s: Stack, job_id: str, index: int = 0) -> tuple[np.ndarray, str]:
+    with s.client() as c:
+        r = c.get(f"/v1/images/{job_id}/files/{index}")
+        assert r.status_code == 200
+        img = Image.open(io.BytesIO(r.content))
+        return np.asarray(img.convert("RGB"), dtype=np.int16), img.text["parameters"]
+
+
+def _run_queued(s: Stack, job_ids: list[str], env: dict[str, str], timeout: float = 120) -> None:
+    worker = s.start_worker(0, extra_env=env)
+    try:
+        for j in job_ids:
+            s.wait_job(j, timeout=timeout)
+    finally:
+        s.kill_worker(worker, sig=15)
+
+
+def test_queued_jobs_run_as_one_batch_and_equal_jobs_run_alone(bstack: Stack) -> None:
+    s = bstack
+    ids = [_post(s, p, seed=100 + 10 * i, n=1 + i % 2) for i, p in enumerate(PROMPTS)]
+    _run_queued(s, ids, {"HDM_MAX_BATCH": "4"})
+    batches = [_batch_of(s, j) for j in ids]
+    assert {b["batch_id"] for b in batches} == {batches[0]["batch_id"]}, batches
+    assert all(b["batch_size"] == 4 and b["dtype"] == "fp32" for b in batches)
+    with s.client() as c:
+        done = [c.get(f"/v1/images/{j}").json() for j in ids]
+    assert all(d["status"] == "succeeded" for d in done), done
+    for d in done:  # each job its own progress events, up to the last step
+        steps = [e["data"]["step"] for e in _events(s, d["id"]) if e["type"] == "progress"]
+        assert steps[-1] == SMALL["steps"] and steps == sorted(steps), steps
+
+    # the same jobs again, one at a time (no batching): the same pixels (a batch only reorders float sums)
+    alone = [_post(s, p, seed=100 + 10 * i, n=1 + i % 2) for i, p in enumerate(PROMPTS)]
+    _run_queued(s, alone, {"HDM_MAX_BATCH": "1"})
+    assert all(_batch_of(s, j)["batch_size"] == 1 for j in alone)
+    for i, (a, b) in enumerate(zip(ids, alone, strict=True)):
+        for k in range(1 + i % 2):
+            pa, params_a = _pixels(s, a, k)
+            pb, params_b = _pixels(s, b, k)
+            assert np.abs(pa - pb).max() <= 1, (i, k)
+            assert params_a == params_b and f"Seed: {100 + 10 * i + k}" in params_a
+    assert np.abs(_pixels(s, ids[0])[0] - _pixels(s, ids[2])[0]).max() > 10  # seeds and prompts matter
+
+
+def test_cancel_of_one_job_leaves_the_batch_running(bstack: Stack) -> None:
+    s = bstack
+    long = {"steps": 120}
+    ids = [_post(s, p, seed=7 + i, **long) for i, p in enumerate(PROMPTS)]
+    worker = s.start_worker(0, extra_env={"HDM_MAX_BATCH": "4"})
+    try:
+        s.wait_job(ids[1], statuses=("running",), timeout=90, pred=lambda j: j["progress"]["step"] >= 2)
+        with s.client() as c:
+            assert c.post(f"/v1/images/{ids[1]}/cancel").status_code in (200, 202)
+        results = {j: s.wait_job(j, timeout=180) for j in ids}
+    finally:
+        s.kill_worker(worker, sig=15)
+    assert results[ids[1]]["status"] == "cancelled"
+    assert results[ids[1]]["progress"]["step"] < long["steps"]
+    for j in (ids[0], ids[2], ids[3]):
+        assert results[j]["status"] == "succeeded", results[j]
+        assert len(results[j]["images"]) == 1
+    assert len({_batch_of(s, j)["batch_id"] for j in ids}) == 1
+
+
+def test_worker_samples_in_hdm_dtype_bf16(bstack: Stack) -> None:
+    s = bstack
+    job = _post(s, "a red circle", seed=3)
+    _run_queued(s, [job], {"HDM_DTYPE": "bf16"})
+    with s.client() as c:
+        done = c.get(f"/v1/images/{job}").json()
+    assert done["status"] == "succeeded", done
+    assert _batch_of(s, job)["dtype"] == "bf16"
+    pixels, params = _pixels(s, job)
+    assert "Dtype: bf16" in params and pixels.std() > 1  # an image, not a constant
+
+
+def test_invalid_hdm_dtype_is_refused_at_start(bstack: Stack) -> None:
+    env = {**bstack.env, "HDM_DTYPE": "fp64", "HDM_GPU_INDEX": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.embedded"],
+        env={**env, "HDM_BROKER_URL": "db://"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "HDM_DTYPE must be one of auto, fp32, bf16, fp16; got 'fp64'" in proc.stderr
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "worker"],
+        env={**env, "HDM_COMPILE": "fastest"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0 and "HDM_COMPILE must be one of" in proc.stderr
+    assert time.monotonic() - t0 < 60
