@@ -268,7 +268,7 @@ class TrainRequest(Strict):
     stages: list[Stage] = Field(min_length=1, max_length=16)
     gpus: int = Field(1, ge=1, le=64)
     nodes: int = Field(1, ge=1, le=64)
-    precision: _core(TrainSection, "precision") = "bf16"  # type: ignore[valid-type]
+    precision: _core(TrainSection, "precision") = "auto"  # type: ignore[valid-type]  # bf16 on CUDA, fp32 on CPU
     seed: int = Field(0, ge=0, le=2**31 - 1)
     checkpoint_every: _core(TrainSection, "checkpoint_every", le=10_000_000) = 1000  # type: ignore[valid-type]
     keep_last_n: _core(TrainSection, "keep_last_n", le=1000) = 3  # type: ignore[valid-type]

@@ -44,6 +44,11 @@ def default_train_precision(device: torch.device | str) -> Literal["fp32", "bf16
     return "bf16" if torch.device(device).type == "cuda" else "fp32"
 
 
+def train_precision(setting: str, device: torch.device | str) -> str:
+    """A train job's `[train] precision`: "auto" resolves with `default_train_precision`, others are kept."""
+    return default_train_precision(device) if setting == "auto" else setting
+
+
 def cast_model(model: nn.Module, dtype: torch.dtype, device: torch.device | str | None = None) -> nn.Module:
     """model.to(device, dtype), except the frequency tensors (`time_emb.freqs`, every `*.rope.freqs`) stay fp32.
 

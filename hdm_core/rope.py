@@ -83,7 +83,13 @@ class AxialRoPE(nn.Module):
         out[2j] = x[2j] cos - x[2j+1] sin; out[2j+1] = x[2j+1] cos + x[2j] sin. Computed in fp32."""
         pairs = x.float().reshape(*x.shape[:-1], -1, 2)
         # A strided view of the fused qkv output is viewed as complex in place; copy only when its layout forbids.
-        if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
+        # Under torch.compile always copy: reading storage_offset() breaks the graph, and inductor fuses the copy.
+        if (
+            torch.compiler.is_compiling()
+            or pairs.stride(-1) != 1
+            or pairs.storage_offset() % 2
+            or any(s % 2 for s in pairs.stride()[:-1])
+        ):
             pairs = pairs.contiguous()
         return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2).to(x.dtype)
 

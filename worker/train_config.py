@@ -51,7 +51,7 @@ def trainer_config(req: dict[str, Any], codec: str | None) -> dict[str, Any]:
         for s in req["stages"]
     ]
     train: dict[str, Any] = {
-        "precision": req.get("precision", "fp32"),
+        "precision": req.get("precision", "auto"),
         "checkpoint_every": req.get("checkpoint_every", 1000),
         "keep_last_n": req.get("keep_last_n", 3),
         "device": "cpu" if settings.device.startswith("cpu") else "cuda",

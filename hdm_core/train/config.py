@@ -28,7 +28,7 @@ from pydantic import (
 from hdm_core.config import PRESETS, XUTConfig
 from hdm_core.data.captions import CaptionConfig, Probability
 
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]  # auto: hdm_core.precision.default_train_precision
 LrScaling = Literal["fan_in", "none"]
 ScheduleKind = Literal["cosine", "constant"]
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -53,9 +53,7 @@ class Section(BaseModel):
 
 class ModelSection(Section):
     """Exactly one of `preset`, `arch` (a full XUTConfig dict) or `init_from` (fine-tune a checkpoint).
-
-    `overrides` (a partial XUTConfig dict) is applied on top of a preset.
-    """
+    `overrides` (a partial XUTConfig dict) is applied on top of a preset."""
 
     preset: str | None = None
     arch: dict[str, Any] | None = None
@@ -217,7 +215,8 @@ class CacheSection(Section):
 
 
 class TrainSection(Section):
-    precision: Precision = "fp32"
+    precision: Precision = "auto"
+    compile: bool = False  # torch.compile the training forward and backward (hdm_core.compile), opt-in
     device: DeviceName = "auto"
     grad_clip: Annotated[float, Field(ge=0.0)] = 1.0  # 0 = no clipping
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # 0 = no weight EMA (the reference has none)

@@ -27,6 +27,7 @@ from hdm_core.checkpoint import MODEL_PREFIX, TEXT_LENGTH_KEY, save_checkpoint
 from hdm_core.data import CaptionedImageDataset, StageSampler, StreamLayout, make_loader, mix_seed
 from hdm_core.flow import flow_loss, sample_t
 from hdm_core.model import XUT
+from hdm_core.precision import train_precision
 from hdm_core.train import components, distributed
 from hdm_core.train.adapter_run import AdapterRun
 from hdm_core.train.config import StageSection, TrainConfig
@@ -66,7 +67,8 @@ class Trainer:
         self.cfg, self.run_dir, self.info = cfg, run_dir, info
         self.stop_check, self.max_steps = stop_check, max_steps
         self.device = info.device
-        self.amp_dtype = AMP_DTYPES[cfg.train.precision]
+        self.precision = train_precision(cfg.train.precision, self.device)
+        self.amp_dtype = AMP_DTYPES[self.precision]
         on_gpu_amp = self.amp_dtype is not None and self.device.type == "cuda"
         frozen_dtype = self.amp_dtype if on_gpu_amp else torch.float32
         self.text_encoder = components.build_text_encoder(cfg, self.device, frozen_dtype)
@@ -88,7 +90,11 @@ class Trainer:
         self.trained = self.adapter.network if self.adapter else self.model
         self.ddp = distributed.wrap_ddp(self.adapter.module if self.adapter else self.model, info)
         self.optimizer = build_optimizer(self.trained, cfg.optimizer)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
+        if (
+            cfg.train.compile
+        ):  # compiled on the first step of each shape; the module's state_dict keys stay as they are
+            self.ddp = torch.compile(self.ddp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.ema = Ema(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.step = self.stage = self.step_in_stage = self.skipped_images = 0
         self.last_loss: float | None = None

@@ -107,3 +107,16 @@ def test_pipeline_dtype_setting(pixel_checkpoint, toy_text_encoder):
     assert b.images[0].size == (16, 16)
     with pytest.raises(ValueError, match="dtype must be one of"):
         HDMPipeline.from_paths(pixel_checkpoint, toy_text_encoder, dtype="fp64")
+
+
+def test_train_precision_auto_and_service_dtype_choices():
+    from typing import get_args
+
+    from app.settings import DTYPES
+    from hdm_core.precision import DTypeSetting, train_precision
+    from hdm_core.train.config import Precision
+
+    assert train_precision("auto", "cuda") == "bf16" and train_precision("auto", "cpu") == "fp32"
+    assert train_precision("fp16", "cpu") == "fp16"
+    # one set of names: HDM_DTYPE (torch-free settings), HDMPipeline(dtype=...) and [train] precision
+    assert DTYPES == get_args(DTypeSetting) == get_args(Precision)
