@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from app.settings import DTYPES
+
 log = logging.getLogger("hdm")
 
 
@@ -117,17 +119,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
     from hdm_core import imagefile
     from hdm_core.pipeline import Camera, HDMPipeline
+    from hdm_core.precision import dtype_name
 
     settings = _settings()
     te = args.text_encoder or settings.text_encoder
     if te is None:
         log.error("give --text-encoder or set HDM_TEXT_ENCODER")
         return 2
-    pipe = HDMPipeline.from_paths(args.model, te, device=args.device or settings.device, dtype=torch.float32)
+    device, dtype = args.device or settings.device, args.dtype or settings.dtype
+    pipe = HDMPipeline.from_paths(args.model, te, device=device, dtype=dtype)
     res = pipe.generate(
         args.prompt,
         negative_prompt=args.negative_prompt,
@@ -158,7 +160,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             img,
             path,
             "png",
-            imagefile.parameters_text(req, seed=seed, model_name=Path(args.model).stem, model_hash=None),
+            imagefile.parameters_text(
+                req,
+                seed=seed,
+                model_name=Path(args.model).stem,
+                model_hash=None,
+                extra=(f"Dtype: {dtype_name(pipe.dtype)}",),
+            ),
         )
         print(path)
     return 0
@@ -300,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--y-shift", type=float, default=0.0)
     g.add_argument("--zoom", type=float, default=1.0)
     g.add_argument("--device", default=None)
+    g.add_argument(
+        "--dtype", default=None, choices=DTYPES, help="default HDM_DTYPE (auto: bf16 on CUDA, fp32 on CPU)"
+    )
     g.set_defaults(func=cmd_generate)
     mo = sub.add_parser("models", help="model registry")
     mos = mo.add_subparsers(dest="models_command", required=True)
