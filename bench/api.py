@@ -289,11 +289,15 @@ class OwnStack:
             start_new_session=True,
         )
 
-    def close(self) -> None:
+    def close_worker(self) -> None:
         if self.worker is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.worker.pid, signal.SIGTERM)
             self.worker.wait(timeout=30)
+            self.worker = None
+
+    def close(self) -> None:
+        self.close_worker()
         self.api.terminate()
         self.api.wait(timeout=30)
         self.admin.execute(
