@@ -2,9 +2,9 @@
 timed-out step is recorded in the JSON and the next one runs. `--device cpu --quick` runs the same code, small.
 
 Steps: env, parity (bf16 vs fp32 forward + sampling on the device), sampler (device latents vs CPU fp32), train_step
-(flow loss + backward + AdamW under the trainer's default precision), ddp (2 ranks: NCCL with 2 GPUs, gloo on CPU),
-infer (s/img, eager and compiled), train_mfu (img/s and MFU, TREAD 0.5), worker (embedded `hdm serve`, one image
-job over HTTP on the device).
+(3 steps of the real trainer, `python -m hdm_core.train`, under its default precision), ddp (2 ranks: NCCL with 2
+GPUs, gloo on CPU), infer (s/img, eager and compiled), train_mfu (img/s and MFU of the real trainer at 256 px, TREAD
+0.5), worker (embedded `hdm serve`, one image job over HTTP on the device).
 """
 
 from __future__ import annotations
@@ -101,26 +101,70 @@ def step_sampler(a) -> dict:
     return res
 
 
-def step_train_step(a) -> dict:
-    from hdm_core.flow import flow_loss
-    from hdm_core.precision import default_train_precision
+def _trainer_run(a, name: str, preset: str, px: int, batch: int, steps: int, text_len: int) -> dict:
+    """The real trainer (`python -m hdm_core.train`, [train] precision "auto") on a small generated data set, in
+    pixel space with patch 16 (256 px = 256 image tokens, as a latent 32x32 with patch 2), the toy text encoder,
+    TREAD 0.5. Returns the trainer's metrics rows and the resolved config."""
+    import tempfile
+
+    from PIL import Image, ImageDraw
+
+    from hdm_core.precision import train_precision
+    from hdm_core.train.config import config_from_dict, write_config
+    from hdm_demo.text_encoder import build_toy_text_encoder
 
     dev = torch.device(a.device)
-    model = _model("xut-debug", dev).train()
-    x, ctx = _inputs(model.config, dev, 4, 16, 8)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    precision = default_train_precision(dev)
-    losses = []
-    for _ in range(3):
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = flow_loss(
-                model, x, ctx, generator=torch.Generator(dev).manual_seed(0) if dev.type == "cpu" else None
-            )
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return {"precision": precision, "losses": losses, "ok": all(map(lambda v: v == v and v < 1e3, losses))}
+    tmp = Path(tempfile.mkdtemp(prefix=f"device-check-{name}-"))
+    data = tmp / "data"
+    data.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(max(batch, 8)):
+        rgb = tuple(int(v) for v in torch.randint(0, 256, (3,), generator=g))
+        img = Image.new("RGB", (px, px), (255, 255, 255))
+        ImageDraw.Draw(img).ellipse((px // 4, px // 4, 3 * px // 4, 3 * px // 4), fill=rgb)
+        img.save(data / f"{i:04d}.png")
+        (data / f"{i:04d}.txt").write_text(f"a circle of color {rgb}")
+    te = build_toy_text_encoder(tmp / "te")
+    cfg = config_from_dict(
+        {
+            "seed": 0,
+            "model": {"preset": preset, "overrides": {"in_channels": 3, "patch_size": 16, "ctx_dim": 64}},
+            "codec": {"kind": "pixel"},
+            "text_encoder": {"path": str(te), "max_length": text_len},
+            "data": {"path": str(data), "num_workers": 0 if a.quick else 4},
+            "train": {"device": dev.type, "checkpoint_every": 10_000, "keep_last_n": 1},
+            "stages": [
+                {"resolution": px, "batch_size": batch, "lr": 1e-4, "steps": steps, "tread_rate": 0.5}
+            ],
+        }
+    )
+    write_config(cfg, tmp / "train.toml")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if dev.type == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = str(dev.index or 0)
+    done = subprocess.run(
+        [sys.executable, "-m", "hdm_core.train", str(tmp / "train.toml"), "--run-dir", str(tmp / "run")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    metrics = tmp / "run" / "metrics.jsonl"
+    rows = [json.loads(ln) for ln in metrics.read_text().splitlines()] if metrics.exists() else []
+    rows = [r for r in rows if "loss" in r]
+    out = {"rc": done.returncode, "precision": train_precision("auto", dev), "rows": rows, "cfg": cfg}
+    if done.returncode != 0 or len(rows) < steps:
+        out["error"] = done.stderr[-1500:]
+    return out
+
+
+def step_train_step(a) -> dict:
+    run = _trainer_run(a, "step", "xut-debug", 64, 2, 3, 8)
+    losses = [r["loss"] for r in run["rows"]]
+    ok = run["rc"] == 0 and len(losses) == 3 and all(v == v and v < 1e3 for v in losses)
+    return {"precision": run["precision"], "losses": losses, "ok": ok} | (
+        {"error": run["error"]} if "error" in run else {}
+    )
 
 
 def _ddp_rank(rank: int, world: int, backend: str, port: int, q) -> None:
@@ -218,30 +262,22 @@ def step_infer(a) -> dict:
 
 
 def step_train_mfu(a) -> dict:
+    """img/s and MFU of the real trainer at 256 px, TREAD 0.5 (the first two steps, compile and warm-up, left out)."""
     from bench.flops import xut_forward_flops
-    from hdm_core.flow import flow_loss
+    from hdm_core.train.components import build_model
 
-    dev = torch.device(a.device)
-    preset, batch, steps = ("xut-debug", 4, 3) if a.quick else ("xut-base", 64, 10)
-    model = _model(preset, dev).train()
-    x, ctx = _inputs(model.config, dev, batch, 32, 256 if not a.quick else 16)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=dev.type == "cuda")
-    amp = dev.type == "cuda"
-    times = []
-    for i in range(steps + 2):
-        _sync(dev)
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            flow_loss(model, x, ctx, tread_rate=0.5).backward()
-        opt.step()
-        _sync(dev)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    s = sorted(times)[len(times) // 2]
-    flops = 3 * xut_forward_flops(model.config, 256, ctx.shape[1], tread_rate=0.5) * batch
-    out = {"preset": preset, "px": 256, "batch": batch, "tread": 0.5, "img_per_s": batch / s, "ok": True}
-    if dev.type == "cuda":
+    preset, batch, steps, text_len = ("xut-debug", 2, 4, 16) if a.quick else ("xut-base", 64, 12, 256)
+    run = _trainer_run(a, "mfu", preset, 256, batch, steps, text_len)
+    times = sorted(r["step_time_s"] for r in run["rows"][2:])
+    out = {"preset": preset, "px": 256, "batch": batch, "tread": 0.5, "precision": run["precision"]}
+    if "error" in run or not times:
+        return out | {"ok": False, "error": run.get("error", "no steps measured")}
+    s = times[len(times) // 2]
+    model_cfg = build_model(run["cfg"]).config
+    tokens = (256 // model_cfg.patch_size) ** 2
+    flops = 3 * xut_forward_flops(model_cfg, tokens, text_len, tread_rate=0.5) * batch
+    out |= {"img_per_s": batch / s, "step_time_s": s, "tflop_per_step": flops / 1e12, "ok": True}
+    if torch.device(a.device).type == "cuda":
         name = torch.cuda.get_device_name(0)
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), float("nan"))
         out |= {"tflops": flops / s / 1e12, "mfu": flops / s / 1e12 / peak, "peak_bf16_tflops": peak}
@@ -343,7 +379,7 @@ STEPS = {
     "train_step": (step_train_step, 60),
     "ddp": (step_ddp, 120),
     "infer": (step_infer, 200),
-    "train_mfu": (step_train_mfu, 120),
+    "train_mfu": (step_train_mfu, 150),
     "worker": (step_worker, 150),
 }
 
