@@ -292,7 +292,7 @@ def step_worker(a) -> dict:
 
     from hdm_core import PRESETS, XUT, save_checkpoint
     from hdm_core.codec import PixelCodec
-    from hdm_core.text import build_toy_text_encoder
+    from hdm_demo.text_encoder import build_toy_text_encoder
 
     tmp = Path(tempfile.mkdtemp(prefix="hdm-device-check-"))
     (tmp / "models").mkdir()
