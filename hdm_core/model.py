@@ -175,9 +175,13 @@ class XUT(nn.Module):
                     f"pos_map must be [B, H*W, 2] = {[b, h * w, 2]} at latent resolution, "
                     f"got {list(pos_map.shape)}"
                 )
-            img_pos = resize_position_map(pos_map.float(), (h, w), (gh, gw))
-        # Text tokens sit at (0, 0): RoPE leaves them unrotated (spec §1.2 step 5).
-        pos = torch.cat([img_pos, img_pos.new_zeros(b, txt.shape[1], 2)], dim=1)  # (B, N+T, 2)
+            shared = b > 1 and pos_map.stride(0) == 0  # one map for the whole batch (the pipeline's)
+            img_pos = resize_position_map((pos_map[:1] if shared else pos_map).float(), (h, w), (gh, gw))
+            img_pos = img_pos.expand(b, -1, -1) if shared else img_pos
+        # Text tokens sit at (0, 0): RoPE leaves them unrotated (spec §1.2 step 5). One map for the whole batch stays
+        # a broadcast view, so RoPE computes the rotations of one row.
+        rows = 1 if img_pos.stride(0) == 0 else b
+        pos = torch.cat([img_pos[:rows], img_pos.new_zeros(rows, txt.shape[1], 2)], dim=1).expand(b, -1, -1)
         seq = torch.cat([tokens, txt], dim=1)  # (B, N+T, D)
 
         seq = self.prev_tread_trns(seq, pos, mods)
