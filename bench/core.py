@@ -143,7 +143,8 @@ def batched_vs_sequential(rounds: int) -> dict:
     from hdm_core.batching import ImageJob
     from hdm_core.codec import PixelCodec
     from hdm_core.pipeline import HDMPipeline
-    from hdm_core.text import TextEncoder, build_toy_text_encoder
+    from hdm_core.text import TextEncoder
+    from hdm_demo.text_encoder import build_toy_text_encoder
 
     with tempfile.TemporaryDirectory() as tmp:
         te = TextEncoder.from_pretrained(build_toy_text_encoder(Path(tmp) / "te", hidden_size=64))

@@ -90,9 +90,7 @@ class Trainer:
         self.trained = self.adapter.network if self.adapter else self.model
         self.ddp = distributed.wrap_ddp(self.adapter.module if self.adapter else self.model, info)
         self.optimizer = build_optimizer(self.trained, cfg.optimizer)
-        if (
-            cfg.train.compile
-        ):  # compiled on the first step of each shape; the module's state_dict keys stay as they are
+        if cfg.train.compile:  # compiles on a shape's first step; the model's state_dict keys do not change
             self.ddp = torch.compile(self.ddp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.ema = Ema(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
