@@ -61,14 +61,14 @@ function renderModels() {
     el("td", {}, m.params ? `${(m.params / 1e6).toFixed(2)} M` : "–"),
     el("td", {}, m.source === "train_job" ? el("a", { href: `#training/${m.train_job}` }, m.train_job) : m.source),
     el("td", {}, m.step ?? "–"), el("td", {}, bytes(m.size_bytes)), el("td", {}, ago(m.created_at)),
-    el("td", { class: "actions" },
+    el("td", {}, el("div", { class: "actions" },
       el("button", { type: "button", on: { click: () => { fillForm({ model: m.id }); location.hash = "#generate"; } } },
         "Generate with this"),
       admin && !m.default ? el("button", { type: "button", class: "make-default", on: { click: () => makeDefault(m) } },
         "Make default") : null,
       el("button", { type: "button", on: { click: () => download(`/v1/models/${encodeURIComponent(m.id)}/file`, m.name) } },
         "Download"),
-      el("button", { type: "button", class: "danger delete", on: { click: () => deleteModel(m) } }, "Delete")))));
+      el("button", { type: "button", class: "danger delete", on: { click: () => deleteModel(m) } }, "Delete"))))));
   if (!state.models.length) $("models-list").append(el("tr", {}, el("td", { colspan: "8" }, "No models registered.")));
 }
 
@@ -121,7 +121,7 @@ function renderAdapters() {
     el("td", {}, a.base_model?.name || "–"), el("td", {}, a.steps ?? "–"),
     el("td", {}, a.train_job ? el("a", { href: `#training/${a.train_job}` }, a.train_job) : a.source),
     el("td", {}, bytes(a.size_bytes)),
-    el("td", { class: "actions" },
+    el("td", {}, el("div", { class: "actions" },
       el("button", { type: "button", class: "gen-with", on: { click: () => generateWith(a) } }, "Generate with this"),
       el("button", { type: "button", class: "merge", on: { click: () => {
         $("merge-adapter").value = a.id;
@@ -130,7 +130,7 @@ function renderAdapters() {
       } } }, "Merge…"),
       el("button", { type: "button", on: { click: () => download(`/v1/adapters/${encodeURIComponent(a.id)}/file`, a.name) } },
         "Download"),
-      el("button", { type: "button", class: "danger", on: { click: () => deleteAdapter(a) } }, "Delete")))));
+      el("button", { type: "button", class: "danger", on: { click: () => deleteAdapter(a) } }, "Delete"))))));
   if (!state.adapters.length) {
     $("adapters-list").append(el("tr", {}, el("td", { colspan: "8" },
       "No adapters: train one (Training, preset Adapter) or run hdm adapters import FILE on the server.")));
