@@ -199,7 +199,7 @@ async function refresh() {
     if (view.id !== id) return;
     view.job = job;
     renderJob(job);
-    renderCheckpoints(ckpts.data);
+    renderCheckpoints(ckpts.data, job);
     await renderAdapters(job);
     await renderSamples(samples.data);
     if (!FINAL.includes(job.status) && !view.ctl) follow(); // resumed, or the stream ended early
@@ -230,7 +230,7 @@ function renderJob(job) {
   if (job.error) showError($("tj-error"), job.error);
 }
 
-function renderCheckpoints(list) {
+function renderCheckpoints(list, job) {
   const ul = $("tj-checkpoints");
   ul.replaceChildren(...list.map((c) => el("li", { class: "checkpoint" },
     `step ${c.step} · ${c.id} `,
@@ -238,7 +238,10 @@ function renderCheckpoints(list) {
       fillForm({ model: c.id });
       location.hash = "#generate";
     } } }, "Generate with this"))));
-  if (!list.length) ul.append(el("li", { class: "muted" }, "none yet"));
+  if (!list.length) {
+    ul.append(el("li", { class: "muted" }, job.request?.adapter
+      ? "none: an adapter job leaves the base model as it is (its adapters are listed next to this)" : "none yet"));
+  }
 }
 
 /** The adapters the job registered (one per snapshot, and the final one), newest first. */
