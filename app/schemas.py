@@ -323,6 +323,18 @@ class MergeRequest(Strict):
     name: Text | None = Field(None, min_length=1, max_length=200, description="Name of the merged model.")
 
 
+class ModelImportRequest(Strict):
+    """``POST /v1/models/import`` (admin key): register a checkpoint file already under the models folder."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"path": "hdm-xut-340M-1024px-note.safetensors"}]}
+    )
+    path: Text = Field(
+        min_length=1, max_length=1000, description="A .safetensors file under the models folder."
+    )
+    name: Text | None = Field(None, min_length=1, max_length=200, description="Default: the file's stem.")
+
+
 class DatasetRequest(Strict):
     model_config = ConfigDict(
         extra="forbid", json_schema_extra={"examples": [{"name": "cats", "path": "cats"}]}

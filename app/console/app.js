@@ -1,8 +1,10 @@
-// HDM Serve console: key entry, page routing (#page or #training/<job id>), Datasets, Models, System.
-// Generate/Gallery live in generate.js, Training in training.js. Only the public REST API is used.
+// HDM Serve console: key entry, page routing (#page or #training/<job id>), Datasets, System.
+// Generate/Gallery live in generate.js, Training in training.js, Models and Adapters in models.js.
+// Only the public REST API is used.
 import { api } from "./api.js";
-import { $, ago, badge, bytes, el, params, showError } from "./dom.js";
-import { fillForm, initGenerate, showGallery, showGenerate } from "./generate.js";
+import { $, ago, badge, el, params, showError } from "./dom.js";
+import { initGenerate, showGallery, showGenerate } from "./generate.js";
+import { initModels, showModels } from "./models.js";
 import { initTraining, leaveTrainJob, showTrainJob, showTraining } from "./training.js";
 
 const PAGES = {
@@ -130,45 +132,6 @@ function datasetCard(d) {
       : el("p", { class: "muted" }, "validation running…"));
 }
 
-// ---- Models ----------------------------------------------------------------------------------------------
-async function showModels() {
-  const list = await api.get("/v1/models?limit=100");
-  $("models-list").replaceChildren(...list.data.map((m) => el("tr", { dataset: { id: m.id } },
-    el("td", {}, m.name), el("td", {}, el("code", {}, m.id)),
-    el("td", {}, m.params ? `${(m.params / 1e6).toFixed(2)} M` : "–"),
-    el("td", {}, m.source === "train_job" ? el("a", { href: `#training/${m.train_job}` }, m.train_job) : m.source),
-    el("td", {}, m.step ?? "–"), el("td", {}, bytes(m.size_bytes)), el("td", {}, ago(m.created_at)),
-    el("td", { class: "actions" },
-      el("button", { type: "button", on: { click: () => { fillForm({ model: m.id }); location.hash = "#generate"; } } },
-        "Generate with this"),
-      el("button", { type: "button", on: { click: () => downloadModel(m) } }, "Download"),
-      el("button", { type: "button", class: "danger", on: { click: () => deleteModel(m) } }, "Delete")))));
-  if (!list.data.length) $("models-list").append(el("tr", {}, el("td", { colspan: "8" }, "No models registered.")));
-}
-
-async function downloadModel(m) {
-  try {
-    const url = await api.blobUrl(`/v1/models/${encodeURIComponent(m.id)}/file`);
-    const a = el("a", { href: url, download: `${m.name}.safetensors` });
-    document.body.append(a);
-    a.click();
-    a.remove();
-  } catch (e) {
-    showError($("models-error"), e);
-  }
-}
-
-async function deleteModel(m) {
-  if (!confirm(`Delete model ${m.name} (${m.id})?`)) return;
-  showError($("models-error"), null);
-  try {
-    await api.del(`/v1/models/${encodeURIComponent(m.id)}`);
-    await showModels();
-  } catch (e) {
-    showError($("models-error"), e);
-  }
-}
-
 // ---- System ----------------------------------------------------------------------------------------------
 async function showSystem() {
   const [sys, ready] = await Promise.all([api.get("/v1/system"),
@@ -200,4 +163,5 @@ $("ds-form").addEventListener("submit", submitDataset);
 window.addEventListener("hashchange", route);
 initGenerate();
 initTraining();
+initModels();
 start();

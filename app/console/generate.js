@@ -1,4 +1,5 @@
 // Generate (POST /v1/images, live progress from its event stream, cancel, results) and Gallery (GET /v1/images).
+import { adapterText, initAdapters, loadAdapters, readAdapters, setAdapters } from "./adapters.js";
 import { api, apiPath } from "./api.js";
 import { $, badge, ago, downloadLink, el, params, showError } from "./dom.js";
 
@@ -39,6 +40,7 @@ export function initGenerate() {
     const f = e.target.files[0];
     state.mask = f ? await dataUrl(f) : null;
   });
+  initAdapters();
   $("gal-filter").addEventListener("submit", (e) => { e.preventDefault(); gallery.cursors = [null]; showGallery(); });
   $("gal-older").addEventListener("click", () => { gallery.cursors.push(gallery.next); showGallery(); });
   $("gal-newer").addEventListener("click", () => { gallery.cursors.pop(); showGallery(); });
@@ -80,6 +82,8 @@ export function readForm() {
   };
   if ($("gen-model").value) body.model = $("gen-model").value;
   if ($("gen-seed").value !== "") body.seed = Number($("gen-seed").value);
+  const adapters = readAdapters();
+  if (adapters) body.adapters = adapters;
   return { ...body, ...imageEditFields() };
 }
 
@@ -101,7 +105,8 @@ function dataUrl(blob) {
   });
 }
 
-/** Fills the form from a job's request (Gallery "generate again", checkpoints "generate with this"). */
+/** Fills the form from a job's request (Gallery "generate again", checkpoints "generate with this"). Adapters are
+ *  replaced only when `req` names them (a checkpoint's "generate with this" keeps the picked ones). */
 export function fillForm(req) {
   const set = (id, v) => { if (v !== undefined && v !== null) $(id).value = v; };
   set("gen-prompt", req.prompt); set("gen-negative", req.negative_prompt);
@@ -118,7 +123,16 @@ export function fillForm(req) {
   const cam = req.camera || {}, tread = req.tread_guidance || {};
   set("gen-cam-x", cam.x_shift); set("gen-cam-y", cam.y_shift); set("gen-cam-zoom", cam.zoom);
   set("gen-tread-cond", tread.cond_rate); set("gen-tread-uncond", tread.uncond_rate);
+  if (req.adapters !== undefined) setAdapters(req.adapters);
   $("gen-width").dispatchEvent(new Event("input"));
+}
+
+/** A job's request for people: its adapters as "name × weight" rather than JSON with hashes. */
+function shownRequest(job) {
+  const req = { ...job.request };
+  delete req.adapters;
+  if (job.adapters && job.adapters.length) req.adapters = adapterText(job.adapters);
+  return req;
 }
 
 async function submit(ev) {
@@ -191,7 +205,7 @@ async function finish(id) {
     $("gen-seed-reuse").disabled = false;
   }
   $("gen-results").replaceChildren(...(await Promise.all(job.images.map((im) => resultCard(job, im)))));
-  $("gen-params").replaceChildren(el("h3", {}, "Parameters"), params(job.request, ["webhook"]),
+  $("gen-params").replaceChildren(el("h3", {}, "Parameters"), params(shownRequest(job), ["webhook"]),
     el("h3", {}, "Timings (s)"), params(job.timings));
 }
 
@@ -238,7 +252,7 @@ async function cancel() {
 }
 
 export function showGenerate() {
-  return loadModels();
+  return Promise.all([loadModels(), loadAdapters()]);
 }
 
 // ---- Gallery ---------------------------------------------------------------------------------------------
@@ -270,6 +284,7 @@ export async function showGallery() {
   const list = $("gal-list");
   list.replaceChildren(...rows.map(galleryCard));
   if (!rows.length) list.append(el("p", { class: "muted" }, "No image jobs match."));
+  list.dataset.shown = `${status}|${model}`; // the filter the cards answer (tests wait on it)
   for (const job of rows) loadThumb(job);
 }
 
@@ -281,7 +296,8 @@ function galleryCard(job) {
     el("p", {}, badge(job.status), ` ${job.model.name || job.model.id || "default model"} · ${ago(job.created_at)}`),
     el("p", { class: "muted" }, `${r.width}×${r.height} · ${r.steps} steps · CFG ${r.guidance_scale} · ${r.sampler}`
       + ` · seed ${r.seed} · n ${r.n}`),
-    el("details", {}, el("summary", {}, "Parameters"), params(r, ["webhook"])),
+    job.adapters?.length ? el("p", { class: "adapters-used" }, `adapters: ${adapterText(job.adapters)}`) : null,
+    el("details", {}, el("summary", {}, "Parameters"), params(shownRequest(job), ["webhook"])),
     el("button", { type: "button", class: "again", on: { click: () => again(job) } }, "Generate again"));
 }
 
@@ -294,7 +310,7 @@ async function loadThumb(job) {
 }
 
 function again(job) {
-  fillForm(job.request);
+  fillForm({ ...job.request, adapters: job.request.adapters || [] });
   location.hash = "#generate";
   $("gen-prompt").focus();
 }

@@ -1,8 +1,9 @@
 // Training: start a job (POST /v1/train-jobs), the job list, and one job's page with live loss / LR curves from
-// its event stream, throughput, ETA, checkpoints ("generate with this"), samples, cancel and resume.
-import { api } from "./api.js";
+// its event stream, throughput, ETA, checkpoints and adapters ("generate with this"), sample images, cancel, resume.
+import { addAdapter } from "./adapters.js";
+import { api, apiPath } from "./api.js";
 import { drawChart } from "./chart.js";
-import { $, ago, badge, duration, el, showError } from "./dom.js";
+import { $, ago, badge, bytes, duration, el, showError } from "./dom.js";
 import { fillForm } from "./generate.js";
 
 // Starting points people change; the server validates every field (422 names the field).
@@ -11,13 +12,17 @@ const PRESETS = {
     warmup_steps: 1000, tread_rate: 0.5 } },
   finetune: { precision: "bf16", ckpt: 500, stage: { resolution: 1024, steps: 2000, batch_size: 8, lr: 1e-5,
     warmup_steps: 100, tread_rate: 0.5 } },
+  // HDM's adapter recipe (hdm_core/train/config.py ADAPTER_RECIPE_*): LoKr at lr 0.1, 100 warm-up steps
+  adapter: { precision: "bf16", ckpt: 500, stage: { resolution: 1024, steps: 2000, batch_size: 8, lr: 0.1,
+    warmup_steps: 100, tread_rate: 0.5 } },
 };
 const STAGE_FIELDS = [
   ["resolution", "Resolution", 16, 1], ["steps", "Steps", 1, 1], ["batch_size", "Batch", 1, 1],
   ["lr", "Learning rate", 0, "any"], ["warmup_steps", "Warm-up", 0, 1], ["tread_rate", "TREAD rate", 0, 0.05],
 ];
 const FINAL = ["succeeded", "failed", "cancelled"];
-const view = { id: null, ctl: null, loss: [], lr: [], lastEvent: 0, timer: null, job: null, drawQueued: false };
+const view = { id: null, ctl: null, loss: [], lr: [], lastEvent: 0, timer: null, job: null, drawQueued: false,
+  samples: new Map() }; // sample name -> blob: URL (fetched once with the key)
 
 export function initTraining() {
   $("train-preset").addEventListener("change", () => applyPreset($("train-preset").value));
@@ -32,7 +37,8 @@ export function initTraining() {
 function applyPreset(name) {
   const p = PRESETS[name];
   $("train-arch-box").hidden = name !== "pretrain";
-  $("train-base-box").hidden = name !== "finetune";
+  $("train-base-box").hidden = name === "pretrain";
+  $("train-adapter").hidden = name !== "adapter";
   $("train-precision").value = p.precision;
   $("train-ckpt-every").value = p.ckpt;
   $("train-stages").replaceChildren();
@@ -56,13 +62,24 @@ function readStages() {
     [...row.querySelectorAll("input")].map((i) => [i.dataset.key, Number(i.value)])));
 }
 
+/** The [adapter] section of an adapter job (AdapterSpec in app/schemas.py). */
+function readAdapter() {
+  const words = $("ad-trigger").value.split(",").map((s) => s.trim()).filter(Boolean);
+  return {
+    algorithm: $("ad-algorithm").value, factor: Number($("ad-factor").value), rank: Number($("ad-rank").value),
+    alpha: Number($("ad-alpha").value), full_matrix: $("ad-full-matrix").checked,
+    train_norm: $("ad-train-norm").checked, trigger_words: words,
+  };
+}
+
 /** The request body, exactly what a script would POST to /v1/train-jobs. */
 function readForm() {
   const preset = $("train-preset").value;
   const prompts = $("train-sample-prompts").value.split("\n").map((s) => s.trim()).filter(Boolean);
   return {
     name: $("train-name").value, dataset: $("train-dataset").value,
-    base_model: preset === "finetune" ? $("train-base").value || null : null,
+    base_model: preset !== "pretrain" ? $("train-base").value || null : null,
+    ...(preset === "adapter" ? { adapter: readAdapter() } : {}),
     ...(preset === "pretrain" ? { arch: $("train-arch").value || null } : {}),
     precision: $("train-precision").value, gpus: Number($("train-gpus").value),
     text_max_length: Number($("train-text-len").value), checkpoint_every: Number($("train-ckpt-every").value),
@@ -109,6 +126,10 @@ export function showTrainJob(id) {
     leaveTrainJob();
     Object.assign(view, { id, loss: [], lr: [], lastEvent: 0, job: null });
     $("tj-log").replaceChildren();
+    $("tj-samples").replaceChildren();
+    $("tj-adapters").replaceChildren();
+    delete $("tj-samples").dataset.names;
+    delete $("tj-adapters").dataset.ids;
     $("tj-title").textContent = `Training job ${id}`;
     draw();
     follow();
@@ -124,6 +145,8 @@ export function leaveTrainJob() {
   if (view.ctl) view.ctl.abort();
   view.ctl = null;
   view.id = null;
+  for (const url of view.samples.values()) URL.revokeObjectURL(url);
+  view.samples.clear();
 }
 
 /** Streams events from the last one seen; a resumed run reconnects from there. */
@@ -176,9 +199,9 @@ async function refresh() {
     if (view.id !== id) return;
     view.job = job;
     renderJob(job);
-    renderCheckpoints(ckpts.data);
-    $("tj-samples").replaceChildren(...samples.data.map((s) => el("li", { class: "sample" }, s.name)));
-    if (!samples.data.length) $("tj-samples").append(el("li", { class: "muted" }, "none yet"));
+    renderCheckpoints(ckpts.data, job);
+    await renderAdapters(job);
+    await renderSamples(samples.data);
     if (!FINAL.includes(job.status) && !view.ctl) follow(); // resumed, or the stream ended early
   } catch (e) {
     showError($("tj-error"), e);
@@ -207,7 +230,7 @@ function renderJob(job) {
   if (job.error) showError($("tj-error"), job.error);
 }
 
-function renderCheckpoints(list) {
+function renderCheckpoints(list, job) {
   const ul = $("tj-checkpoints");
   ul.replaceChildren(...list.map((c) => el("li", { class: "checkpoint" },
     `step ${c.step} · ${c.id} `,
@@ -215,7 +238,50 @@ function renderCheckpoints(list) {
       fillForm({ model: c.id });
       location.hash = "#generate";
     } } }, "Generate with this"))));
-  if (!list.length) ul.append(el("li", { class: "muted" }, "none yet"));
+  if (!list.length) {
+    ul.append(el("li", { class: "muted" }, job.request?.adapter
+      ? "none: an adapter job leaves the base model as it is (its adapters are listed next to this)" : "none yet"));
+  }
+}
+
+/** The adapters the job registered (one per snapshot, and the final one), newest first. */
+async function renderAdapters(job) {
+  const ul = $("tj-adapters");
+  if (!job.adapters || !job.adapters.length) {
+    ul.replaceChildren(el("li", { class: "muted" }, job.request?.adapter ? "none yet" : "not an adapter job"));
+    return;
+  }
+  if (ul.dataset.ids === job.adapters.join()) return;
+  const list = await Promise.all(job.adapters.map((a) => api.get(`/v1/adapters/${encodeURIComponent(a)}`)));
+  ul.dataset.ids = job.adapters.join();
+  ul.replaceChildren(...list.reverse().map((a) => el("li", { class: "adapter", dataset: { id: a.id } },
+    `${a.name} · ${a.steps ?? "?"} steps · ${bytes(a.size_bytes)} `,
+    el("button", { type: "button", class: "gen-with", on: { click: () => {
+      fillForm({ model: job.base_model });
+      addAdapter(a, 1);
+      location.hash = "#generate";
+    } } }, "Generate with this"))));
+}
+
+/** Sample images as they are drawn: each file is fetched once with the key and shown from a blob: URL. */
+async function renderSamples(files) {
+  const id = view.id;
+  const newest = [...files].sort((a, b) => b.name.localeCompare(a.name, undefined, { numeric: true })).slice(0, 24);
+  for (const s of newest) {
+    if (view.samples.has(s.name)) continue;
+    const url = await api.blobUrl(apiPath(s.url)).catch(() => null);
+    if (view.id !== id) { if (url) URL.revokeObjectURL(url); return; }
+    if (url) view.samples.set(s.name, url);
+  }
+  const shown = newest.filter((s) => view.samples.has(s.name));
+  const box = $("tj-samples");
+  if (box.dataset.names !== shown.map((s) => s.name).join()) {
+    box.dataset.names = shown.map((s) => s.name).join();
+    box.replaceChildren(...shown.map((s) => el("figure", { class: "sample" },
+      el("img", { src: view.samples.get(s.name), alt: `sample ${s.name}` }), el("figcaption", {}, s.name))));
+  }
+  if (!shown.length) box.replaceChildren(el("p", { class: "muted" }, "none yet"));
+  $("tj-samples-count").textContent = files.length ? `(${files.length}, newest first)` : "";
 }
 
 async function action(kind) {

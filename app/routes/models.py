@@ -14,6 +14,7 @@ from app.auth import Caller
 from app.deps import AdminDep, KeyDep, SessionDep
 from app.responses import Model, ModelDeleted, ModelList
 from app.routes.common import After, Limit
+from app.schemas import ModelImportRequest
 from app.services import models, presenter
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -37,6 +38,13 @@ def list_models(caller: KeyDep, session: SessionDep, limit: Limit = 100, after: 
     rows, more = models.page(session, _scope(caller), limit, after)
     default = _default_id(session)
     return {**presenter.page([presenter.model(c, default) for c in rows], more), "default_model": default}
+
+
+@router.post("/import", response_model=Model)
+def import_model(req: ModelImportRequest, _caller: AdminDep, session: SessionDep) -> Any:
+    """Admin key: register a checkpoint file under the models folder, shared (``hdm models import`` over HTTP)."""
+    ckpt = models.import_file(session, req.path, name=req.name)
+    return presenter.model(ckpt, _default_id(session))
 
 
 @router.get("/{model_id}", response_model=Model)

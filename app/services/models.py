@@ -140,6 +140,34 @@ def is_xut_checkpoint(path: Path) -> bool:
     return any(key in header for key in XUT_KEYS)
 
 
+def import_file(session: Session, raw: str, *, name: str | None = None) -> Checkpoint:
+    """``POST /v1/models/import`` (admin): as ``hdm models import``, but only for an XUT checkpoint inside the
+    models folder (after resolving symbolic links), so a key cannot make the server read any other file."""
+    root = get_settings().models_dir.resolve()
+    candidate = Path(raw)
+    try:
+        path = (candidate if candidate.is_absolute() else root / candidate).resolve()
+        inside = path.is_relative_to(root)
+        is_file = inside and path.is_file()
+    except RuntimeError:  # Python < 3.13 raises this for a symlink loop
+        raise Invalid("path runs into a symbolic link loop.", param="path", code="symlink_loop") from None
+    except OSError as exc:
+        raise Invalid(f"path cannot be used: {exc.strerror or exc}.", param="path", code="bad_path") from None
+    if not inside:
+        raise Forbidden(
+            f"path must be inside the models folder ({root}).", param="path", code="path_outside_models_dir"
+        )
+    if not is_file:
+        raise Invalid(f"{raw!r} is not a file under the models folder.", param="path", code="not_a_file")
+    if path.suffix != ".safetensors" or not is_xut_checkpoint(path):
+        raise Invalid(
+            f"{raw!r} is not an XUT checkpoint (a .safetensors file with an in_patch weight).",
+            param="path",
+            code="not_a_checkpoint",
+        )
+    return register_file(session, path, name=name, revive=True)
+
+
 def scan_models_dir(session: Session) -> int:
     """Register the XUT checkpoints below the models folder. Folders with a ``config.json`` (Hugging Face text
     encoders, diffusers VAEs) are not entered; other ``*.safetensors`` that are not XUT checkpoints are skipped.

@@ -22,7 +22,7 @@ SERVICE_TESTS = ROOT / "tests" / "service"
 sys.path.insert(0, str(SERVICE_TESTS))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from console_page import KEY, SCREENSHOTS, Console  # noqa: E402
+from console_page import ADMIN_KEY, KEY, SCREENSHOTS, Console  # noqa: E402
 from service_stack import Stack, free_port, stop_group  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("service_conftest", SERVICE_TESTS / "conftest.py")
@@ -35,8 +35,10 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
 @pytest.fixture(scope="session")
-def served(tmp_path_factory: pytest.TempPathFactory, assets: dict[str, Path]) -> Iterator[tuple[str, Path]]:
-    """`hdm serve` (API + embedded worker, SQLite) with one required API key."""
+def served(
+    tmp_path_factory: pytest.TempPathFactory, assets: dict[str, Path]
+) -> Iterator[tuple[str, Path, Path]]:
+    """`hdm serve` (API + embedded worker, SQLite) with a required API key and an admin key."""
     tmp = tmp_path_factory.mktemp("console")
     env = {
         "HDM_DATABASE_URL": f"sqlite:///{tmp / 'hdm.db'}",
@@ -48,6 +50,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, assets: dict[str, Path]) ->
         "HDM_TEXT_ENCODER": str(assets["te"]),
         "HDM_IMAGE_MIN_SIZE": "32",
         "HDM_API_KEYS": KEY,
+        "HDM_ADMIN_KEYS": ADMIN_KEY,
+        "HDM_WEBHOOK_SECRET": "whsec-console-test",
         "HDM_SLOTS": "0",
         "HDM_DEVICE": "cpu",
         "HDM_CPU_THREADS": "1",
@@ -77,13 +81,13 @@ def served(tmp_path_factory: pytest.TempPathFactory, assets: dict[str, Path]) ->
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError("hdm serve did not become ready: " + log.read_text())
             time.sleep(0.2)
-        yield base, tmp / "data"
+        yield base, tmp / "data", assets["models"]
     finally:
         stop_group(proc, timeout=30)
 
 
 @pytest.fixture(scope="session")
-def console(served: tuple[str, Path]) -> Iterator[Console]:
+def console(served: tuple[str, Path, Path]) -> Iterator[Console]:
     if not (CHROMIUM and CHROMEDRIVER):
         pytest.fail("chromium and chromedriver are required: run `bash scripts/browser.sh` (make test does)")
     from selenium import webdriver
@@ -110,7 +114,7 @@ def console(served: tuple[str, Path]) -> Iterator[Console]:
     if SCREENSHOTS.exists():
         shutil.rmtree(SCREENSHOTS)
     try:
-        yield Console(served[0], served[1], driver)
+        yield Console(*served, driver)
     finally:
         driver.quit()
 

@@ -15,18 +15,19 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "console-key-" + secrets.token_hex(8)
+ADMIN_KEY = "console-admin-" + secrets.token_hex(8)
 SCREENSHOTS = ROOT / "var" / "screenshots"
 
 
 class Console:
     """The service plus one Chromium session on it, and the requests the browser made (performance log)."""
 
-    def __init__(self, base: str, data_root: Path, driver: Any) -> None:
-        self.base, self.data_root, self.driver = base, data_root, driver
+    def __init__(self, base: str, data_root: Path, models_dir: Path, driver: Any) -> None:
+        self.base, self.data_root, self.models_dir, self.driver = base, data_root, models_dir, driver
         self.requests: list[str] = []
 
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.base, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    def client(self, key: str = KEY) -> httpx.Client:
+        return httpx.Client(base_url=self.base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
 
     def drain_network_log(self) -> list[str]:
         """Every URL Chrome asked for since the last call (Network.requestWillBeSent), kept in self.requests."""
@@ -93,6 +94,18 @@ class Console:
         from selenium.webdriver.support.ui import Select
 
         Select(self.find(css)).select_by_value(value)
+
+    def click(self, element: Any) -> None:
+        """Clicks after scrolling the element to the middle (WebDriver scrolls it to the top, under the sticky bar)."""
+        self.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+        element.click()
+
+    def accept_confirm(self) -> str:
+        """Accepts the page's confirm() dialog and returns its text."""
+        alert = self.wait(lambda: self.driver.switch_to.alert, 10, "a confirm dialog")
+        text = str(alert.text)
+        alert.accept()
+        return text
 
     def screenshot(self, name: str) -> Path:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)

@@ -4,12 +4,15 @@ every request the page made went to the service."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
 import pytest
-from console_page import KEY, Console
+from console_page import ADMIN_KEY, KEY, Console
 from PIL import Image
+
+from hdm_core.train.config import ADAPTER_RECIPE_LR
 
 COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 20)}
 
@@ -122,23 +125,22 @@ def test_gallery_filters_and_generates_again(console: Console) -> None:
     assert {"succeeded", "cancelled"} <= statuses
     c.wait(lambda: len(c.finds("#gal-list .card img")) >= 2, 20, "thumbnails")
     c.screenshot("05-gallery")
-    c.select("#gal-status", "cancelled")
-    c.find("#gal-filter button").click()
-    c.wait(
-        lambda: {e.text for e in c.finds("#gal-list .card .badge")} == {"cancelled"}, 20, "the status filter"
-    )
-    c.select("#gal-status", "succeeded")
-    c.find("#gal-filter button").click()
-    c.wait(lambda: {e.text for e in c.finds("#gal-list .card .badge")} == {"succeeded"}, 20, "succeeded only")
     with c.client() as api:
         tiny = next(m["id"] for m in api.get("/v1/models").json()["data"] if m["name"] == "tiny")
-    c.select("#gal-status", "")
-    c.select("#gal-model", tiny)
-    c.find("#gal-filter button").click()
-    c.wait(lambda: len(c.finds("#gal-list .card")) == 2, 20, "both jobs (made with the default model, tiny)")
-    c.select("#gal-status", "succeeded")
-    c.find("#gal-filter button").click()
-    c.wait(lambda: len(c.finds("#gal-list .card")) == 1, 20, "succeeded and tiny")
+
+    def cards(status: str, model: str = "") -> list[str]:
+        c.select("#gal-status", status)
+        c.select("#gal-model", model)
+        c.find("#gal-filter button").click()
+        c.wait(
+            lambda: c.find("#gal-list").get_attribute("data-shown") == f"{status}|{model}", 20, "the filter"
+        )
+        return [e.text for e in c.finds("#gal-list .card .badge")]
+
+    assert cards("cancelled") == ["cancelled"]
+    assert cards("succeeded") == ["succeeded", "succeeded"]  # the edit job, then the first job
+    assert len(cards("", tiny)) == 3  # all made with the default model, tiny
+    assert cards("succeeded", tiny) == ["succeeded", "succeeded"]
     c.find("#gal-list .card .again").click()
     c.wait(lambda: c.find("#page-generate").is_displayed(), 10, "the generate page")
     assert c.find("#gen-prompt").get_attribute("value") == "a red square"
@@ -215,11 +217,15 @@ def test_training_curve_grows_with_checkpoints_cancel_resume(console: Console, d
     c.wait(lambda: points() >= first + 5, 120, "the loss curve to grow")
     assert int(c.find("#tj-lr").get_attribute("data-points")) >= first + 5
     c.wait(lambda: c.finds("#tj-checkpoints .checkpoint"), 120, "a checkpoint")
-    sample = c.wait(lambda: c.finds("#tj-samples .sample"), 120, "a sample")[0]
-    assert sample.text.startswith("step-") and sample.text.endswith(".png")
+    sample = c.wait(lambda: c.finds("#tj-samples .sample img"), 120, "a sample image")[0]
+    assert sample.get_attribute("src").startswith("blob:")  # fetched with the key, not an <img> to the API
+    name = c.find("#tj-samples .sample figcaption").text
+    assert name.startswith("step-") and name.endswith(".png"), name
+    c.wait(lambda: _js(c, "return document.querySelector('#tj-samples img').naturalWidth") > 0, 10, "decoded")
     stats = c.find("#tj-stats").text
     assert "images/s" in stats and "running" in stats, stats
     c.screenshot("08-training-job")
+    assert "not an adapter job" in c.find("#tj-adapters").text
     job_id = c.driver.current_url.rsplit("/", 1)[1]
     c.find("#tj-cancel").click()
     c.wait(lambda: c.find("#page-trainjob").get_attribute("data-status") == "cancelled", 90, "cancelled")
@@ -243,23 +249,143 @@ def test_training_curve_grows_with_checkpoints_cancel_resume(console: Console, d
     assert c.find("#gen-model").get_attribute("value") == ckpts[-1]["id"]
 
 
-def test_models_and_system_pages(console: Console) -> None:
+def _tiny_id(c: Console) -> str:
+    with c.client() as api:
+        return next(m["id"] for m in api.get("/v1/models").json()["data"] if m["name"] == "tiny")
+
+
+def test_adapter_job_then_generate_with_its_adapter(console: Console, dataset_id: str) -> None:
+    c = console
+    c.login()
+    c.go("training")
+    c.wait(lambda: c.find(f'#train-dataset option[value="{dataset_id}"]'), 15, "the dataset in the form")
+    c.select("#train-preset", "adapter")
+    assert c.find("#train-adapter").is_displayed() and c.find("#train-base-box").is_displayed()
+    assert not c.find("#train-arch-box").is_displayed()
+    with c.client() as api:  # the form starts from the API's defaults (HDM's LoKr recipe)
+        spec = api.get("/openapi.json").json()["components"]["schemas"]["AdapterSpec"]["properties"]
+    assert c.find("#ad-algorithm").get_attribute("value") == spec["algorithm"]["default"]
+    for field in ("factor", "rank", "alpha"):
+        assert float(c.find(f"#ad-{field}").get_attribute("value")) == spec[field]["default"], field
+    assert c.find("#ad-full-matrix").is_selected() is spec["full_matrix"]["default"]
+    assert c.find("#ad-train-norm").is_selected() is spec["train_norm"]["default"]
+    assert float(c.find("#stage-0-lr").get_attribute("value")) == ADAPTER_RECIPE_LR
+    tiny = _tiny_id(c)
+    c.select("#train-base", tiny)
+    c.fill("#train-name", "squares-adapter")
+    c.select("#train-precision", "fp32")
+    c.fill("#train-text-len", 16)
+    c.fill("#train-ckpt-every", 2)
+    c.fill("#train-sample-every", 0)
+    c.fill("#ad-trigger", "zq")
+    for key, value in {"resolution": 16, "steps": 2, "batch_size": 2, "warmup_steps": 0}.items():
+        c.fill(f"#stage-0-{key}", value)
+    c.find("#train-submit").click()
+    c.wait(lambda: c.find("#page-trainjob").is_displayed(), 15, "the job page")
+    adapter = c.wait(lambda: c.finds("#tj-adapters .adapter"), 240, "the job's adapter")[0]
+    adapter_id = adapter.get_attribute("data-id")
+    c.screenshot("09-adapter-job")
+    adapter.find_element("css selector", ".gen-with").click()
+    c.wait(lambda: c.find("#page-generate").is_displayed(), 10, "the generate page")
+    row = c.wait(lambda: c.finds("#gen-adapter-rows .adapter-row"), 10, "the adapter in the picker")[0]
+    assert row.get_attribute("data-id") == adapter_id
+    assert c.find("#gen-model").get_attribute("value") == tiny  # the job's base model
+    name = row.get_attribute("data-name")
+    weight = row.find_element("css selector", "input")
+    weight.clear()
+    weight.send_keys("-0.5")  # a negative weight pushes away from what it learned
+    _set_common(c, "a red square zq", 32, 32, 3)
+    c.fill("#gen-seed", 5)
+    c.fill("#gen-n", 1)
+    c.find("#gen-submit").click()
+    c.wait(lambda: c.find("#gen-job").get_attribute("data-status") == "succeeded", 120, "the adapter job")
+    params = c.wait(
+        lambda: "adapters" in c.find("#gen-params").text and c.find("#gen-params").text, 15, "params"
+    )
+    assert f"{name} × -0.5" in params, params
+    c.wait(lambda: c.finds("#gen-results img"), 30, "the image")
+    job_id = c.find("#gen-job").get_attribute("data-job-id")
+    with c.client() as api:
+        assert api.get(f"/v1/images/{job_id}").json()["adapters"] == [
+            {"id": adapter_id, "name": name, "weight": -0.5}
+        ]
+    c.screenshot("10-generate-adapter")
+    c.go("gallery")  # "generate again" brings the adapter back
+    c.wait(lambda: c.finds(f'#gal-list .card[data-job-id="{job_id}"] .adapters-used'), 20, "the card")
+    c.find(f'#gal-list .card[data-job-id="{job_id}"] .again').click()
+    rows = c.wait(lambda: c.finds("#gen-adapter-rows .adapter-row"), 10, "the adapter again")
+    assert [r.find_element("css selector", "input").get_attribute("value") for r in rows] == ["-0.5"]
+
+
+def test_models_flags_merge_and_admin_actions(console: Console) -> None:
     c = console
     c.login()
     c.go("models")
     rows = c.wait(lambda: c.finds("#models-list tr[data-id]"), 15, "models")
-    assert any("tiny" in r.text for r in rows)
-    c.screenshot("09-models")
-    trained = next(r.get_attribute("data-id") for r in rows if "train_" in r.text)
+    defaults = [r for r in rows if r.get_attribute("data-default") == "1"]
+    assert len(defaults) == 1 and defaults[0].find_element("css selector", ".name").text == "tiny"
+    assert "default" in defaults[0].text and "shared" in defaults[0].text
+    trained = next(r for r in rows if "train_" in r.text)
+    assert "yours" in trained.text and "default" not in trained.find_element("css selector", "td").text
+    trained_id = trained.get_attribute("data-id")
+    # an adapter merged into tiny: a merge job, then the new model is listed
+    c.wait(lambda: c.finds("#adapters-list tr[data-id]"), 15, "the adapter list")
+    c.click(c.find("#adapters-list tr[data-id] .merge"))
+    assert c.find("#merge-model").get_attribute("value") == _tiny_id(c)  # the adapter's base model
+    c.fill("#merge-name", "tiny-merged")
+    c.find("#merge-submit").click()
+    c.wait(lambda: c.find("#merge-status").get_attribute("data-status") == "succeeded", 120, "the merge job")
+    merged = c.wait(lambda: c.finds("#models-list tr.new"), 15, "the merged model")[0]
+    assert "tiny-merged" in merged.text and "yours" in merged.text
+    c.screenshot("11-models")
+    # a plain key: the API refuses "make default", and the page then hides what only an admin key may do
+    c.click(c.find(f'#models-list tr[data-id="{trained_id}"] .make-default'))
+    err = c.wait(
+        lambda: c.find("#models-error").is_displayed() and c.find("#models-error"), 15, "the refusal"
+    )
+    assert "admin_required" in err.text, err.text
+    c.wait(lambda: not c.finds(".make-default") and not c.find("#import-box").is_displayed(), 10, "hidden")
+    # an admin key: import a file of the models folder, make it the default, delete it
+    c.find("#key-change").click()
+    c.login(ADMIN_KEY)
+    c.go("models")
+    c.wait(lambda: c.finds(".make-default"), 15, "the admin buttons")
+    shutil.copy(c.models_dir / "tiny.safetensors", c.models_dir / "imported.safetensors")
+    c.find("#import-box summary").click()
+    c.fill("#import-path", "missing.safetensors")
+    c.find("#import-submit").click()
+    err = c.wait(lambda: c.find("#models-error").is_displayed() and c.find("#models-error"), 15, "the 422")
+    assert "not_a_file" in err.text and "(field: path)" in err.text, err.text
+    c.fill("#import-path", "imported.safetensors")
+    c.find("#import-submit").click()
+    row = lambda name: next(  # noqa: E731
+        r for r in c.finds("#models-list tr[data-id]") if r.find_element("css selector", ".name").text == name
+    )
+    c.wait(lambda: row("imported"), 15, "the imported model")
+    c.click(row("imported").find_element("css selector", ".make-default"))
+    c.wait(lambda: row("imported").get_attribute("data-default") == "1", 15, "the new default")
+    assert row("tiny").get_attribute("data-default") == ""
+    c.screenshot("12-models-admin")
+    c.click(row("tiny").find_element("css selector", ".make-default"))
+    c.wait(lambda: row("tiny").get_attribute("data-default") == "1", 15, "tiny the default again")
+    c.click(row("imported").find_element("css selector", ".delete"))
+    assert "imported" in c.accept_confirm()
+    c.wait(lambda: not [r for r in c.finds("#models-list .name") if r.text == "imported"], 15, "deleted")
+    assert not (c.models_dir / "imported.safetensors").exists()
     c.go("gallery")
-    c.select("#gal-model", trained)
+    c.select("#gal-model", trained_id)
     c.find("#gal-filter button").click()
     c.wait(lambda: "No image jobs match." in c.find("#gal-list").text, 20, "no job made with the checkpoint")
+
+
+def test_system_page(console: Console) -> None:
+    c = console
+    c.login()
     c.go("system")
     c.wait(lambda: "Slots" in c.find("#sys-body").text, 15, "the system view")
     body = c.find("#sys-body").text
     assert "Mode: embedded" in body and "image" in body and "train" in body, body
-    c.screenshot("10-system")
+    c.screenshot("13-system")
 
 
 def test_phone_width_has_no_sideways_scroll(console: Console) -> None:
@@ -267,13 +393,13 @@ def test_phone_width_has_no_sideways_scroll(console: Console) -> None:
     c.driver.set_window_size(390, 844)
     try:
         c.login()
-        for page in ("generate", "training", "system"):
+        for page in ("generate", "training", "models", "system"):
             c.go(page)
             time.sleep(0.5)
             width = _js(c, "return document.documentElement.scrollWidth")
             assert width <= 390, (page, width)
         c.go("generate")
-        c.screenshot("11-phone-generate")
+        c.screenshot("14-phone-generate")
     finally:
         c.driver.set_window_size(1280, 900)
 

@@ -158,3 +158,43 @@ def test_fine_tunes_are_scoped_per_key(stack: Stack, assets: dict[str, Path], tm
         assert not dest.exists()
     finally:
         dest.unlink(missing_ok=True)
+
+
+def test_admin_imports_a_file_of_the_models_folder_over_the_api(
+    stack: Stack, assets: dict[str, Path], tmp_path: Path
+) -> None:
+    models = assets["models"]
+    dropped = Path(shutil.copy(assets["model"], models / "dropped.safetensors"))  # after the start-up scan
+    outside = Path(shutil.copy(assets["model"], tmp_path / "outside.safetensors"))
+    (models / "escape.safetensors").symlink_to(outside)  # resolves outside the folder: refused like outside
+    (models / "notes.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")  # no XUT weights
+    imported = None
+    try:
+        with stack.client() as c:  # a plain key may not add shared models
+            _assert_error(c.post("/v1/models/import", json={"path": "dropped.safetensors"}), 403)
+        with stack.client(key=ADMIN_KEY) as admin:
+            for path, status, code in (
+                (str(outside), 403, "path_outside_models_dir"),
+                ("../outside.safetensors", 403, "path_outside_models_dir"),
+                ("escape.safetensors", 403, "path_outside_models_dir"),
+                ("missing.safetensors", 422, "not_a_file"),
+                ("notes.safetensors", 422, "not_a_checkpoint"),
+            ):
+                _assert_error(admin.post("/v1/models/import", json={"path": path}), status, "path", code)
+            _assert_error(admin.post("/v1/models/import", json={}), 422, "path")
+            assert "dropped" not in _names(stack)
+            r = admin.post("/v1/models/import", json={"path": str(dropped), "name": "dropped"})
+            assert r.status_code == 200, r.text
+            imported = r.json()
+            assert imported["name"] == "dropped" and imported["shared"] and not imported["default"]
+            assert imported["path"] == str(dropped.resolve())
+            again = admin.post("/v1/models/import", json={"path": "dropped.safetensors"})
+            assert again.json()["id"] == imported["id"]  # idempotent by path
+        assert "dropped" in _names(stack, key=OTHER_KEY)  # shared: every key sees it
+        assert _image_model(stack, {"model": "dropped"}) == "dropped"
+    finally:
+        if imported:
+            with stack.client(key=ADMIN_KEY) as admin:
+                assert admin.delete(f"/v1/models/{imported['id']}").status_code == 200
+        for p in (dropped, models / "escape.safetensors", models / "notes.safetensors"):
+            p.unlink(missing_ok=True)
