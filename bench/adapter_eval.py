@@ -1,11 +1,12 @@
 """The adapter learning bench: teach a pretrained model a colour it has never seen, with a LoKr adapter.
 
-    python -m bench.adapter_eval [--out var/adapter-bench] [--colour magenta] [--adapter-steps 300] [--seeds 4]
-                                 [--adapter-lr 0.1] [--factor 4] [--mix-old 0]
+    python -m bench.adapter_eval [--out var/adapter-bench] [--colour magenta] [--base-steps N] [--adapter-steps 300]
+                                 [--adapter-lr 0.1] [--factor 4] [--mix-old 0] [--seeds 4]
 
 1. Pretrain the CPU demo recipe (configs/demo-pixel.toml, ~5 min on 2 cores) on the shapes set drawn WITHOUT
    `--colour`: no image and no caption has it. The base run lives in OUT/base-<key>, key = a hash of the recipe
    (config, data set, text encoder), so a rerun with the same recipe reuses it (and an interrupted one resumes).
+   `--base-steps N` cuts that run at step N (its snapshot is the base; a busy CPU may not give the whole recipe).
 2. Train an adapter (the [adapter] defaults: HDM's LoKr recipe; `--adapter-lr`/`--factor` override them) on
    `--adapter-images` images that all have the colour, plus `--mix-old` images of the old colours (a second folder
    of the adapter set, drawn with another seed). Also cached by its recipe: OUT/adapter-<key>.
@@ -22,6 +23,7 @@ import argparse
 import hashlib
 import json
 import logging
+import shutil
 import time
 import tomllib
 from pathlib import Path
@@ -52,12 +54,19 @@ def ensure_set(folder: Path, *, count: int, seed: int, colours: list[str]) -> di
     return recipe(count=count, size=64, seed=seed, colours=colours)
 
 
-def train_once(raw: dict, run_dir: Path, final: str) -> float:
-    """Train `raw` into `run_dir` unless its final file is there (resuming an interrupted run); seconds spent."""
+def train_once(raw: dict, run_dir: Path, final: str, max_steps: int | None = None) -> tuple[Path, float]:
+    """Train `raw` into `run_dir` unless its result is there (resuming an interrupted run): (result, seconds).
+
+    `max_steps`: stop the run at that step; the result is then a copy of that step's snapshot (the same run can
+    later be continued to its end, or to a later cut)."""
     t0 = time.perf_counter()
-    if not (run_dir / final).exists():
-        run_training(config_from_dict(raw), run_dir, resume=(run_dir / "checkpoints").exists())
-    return time.perf_counter() - t0
+    result = run_dir / (final if max_steps is None else f"step-{max_steps:08d}.safetensors")
+    if not result.exists():
+        resume = (run_dir / "checkpoints").exists()
+        run_training(config_from_dict(raw), run_dir, resume=resume, max_steps=max_steps)
+        if max_steps is not None:
+            shutil.copyfile(run_dir / "checkpoints" / f"step-{max_steps:08d}" / "model.safetensors", result)
+    return result, time.perf_counter() - t0
 
 
 def generate(pipe: HDMPipeline, specs: list[ShapeSpec], seeds: int, size: int) -> list:
@@ -85,6 +94,9 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO / "var" / "adapter-bench")
     p.add_argument("--colour", default="magenta", choices=list(COLOURS))
     p.add_argument("--base-images", type=int, default=2000)
+    p.add_argument(
+        "--base-steps", type=int, default=None, help="cut the base run at this step (default: all)"
+    )
     p.add_argument("--adapter-images", type=int, default=100)
     p.add_argument("--mix-old", type=int, default=0, help="old-colour images added to the adapter set")
     p.add_argument("--adapter-steps", type=int, default=300)
@@ -106,8 +118,7 @@ def main() -> int:
     base_key = key({"config": raw, "data": base_recipe, "text_encoder": te_key})
     raw["text_encoder"]["path"], raw["data"]["path"] = str(te), str(base_data)
     base_run = out / f"base-{base_key}"
-    pretrain_s = train_once(raw, base_run, "final.safetensors")
-    base_file = base_run / "final.safetensors"
+    base_file, pretrain_s = train_once(raw, base_run, "final.safetensors", args.base_steps)
 
     ad_data = out / f"adapter-set-{new}-{args.adapter_images}-old{args.mix_old}"
     ad_recipe = [ensure_set(ad_data / new, count=args.adapter_images, seed=1, colours=[new])]
@@ -127,10 +138,9 @@ def main() -> int:
         "train": {**raw["train"], "checkpoint_every": 100},
         "stages": [stage],
     }
-    ad_key = key({"base": base_key, "adapter": section, "stage": stage, "data": ad_recipe})
+    ad_key = key({"base": [base_key, args.base_steps], "adapter": section, "stage": stage, "data": ad_recipe})
     ad_run = out / f"adapter-{ad_key}"
-    adapter_s = train_once(ad, ad_run, "final_adapter.safetensors")
-    adapter_file = ad_run / "final_adapter.safetensors"
+    adapter_file, adapter_s = train_once(ad, ad_run, "final_adapter.safetensors")
     adapter = load_adapter(adapter_file)
 
     torch.set_grad_enabled(False)
@@ -139,7 +149,7 @@ def main() -> int:
     new_heldout = [s for s in all_specs(heldout=True) if s.colour == new]
     old = [s for s in all_specs(heldout=True) if s.colour != new]
     sets = {"new_heldout": new_heldout, "new_all": new_all, "old_heldout": old}
-    res: dict = {"colour": new, "base_run": str(base_run), "adapter_run": str(ad_run),
+    res: dict = {"colour": new, "base_file": str(base_file), "base_steps": args.base_steps or "all", "adapter_run": str(ad_run),
                  "adapter_images": args.adapter_images, "mix_old": args.mix_old,
                  "adapter_steps": args.adapter_steps, "adapter_lr": args.adapter_lr or "recipe (0.1)",
                  "factor": args.factor or "recipe (4)", "seeds": args.seeds, "sample_steps": SAMPLE_STEPS,
