@@ -1,22 +1,29 @@
 """The adapter learning bench: teach a pretrained model a colour it has never seen, with a LoKr adapter.
 
-    python -m bench.adapter_eval [--out var/adapter-bench] [--colour magenta] [--adapter-steps 300] [--seeds 4]
+    python -m bench.adapter_eval [--out var/adapter-bench] [--colour magenta] [--base-steps N] [--adapter-steps 300]
+                                 [--adapter-lr 0.1] [--factor 4] [--mix-old 0] [--seeds 4]
 
 1. Pretrain the CPU demo recipe (configs/demo-pixel.toml, ~5 min on 2 cores) on the shapes set drawn WITHOUT
-   `--colour`: no image and no caption has it.
-2. Train an adapter (the [adapter] defaults: HDM's LoKr recipe) on `--adapter-images` images that all have it.
-3. Score (`hdm_demo.scoring.score`: colour = palette hue of the saturated pixels, shape = best template) for
+   `--colour`: no image and no caption has it. The base run lives in OUT/base-<key>, key = a hash of the recipe
+   (config, data set, text encoder), so a rerun with the same recipe reuses it (and an interrupted one resumes).
+   `--base-steps N` cuts that run at step N (its snapshot is the base; a busy CPU may not give the whole recipe).
+2. Train an adapter (the [adapter] defaults: HDM's LoKr recipe; `--adapter-lr`/`--factor` override them) on
+   `--adapter-images` images that all have the colour, plus `--mix-old` images of the old colours (a second folder
+   of the adapter set, drawn with another seed). Also cached by its recipe: OUT/adapter-<key>.
+3. Score (`hdm_demo.scoring.score`: colour = palette hue of the saturated pixels, shape = best template IoU) for
    `--seeds` seeds: the new colour's prompts whose colour/shape/position combination is held out of both sets
    ("new_heldout") and all of its prompts ("new_all"), base vs base + adapter at weight 1; the old colours' held-out
-   prompts, base vs adapter. Also: the adapter file's size / the base file's, and whether weight 0 (and a restored
-   model) gives the base model's images bit for bit. Writes OUT/adapter_eval.json.
+   prompts, base vs adapter. Also: the adapter file's size / the base file's, and whether weight 0 (and the model
+   after the adapter is removed) gives the base model's images bit for bit. Writes OUT/adapter_eval-<key>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import shutil
 import time
 import tomllib
 from pathlib import Path
@@ -30,17 +37,43 @@ from hdm_core.pipeline import HDMPipeline
 from hdm_core.train import config_from_dict, run_training
 from hdm_demo.assets import ensure_text_encoder
 from hdm_demo.scoring import score
-from hdm_demo.shapes import COLOURS, ShapeSpec, all_specs, generate_dataset, is_generated
+from hdm_demo.shapes import COLOURS, ShapeSpec, all_specs, generate_dataset, is_generated, recipe
 
 REPO = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("adapter_eval")
+SAMPLE_STEPS, GUIDANCE = 20, 3.0
+
+
+def key(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def ensure_set(folder: Path, *, count: int, seed: int, colours: list[str]) -> dict:
+    if not is_generated(folder, count=count, seed=seed, colours=colours):
+        generate_dataset(folder, count=count, seed=seed, colours=colours)
+    return recipe(count=count, size=64, seed=seed, colours=colours)
+
+
+def train_once(raw: dict, run_dir: Path, final: str, max_steps: int | None = None) -> tuple[Path, float]:
+    """Train `raw` into `run_dir` unless its result is there (resuming an interrupted run): (result, seconds).
+
+    `max_steps`: stop the run at that step; the result is then a copy of that step's snapshot (the same run can
+    later be continued to its end, or to a later cut)."""
+    t0 = time.perf_counter()
+    result = run_dir / (final if max_steps is None else f"step-{max_steps:08d}.safetensors")
+    if not result.exists():
+        resume = (run_dir / "checkpoints").exists()
+        run_training(config_from_dict(raw), run_dir, resume=resume, max_steps=max_steps)
+        if max_steps is not None:
+            shutil.copyfile(run_dir / "checkpoints" / f"step-{max_steps:08d}" / "model.safetensors", result)
+    return result, time.perf_counter() - t0
 
 
 def generate(pipe: HDMPipeline, specs: list[ShapeSpec], seeds: int, size: int) -> list:
     images = []
     for s in range(seeds):
-        images += pipe.generate([sp.caption for sp in specs], width=size, height=size, steps=20,
-                                guidance_scale=3.0, seed=1000 * s).images  # fmt: skip
+        images += pipe.generate([sp.caption for sp in specs], width=size, height=size, steps=SAMPLE_STEPS,
+                                guidance_scale=GUIDANCE, seed=1000 * s).images  # fmt: skip
     return images
 
 
@@ -50,13 +83,25 @@ def accuracy(images: list, specs: list[ShapeSpec], seeds: int) -> dict:
             "predicted_colours": sc.predicted_colours}  # fmt: skip
 
 
+def identical(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b, strict=True)
+    )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=REPO / "var" / "adapter-bench")
     p.add_argument("--colour", default="magenta", choices=list(COLOURS))
     p.add_argument("--base-images", type=int, default=2000)
+    p.add_argument(
+        "--base-steps", type=int, default=None, help="cut the base run at this step (default: all)"
+    )
     p.add_argument("--adapter-images", type=int, default=100)
+    p.add_argument("--mix-old", type=int, default=0, help="old-colour images added to the adapter set")
     p.add_argument("--adapter-steps", type=int, default=300)
+    p.add_argument("--adapter-lr", type=float, default=None, help="default: the recipe's (0.1, muP-scaled)")
+    p.add_argument("--factor", type=int, default=None, help="LoKr factor; default: the recipe's (4)")
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--size", type=int, default=32)
     args = p.parse_args()
@@ -65,67 +110,70 @@ def main() -> int:
     old_colours = [c for c in COLOURS if c != new]
     te = out / "toy-te"
     ensure_text_encoder(te)
-    base_data, ad_data = out / "shapes-base", out / "shapes-adapter"
-    if not is_generated(base_data, count=args.base_images, colours=old_colours):
-        generate_dataset(base_data, count=args.base_images, colours=old_colours)
-    if not is_generated(ad_data, count=args.adapter_images, seed=1, colours=[new]):
-        generate_dataset(ad_data, count=args.adapter_images, seed=1, colours=[new])
+    te_key = hashlib.sha256((te / "model.safetensors").read_bytes()).hexdigest()
+    base_data = out / f"shapes-without-{new}-{args.base_images}"
+    base_recipe = ensure_set(base_data, count=args.base_images, seed=0, colours=old_colours)
     raw = tomllib.loads((REPO / "configs" / "demo-pixel.toml").read_text())
-    raw["text_encoder"]["path"], raw["data"]["path"], raw["sampling"] = str(te), str(base_data), {"every": 0}
-    t0 = time.perf_counter()
-    base_run = out / "base-run"
-    if not (base_run / "final.safetensors").exists():
-        run_training(config_from_dict(raw), base_run, resume=(base_run / "checkpoints").exists())
-    pretrain_s = time.perf_counter() - t0
-    base_file = base_run / "final.safetensors"
-    ad = {k: v for k, v in raw.items() if k not in ("model", "optimizer", "schedule", "stages")}
+    raw["sampling"] = {"every": 0}
+    base_key = key({"config": raw, "data": base_recipe, "text_encoder": te_key})
+    raw["text_encoder"]["path"], raw["data"]["path"] = str(te), str(base_data)
+    base_run = out / f"base-{base_key}"
+    base_file, pretrain_s = train_once(raw, base_run, "final.safetensors", args.base_steps)
+
+    ad_data = out / f"adapter-set-{new}-{args.adapter_images}-old{args.mix_old}"
+    ad_recipe = [ensure_set(ad_data / new, count=args.adapter_images, seed=1, colours=[new])]
+    if args.mix_old:
+        ad_recipe.append(ensure_set(ad_data / "old", count=args.mix_old, seed=2, colours=old_colours))
+    section = {"trigger_words": [new]} | ({"factor": args.factor} if args.factor else {})
+    stage = {"name": "32px", "resolution": 32, "batch_size": 16, "steps": args.adapter_steps}
+    stage |= {"lr": args.adapter_lr} if args.adapter_lr else {}
+    ad = {
+        k: v for k, v in raw.items() if k not in ("model", "optimizer", "schedule", "stages", "data", "train")
+    }
     ad |= {
         "model": {"init_from": str(base_file)},
         "data": {**raw["data"], "path": str(ad_data)},
-        "adapter": {"trigger_words": [new]},
+        "adapter": section,
         "sampling": {"every": 100, "prompts": [f"a {new} circle at the center on a white background"]},
         "train": {**raw["train"], "checkpoint_every": 100},
-        "stages": [{"name": "32px", "resolution": 32, "batch_size": 16, "steps": args.adapter_steps}],
+        "stages": [stage],
     }
-    ad_run = out / f"adapter-run-{args.adapter_steps}"
-    t0 = time.perf_counter()
-    if not (ad_run / "final_adapter.safetensors").exists():
-        run_training(config_from_dict(ad), ad_run, resume=(ad_run / "checkpoints").exists())
-    adapter_s = time.perf_counter() - t0
-    adapter_file = ad_run / "final_adapter.safetensors"
+    ad_key = key({"base": [base_key, args.base_steps], "adapter": section, "stage": stage, "data": ad_recipe})
+    ad_run = out / f"adapter-{ad_key}"
+    adapter_file, adapter_s = train_once(ad, ad_run, "final_adapter.safetensors")
     adapter = load_adapter(adapter_file)
 
     torch.set_grad_enabled(False)
     pipe = HDMPipeline.from_paths(base_file, te)
-    new_heldout = [s for s in all_specs(heldout=True) if s.colour == new]
     new_all = [s for h in (True, False) for s in all_specs(heldout=h) if s.colour == new]
+    new_heldout = [s for s in all_specs(heldout=True) if s.colour == new]
     old = [s for s in all_specs(heldout=True) if s.colour != new]
     sets = {"new_heldout": new_heldout, "new_all": new_all, "old_heldout": old}
-    res: dict = {"colour": new, "adapter_steps": args.adapter_steps, "seeds": args.seeds,
+    res: dict = {"colour": new, "base_file": str(base_file), "base_steps": args.base_steps or "all", "adapter_run": str(ad_run),
+                 "adapter_images": args.adapter_images, "mix_old": args.mix_old,
+                 "adapter_steps": args.adapter_steps, "adapter_lr": args.adapter_lr or "recipe (0.1)",
+                 "factor": args.factor or "recipe (4)", "seeds": args.seeds, "sample_steps": SAMPLE_STEPS,
+                 "guidance_scale": GUIDANCE, "size": args.size,
                  "pretrain_s": pretrain_s, "adapter_train_s": adapter_s}  # fmt: skip
+    t0 = time.perf_counter()
     base_imgs = {k: generate(pipe, v, args.seeds, args.size) for k, v in sets.items()}
     res["base"] = {k: accuracy(base_imgs[k], v, args.seeds) for k, v in sets.items()}
     with apply_adapters(pipe.model, [(adapter, 0.0)]):
-        zero = generate(pipe, old[:6], 1, args.size)
+        zero = generate(pipe, old, 1, args.size)
     with apply_adapters(pipe.model, [(adapter, 1.0)]):
         res["adapter"] = {k: accuracy(generate(pipe, v, args.seeds, args.size), v, args.seeds)
                           for k, v in sets.items()}  # fmt: skip
-    after = generate(pipe, old[:6], 1, args.size)
-    same = [
-        np.array_equal(np.asarray(a), np.asarray(b))
-        for a, b in zip(zero, base_imgs["old_heldout"][:6], strict=True)
-    ]
-    res["weight0_equals_base"] = all(same)
-    res["restored_equals_base"] = all(
-        np.array_equal(np.asarray(a), np.asarray(b))
-        for a, b in zip(after, base_imgs["old_heldout"][:6], strict=True)
-    )
+    after = generate(pipe, old, 1, args.size)
+    res["eval_s"] = time.perf_counter() - t0
+    # Same prompts, seeds and batch as the base's first seed: any difference is the adapter's.
+    res["weight0_equals_base"] = identical(zero, base_imgs["old_heldout"][: len(old)])
+    res["restored_equals_base"] = identical(after, base_imgs["old_heldout"][: len(old)])
     res["adapter_bytes"], res["base_bytes"] = adapter_file.stat().st_size, base_file.stat().st_size
     res["size_ratio"] = res["adapter_bytes"] / res["base_bytes"]
     res["adapter_metadata"] = {
         k: v for k, v in adapter.metadata.items() if k.startswith("hdm_") and "config" not in k
     }
-    (out / "adapter_eval.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out / f"adapter_eval-{ad_key}.json").write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps(res, indent=1))
     return 0
 
