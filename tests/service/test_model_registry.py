@@ -8,8 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from service_stack import ADMIN_KEY, OTHER_KEY, ROOT, Stack
 from test_api_contract import SMALL, _assert_error
+
+# image jobs here must reach a final state (a queued job holds its model and counts against the key's limit)
+pytestmark = pytest.mark.usefixtures("live_worker")
 
 
 def _py(stack: Stack, code: str) -> str:
@@ -53,7 +57,8 @@ def _image_model(stack: Stack, body: dict) -> str:
         r = c.post("/v1/images", json={"prompt": "which model", **SMALL, **body})
         assert r.status_code == 202, r.text
         c.post(f"/v1/images/{r.json()['id']}/cancel")
-        return str(r.json()["model"]["name"])
+    stack.wait_job(r.json()["id"])  # final before the test deletes the model (a running job holds it: 409)
+    return str(r.json()["model"]["name"])
 
 
 def test_default_model_is_explicit_and_stable(stack: Stack, assets: dict[str, Path], tmp_path: Path) -> None:
@@ -123,7 +128,9 @@ def test_fine_tunes_are_scoped_per_key(stack: Stack, assets: dict[str, Path], tm
                 "precision": "fp32",
                 "stages": [{"resolution": 16, "steps": 2, "batch_size": 2}],
             },
-        ).json()
+        )
+        assert job.status_code == 202, job.text
+        job = job.json()
         c.post(f"/v1/train-jobs/{job['id']}/cancel")
     dest = Path(stack.env["HDM_MODELS_DIR"]) / "train" / job["id"] / "step-2.safetensors"
     dest.parent.mkdir(parents=True)
