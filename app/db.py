@@ -6,8 +6,9 @@ import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, Select, create_engine, event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,6 +24,16 @@ def as_utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def keyset_page(
+    session: Session, q: Select[Any], id_col: Any, limit: int, after: str | None
+) -> tuple[list[Any], bool]:
+    """One page of a list endpoint, newest id first: rows with ids below ``after``, and whether more follow."""
+    if after:
+        q = q.where(id_col < after)
+    rows = list(session.scalars(q.order_by(id_col.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
 
 
 def make_engine(url: str) -> Engine:

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, or_, select, true
 from sqlalchemy.orm import Session
 
-from app.db import utcnow
+from app.db import keyset_page, utcnow
 from app.errors import Conflict, Invalid, NotFound
 from app.ids import new_id
 from app.models import Adapter, Checkpoint, Job
@@ -156,10 +156,7 @@ def get(session: Session, ref: str, owner: str | None) -> Adapter:
 
 def page(session: Session, owner: str | None, limit: int, after: str | None) -> tuple[list[Adapter], bool]:
     q = select(Adapter).where(visible(owner))
-    if after:
-        q = q.where(Adapter.id < after)
-    rows = list(session.scalars(q.order_by(Adapter.id.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return keyset_page(session, q, Adapter.id, limit, after)
 
 
 def delete(session: Session, row: Adapter) -> None:

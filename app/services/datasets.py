@@ -8,7 +8,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db import utcnow
+from app.db import keyset_page, utcnow
 from app.errors import Forbidden, Invalid, NotFound
 from app.ids import new_id
 from app.models import Dataset, Job
@@ -91,7 +91,4 @@ def get(session: Session, ds_id: str, owner: str) -> Dataset:
 
 def list_(session: Session, owner: str, limit: int, after: str | None) -> tuple[list[Dataset], bool]:
     q = select(Dataset).where(Dataset.owner == owner)
-    if after:
-        q = q.where(Dataset.id < after)
-    rows = list(session.scalars(q.order_by(Dataset.id.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return keyset_page(session, q, Dataset.id, limit, after)

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import queue
-from app.db import utcnow
+from app.db import keyset_page, utcnow
 from app.errors import Conflict, NotFound, TooMany
 from app.ids import new_id
 from app.models import Job, JobEvent, WebhookDelivery
@@ -158,12 +158,9 @@ def list_jobs(
     session: Session, kind: str, owner: str, limit: int, after: str | None, status: str | None = None
 ) -> tuple[list[Job], bool]:
     q = select(Job).where(Job.kind == kind, Job.owner == owner)
-    if after:
-        q = q.where(Job.id < after)
     if status:
         q = q.where(Job.status == status)
-    rows = list(session.scalars(q.order_by(Job.id.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return keyset_page(session, q, Job.id, limit, after)
 
 
 def claim(session: Session, job_id: str, worker: str) -> bool:

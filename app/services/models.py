@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, or_, select, true, update
 from sqlalchemy.orm import Session
 
-from app.db import utcnow
+from app.db import keyset_page, utcnow
 from app.errors import Conflict, Forbidden, Invalid, NotFound
 from app.ids import new_id
 from app.models import Checkpoint, DeletedModel, Job
@@ -264,10 +264,7 @@ def get(session: Session, model_id: str, owner: str | None) -> Checkpoint:
 
 def page(session: Session, owner: str | None, limit: int, after: str | None) -> tuple[list[Checkpoint], bool]:
     q = select(Checkpoint).where(visible(owner))
-    if after:
-        q = q.where(Checkpoint.id < after)
-    rows = list(session.scalars(q.order_by(Checkpoint.id.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return keyset_page(session, q, Checkpoint.id, limit, after)
 
 
 def set_default(session: Session, ckpt: Checkpoint) -> Checkpoint:
