@@ -102,6 +102,9 @@ def main() -> int:
     p.add_argument("--adapter-steps", type=int, default=300)
     p.add_argument("--adapter-lr", type=float, default=None, help="default: the recipe's (0.1, muP-scaled)")
     p.add_argument("--factor", type=int, default=None, help="LoKr factor; default: the recipe's (4)")
+    p.add_argument("--targets", default=None, help="comma-separated module patterns; default: the recipe's")
+    p.add_argument("--no-train-norm", action="store_true", help="leave the blocks' norms frozen")
+    p.add_argument("--caption-dropout", type=float, default=None, help="default: the demo recipe's (0.1)")
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--size", type=int, default=32)
     args = p.parse_args()
@@ -125,6 +128,11 @@ def main() -> int:
     if args.mix_old:
         ad_recipe.append(ensure_set(ad_data / "old", count=args.mix_old, seed=2, colours=old_colours))
     section = {"trigger_words": [new]} | ({"factor": args.factor} if args.factor else {})
+    section |= {"targets": args.targets.split(",")} if args.targets else {}
+    section |= {"train_norm": False} if args.no_train_norm else {}
+    data = {**raw["data"], "path": str(ad_data)}
+    if args.caption_dropout is not None:
+        data["captions"] = {**data.get("captions", {}), "caption_dropout": args.caption_dropout}
     stage = {"name": "32px", "resolution": 32, "batch_size": 16, "steps": args.adapter_steps}
     stage |= {"lr": args.adapter_lr} if args.adapter_lr else {}
     ad = {
@@ -132,13 +140,16 @@ def main() -> int:
     }
     ad |= {
         "model": {"init_from": str(base_file)},
-        "data": {**raw["data"], "path": str(ad_data)},
+        "data": data,
         "adapter": section,
         "sampling": {"every": 100, "prompts": [f"a {new} circle at the center on a white background"]},
         "train": {**raw["train"], "checkpoint_every": 100},
         "stages": [stage],
     }
-    ad_key = key({"base": [base_key, args.base_steps], "adapter": section, "stage": stage, "data": ad_recipe})
+    ad_key = key(
+        {"base": [base_key, args.base_steps], "adapter": section, "stage": stage, "data": ad_recipe}
+        | ({"caption_dropout": args.caption_dropout} if args.caption_dropout is not None else {})
+    )
     ad_run = out / f"adapter-{ad_key}"
     adapter_file, adapter_s = train_once(ad, ad_run, "final_adapter.safetensors")
     adapter = load_adapter(adapter_file)
@@ -155,6 +166,8 @@ def main() -> int:
                  "factor": args.factor or "recipe (4)", "seeds": args.seeds, "sample_steps": SAMPLE_STEPS,
                  "guidance_scale": GUIDANCE, "size": args.size,
                  "pretrain_s": pretrain_s, "adapter_train_s": adapter_s}  # fmt: skip
+    res |= {"targets": section.get("targets", "recipe"), "train_norm": not args.no_train_norm,
+            "caption_dropout": "recipe (0.1)" if args.caption_dropout is None else args.caption_dropout}  # fmt: skip
     t0 = time.perf_counter()
     base_imgs = {k: generate(pipe, v, args.seeds, args.size) for k, v in sets.items()}
     res["base"] = {k: accuracy(base_imgs[k], v, args.seeds) for k, v in sets.items()}

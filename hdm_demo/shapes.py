@@ -102,9 +102,15 @@ def render(spec: ShapeSpec, size: int, rng: random.Random) -> Image.Image:
     return img.resize((size, size), Image.Resampling.LANCZOS)
 
 
+def _drawable(colours: Sequence[str] | None) -> list[ShapeSpec]:
+    return [s for s in all_specs(heldout=False) if colours is None or s.colour in colours]
+
+
 def recipe(*, count: int, size: int, seed: int, colours: Sequence[str] | None = None) -> dict:
     """Everything that decides the written set; stored as `synthetic.json` so a changed recipe is not reused."""
     drawn = {"drawn_colours": list(colours)} if colours is not None else {}
+    if count < len(_drawable(colours)):
+        drawn["first"] = "sample"  # see generate_dataset; sets of every combination keep their earlier recipe
     return drawn | {
         "count": count,
         "size": size,
@@ -154,9 +160,12 @@ def generate_dataset(
     for old in [*out.glob("[0-9][0-9][0-9][0-9][0-9].png"), *out.glob("[0-9][0-9][0-9][0-9][0-9].txt")]:
         old.unlink()
     rng = random.Random(seed)
-    specs = [s for s in all_specs(heldout=False) if colours is None or s.colour in colours]
+    specs = _drawable(colours)
+    # Every combination once, then random ones; a set smaller than that is a random sample of the combinations
+    # (the first `count` in palette order would hold only the palette's first colours).
+    first = rng.sample(specs, count) if count < len(specs) else specs
     for i in range(count):
-        spec = specs[i % len(specs)] if i < len(specs) else rng.choice(specs)
+        spec = first[i] if i < len(first) else rng.choice(specs)
         render(spec, size, rng).save(out / f"{i:05d}.png")
         (out / f"{i:05d}.txt").write_text(spec.caption + "\n", encoding="utf-8")
     heldout = [

@@ -33,6 +33,14 @@ def test_synthetic_dataset_and_colour_metric(tmp_path: Path) -> None:
     assert not is_generated(out, count=40, size=48, seed=4) and not is_generated(tmp_path / "none", count=40)
     generate_dataset(out, count=10, size=48, seed=4)
     assert len(list(out.glob("*.png"))) == 10 and is_generated(out, count=10, size=48, seed=4)
+    # A set smaller than the number of combinations is a sample over the whole palette, not its first colours;
+    # one of every combination holds each once.
+    small = generate_dataset(tmp_path / "small", count=30, size=16, seed=5, colours=["red", "cyan", "blue"])
+    drawn = [p.read_text().split()[1] for p in sorted(small.glob("*.txt"))]
+    assert set(drawn) == {"red", "cyan", "blue"} and max(drawn.count(c) for c in set(drawn)) < 20, drawn
+    specs = [s for s in all_specs(heldout=False) if s.colour == "green"]
+    full = generate_dataset(tmp_path / "full", count=len(specs), size=16, seed=5, colours=["green"])
+    assert sorted(p.read_text().strip() for p in full.glob("*.txt")) == sorted(s.caption for s in specs)
     # An achromatic image has no dominant colour; a wrong hue is not accepted.
     assert dominant_colour(Image.new("RGB", (32, 32), (128, 128, 128))) is None
     assert dominant_colour(Image.new("RGB", (32, 32), COLOURS["blue"])) == "blue"
