@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper() if rank == "0" else logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(name)s %(levelname)s: %(message)s",
     )
+    # `kill -USR1 <rank>` writes every thread's Python stack to stderr (train.log under the service) and training
+    # goes on: how a rank that stopped making progress is diagnosed. DataLoader workers inherit it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         result = run_training(args.config, args.run_dir, resume=args.resume, max_steps=args.max_steps)
     except TrainConfigError as exc:

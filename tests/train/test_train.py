@@ -345,3 +345,44 @@ def test_mixed_precision_checkpointing_ema_and_samples(
     raw = load_checkpoint(ckpt / "model.safetensors").model.state_dict()
     assert any(not torch.equal(ema[k], raw[k]) for k in raw)
     assert (tmp_path / "run" / "samples" / "step-00000002.png").is_file()
+
+
+def test_sigusr1_dumps_every_thread_stack_and_training_goes_on(
+    make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """How a rank that stopped making progress is diagnosed (`kill -USR1`): its stacks land in its stderr."""
+    stages = [{"resolution": 16, "batch_size": 2, "lr": 0.5, "steps": 400}]
+    cfg = make_config(
+        stages=stages,
+        data={"path": str(load_config_path_data(make_config)), "num_workers": 1},
+        train={"checkpoint_every": 1000, "num_threads": 1},
+    )
+    run, err = tmp_path / "run", tmp_path / "stderr.txt"
+    with err.open("wb") as errf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hdm_core.train", str(cfg), "--run-dir", str(run)],
+            cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=errf,
+        )
+    try:
+        metrics = run / "metrics.jsonl"
+
+        def steps() -> int:
+            return len(read_metrics_tolerant(run)) if metrics.exists() else 0
+
+        deadline = time.monotonic() + 120
+        while steps() < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, err.read_text()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)
+        seen = steps()
+        while steps() < seen + 3:
+            assert time.monotonic() < deadline and proc.poll() is None, err.read_text()[-3000:]
+            time.sleep(0.05)
+        dump = err.read_text()
+        assert "Current thread" in dump and "hdm_core/train/loop.py" in dump, dump[-3000:]
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
