@@ -1,15 +1,18 @@
 """The adapter learning bench: teach a pretrained model a colour it has never seen, with a LoKr adapter.
 
     python -m bench.adapter_eval [--out var/adapter-bench] [--colour magenta] [--base-steps N] [--adapter-steps 300]
-                                 [--adapter-lr 0.1] [--factor 4] [--mix-old 0] [--seeds 4]
+                                 [--adapter-images 50] [--mix-old 200] [--adapter-lr 0.1] [--factor 4] [--seeds 4]
 
-1. Pretrain the CPU demo recipe (configs/demo-pixel.toml, ~5 min on 2 cores) on the shapes set drawn WITHOUT
-   `--colour`: no image and no caption has it. The base run lives in OUT/base-<key>, key = a hash of the recipe
-   (config, data set, text encoder), so a rerun with the same recipe reuses it (and an interrupted one resumes).
+1. Pretrain the CPU demo recipe (configs/demo-pixel.toml, 2,100 steps, ~8 min on 2 idle cores) on the shapes
+   set drawn WITHOUT `--colour`: no image and no caption has it. The base run lives in OUT/base-<key>, key = a
+   hash of the recipe (config, data set, text encoder), so a rerun with the same recipe reuses it (and an
+   interrupted one resumes).
    `--base-steps N` cuts that run at step N (its snapshot is the base; a busy CPU may not give the whole recipe).
 2. Train an adapter (the [adapter] defaults: HDM's LoKr recipe; `--adapter-lr`/`--factor` override them) on
-   `--adapter-images` images that all have the colour, plus `--mix-old` images of the old colours (a second folder
-   of the adapter set, drawn with another seed). Also cached by its recipe: OUT/adapter-<key>.
+   `--adapter-images` images that have the colour plus `--mix-old` images of the old colours (a second folder of
+   the adapter set, drawn with another seed: what the adapter must keep, as DreamBooth's class images). Without the
+   old colours (`--mix-old 0`) nothing tells it to keep them, and it draws blue and cyan prompts magenta too
+   (docs/training.md). Also cached by its recipe: OUT/adapter-<key>.
 3. Score (`hdm_demo.scoring.score`: colour = palette hue of the saturated pixels, shape = best template IoU) for
    `--seeds` seeds: the new colour's prompts whose colour/shape/position combination is held out of both sets
    ("new_heldout") and all of its prompts ("new_all"), base vs base + adapter at weight 1; the old colours' held-out
@@ -97,8 +100,10 @@ def main() -> int:
     p.add_argument(
         "--base-steps", type=int, default=None, help="cut the base run at this step (default: all)"
     )
-    p.add_argument("--adapter-images", type=int, default=100)
-    p.add_argument("--mix-old", type=int, default=0, help="old-colour images added to the adapter set")
+    p.add_argument(
+        "--adapter-images", type=int, default=50, help="images of the new colour in the adapter set"
+    )
+    p.add_argument("--mix-old", type=int, default=200, help="images of the old colours in the adapter set")
     p.add_argument("--adapter-steps", type=int, default=300)
     p.add_argument("--adapter-lr", type=float, default=None, help="default: the recipe's (0.1, muP-scaled)")
     p.add_argument("--factor", type=int, default=None, help="LoKr factor; default: the recipe's (4)")
