@@ -234,6 +234,9 @@ class AdapterSpec(Strict):
     caption_sample: Text | None = Field(
         None, max_length=2000, description="Stored in the file; default: the data set's first caption."
     )
+    save_dtype: _core(AdapterSection, "save_dtype") = Field(  # type: ignore[valid-type]
+        "fp16", description="Precision of the adapter files (training itself keeps fp32 weights)."
+    )
 
     @model_validator(mode="after")
     def _section_rules(self) -> AdapterSpec:

@@ -2,8 +2,9 @@
 
 The base XUT (`model.init_from`) is frozen; the library's forward hooks add the adapter, so the flow loss, the
 gradient checkpointing and the previews all see base + adapter. Only the adapter's parameters (and the trained
-norms) reach the optimizer. Snapshots hold `adapter.safetensors` (`hdm_core.adapter_io.save_adapter`, fp32: resume
-is bit-exact) instead of a model copy; the run's result is `final_adapter.safetensors`.
+norms) reach the optimizer. Snapshots hold `adapter.safetensors` (`hdm_core.adapter_io.save_adapter`, in
+`[adapter] save_dtype`) instead of a model copy, and the fp32 adapter in the training state, so resume is bit-exact
+whatever the file's precision; the run's result is `final_adapter.safetensors`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from hdm_core.model import XUT
 from hdm_core.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class HookedModel(nn.Module):
@@ -58,6 +60,7 @@ class AdapterRun:
         self.base_sha256 = file_sha256(base_path) if hash_base else "0" * 64
         self.trigger_words = section.trigger_words
         self.caption_sample = sample
+        self.save_dtype = section.save_dtype
         n = sum(p.numel() for p in self.adapter.parameters())
         logger.info("training a %s adapter (%d parameters) on %s", section.algorithm, n, base_path)
 
@@ -75,10 +78,15 @@ class AdapterRun:
         )
 
     def save(self, path: Path, step: int) -> Path:
-        return save_adapter(self.adapter, path, self.info(step))
+        return save_adapter(self.adapter, path, self.info(step), dtype=SAVE_DTYPES[self.save_dtype])
 
-    def load(self, path: Path) -> None:
-        self.adapter.load_state_dict(load_file(path))
+    def state(self) -> dict[str, torch.Tensor]:
+        """The adapter's fp32 weights, for the training state (the file may be half precision)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.adapter.state_dict().items()}
+
+    def load(self, state: dict[str, torch.Tensor] | None, path: Path) -> None:
+        """Resume: the training state's fp32 weights, else (a snapshot written before they were kept) the file."""
+        self.adapter.load_state_dict(state if state is not None else load_file(path))
 
     def manifest_entry(self, file: str, step: int) -> dict[str, Any]:
         """What the worker needs to register the snapshot's adapter without opening it."""
@@ -86,6 +94,7 @@ class AdapterRun:
             "kind": "adapter",
             "adapter": {
                 "file": file,
+                "dtype": self.save_dtype,
                 "algorithm": self.adapter.config.algorithm,
                 "base_model": self.base_name,
                 "base_sha256": self.base_sha256,

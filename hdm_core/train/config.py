@@ -174,10 +174,15 @@ ADAPTER_RECIPE_BETAS = (0.9, 0.95)
 ADAPTER_RECIPE_WARMUP = 100
 
 
+AdapterSaveDtype = Literal["fp16", "bf16", "fp32"]
+
+
 class AdapterSection(Section):
     """A LyCORIS adapter on the frozen `model.init_from`; defaults = HDM's recipe (LoKr, factor 4, full matrix,
     norms trained). `rank`/`alpha`: LoRA/LoHa size; `factor` -1 = balanced; `targets`: fnmatch over XUT module
-    names. `trigger_words`, `caption_sample` (default: the data set's first caption) go into the file's metadata."""
+    names. `trigger_words`, `caption_sample` (default: the data set's first caption) go into the file's metadata.
+    `save_dtype`: the adapter files' precision (fp16 as the released checkpoint and most shared LyCORIS files: half
+    the size of fp32); training keeps fp32 weights, and resume reads those from the training state."""
 
     algorithm: AdapterAlgorithm = "lokr"
     rank: PositiveInt = 8
@@ -191,6 +196,7 @@ class AdapterSection(Section):
     trigger_words: Annotated[tuple[str, ...], Strict(False)] = ()
     caption_sample: str | None = None
     base_name: str | None = None  # the base model's name in the file's metadata; default: init_from's stem
+    save_dtype: AdapterSaveDtype = "fp16"
 
     @field_validator("factor")
     @classmethod
@@ -201,7 +207,9 @@ class AdapterSection(Section):
 
     def adapter_config(self) -> dict[str, Any]:
         """The fields of `hdm_core.adapter.AdapterConfig` (`AdapterConfig.from_dict(section.adapter_config())`)."""
-        return self.model_dump(mode="json", exclude={"trigger_words", "caption_sample", "base_name"})
+        return self.model_dump(
+            mode="json", exclude={"trigger_words", "caption_sample", "base_name", "save_dtype"}
+        )
 
 
 class CacheSection(Section):

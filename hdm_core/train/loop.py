@@ -110,7 +110,7 @@ class Trainer:
                 f"{snap.path}: training state version {state.get('version')} != {STATE_VERSION}"
             )
         if self.adapter is not None:
-            self.adapter.load(snap.path / ADAPTER_FILE)
+            self.adapter.load(state.get("adapter"), snap.path / ADAPTER_FILE)
         else:
             sd = {k[len(MODEL_PREFIX) :]: v for k, v in load_file(snap.path / MODEL_FILE).items()}
             self.model.load_state_dict(sd, strict=True)
@@ -153,6 +153,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.shadow if self.ema is not None else None,
+            "adapter": self.adapter.state() if self.adapter is not None else None,
             "step": self.step,
             "stage": self.stage,
             "step_in_stage": self.step_in_stage,

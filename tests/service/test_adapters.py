@@ -346,6 +346,7 @@ def test_adapter_train_job_validation(astack: Stack, files: dict[str, Path], dat
         ({"adapter": {"targets": []}}, "adapter.targets"),
         ({"adapter": {"alpha": 0}}, "adapter.alpha"),
         ({"adapter": {"dropout": 0.1}}, "adapter.dropout"),
+        ({"adapter": {"save_dtype": "fp8"}}, "adapter.save_dtype"),
     ]
     with astack.client() as c:
         for change, param in cases:

@@ -80,6 +80,9 @@ def test_sigkill_then_resume_matches_uninterrupted_adapter_run(
     a = load_file(tmp_path / "ref" / "final_adapter.safetensors")
     b = load_file(run / "final_adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The files are fp16 (the default save_dtype); the resumed run continued from the state's fp32 weights (from
+    # the rounded file its losses above would differ).
+    assert {v.dtype for v in b.values()} == {torch.float16}
     assert ref_log[0]["lr"] == pytest.approx(0.1 / 2)  # the recipe's lr 0.1 (no stage lr), warmup 2
 
     # Snapshots hold the adapter and the training state, never a model copy; the manifest says what it is.
@@ -89,6 +92,7 @@ def test_sigkill_then_resume_matches_uninterrupted_adapter_run(
     assert last["kind"] == "adapter"
     info = last["adapter"]
     assert info["file"] == "adapter.safetensors" and info["algorithm"] == "lokr" and info["steps"] == 12
+    assert info["dtype"] == "fp16"
     assert info["base_model"] == "tiny-base" and info["base_sha256"] == file_sha256(base_ckpt)
     assert info["trigger_words"] == ["zq"] and info["caption_sample"].startswith("a ")
     assert not list(run.rglob("model.safetensors")) and not (run / "final.safetensors").exists()
@@ -115,7 +119,7 @@ def test_adapter_run_trains_only_the_adapter_and_previews_use_it(
     cfg = load_config(
         make_config(
             model={"init_from": str(base_ckpt)},
-            adapter={"algorithm": "lora", "rank": 4, "alpha": 4.0},
+            adapter={"algorithm": "lora", "rank": 4, "alpha": 4.0, "save_dtype": "fp32"},
             sampling={"every": 3, "prompts": [prompt], "steps": 3},
             train={"checkpoint_every": 3, "keep_last_n": 1, "num_threads": 1},
             stages=[{"resolution": 16, "batch_size": 2, "steps": 3, "lr": 2.0}],
@@ -131,6 +135,7 @@ def test_adapter_run_trains_only_the_adapter_and_previews_use_it(
     assert names and all(n.startswith("lycoris_") for n in names)  # the adapter, nothing of the base
     adapter = load_adapter(tmp_path / "run" / "final_adapter.safetensors")
     assert adapter.config.algorithm == "lora" and adapter.info.steps == 3
+    assert {v.dtype for v in adapter.tensors.values()} == {torch.float32}  # save_dtype = "fp32"
     preview = np.asarray(
         Image.open(tmp_path / "run" / "samples" / "step-00000003.png").convert("RGB"), np.int16
     )
