@@ -1,10 +1,12 @@
-"""nn.Linear whose fp32 CPU matmuls run through oneDNN instead of the BLAS that `F.linear` calls.
+"""nn.Linear whose fp32 CPU matmuls run through oneDNN instead of the BLAS that `F.linear` calls, on AMD CPUs.
 
 Why: PyTorch's fp32 `addmm` on CPU calls MKL sgemm, which takes a slow generic path on AMD CPUs; oneDNN's JIT
 kernels do not (measured ~2x on the forward and ~1.7x on both backward products on an AMD EPYC, `bench/core.py`).
-The arithmetic is still IEEE fp32, only the summation order differs (relative error ~1e-6). Parameters and
-state-dict keys are exactly nn.Linear's, so checkpoints are unchanged. Everything else (CUDA, bf16/fp16, CPU
-autocast, torch.compile tracing, a build without oneDNN) takes the ordinary `F.linear`.
+On Intel CPUs MKL is as fast or faster (an AVX-512 Xeon: oneDNN 0.5-1.0x of MKL on the forward and backward of
+XUT's layer shapes), so there `F.linear` stays. The arithmetic is still IEEE fp32, only the summation order differs
+(relative error ~1e-6); the choice depends on the CPU only, so one machine always takes the same path (resume stays
+bit-exact). Parameters and state-dict keys are exactly nn.Linear's, so checkpoints are unchanged. Everything else
+(CUDA, bf16/fp16, CPU autocast, torch.compile tracing, a build without oneDNN) takes the ordinary `F.linear`.
 """
 
 from __future__ import annotations
@@ -14,11 +16,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def _onednn_available() -> bool:
+def onednn_available() -> bool:
+    """Whether this torch build has the oneDNN linear kernel."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-_AVAILABLE = _onednn_available()
+def cpu_vendor() -> str:
+    """The CPU's vendor id from /proc/cpuinfo ("AuthenticAMD", "GenuineIntel", ...), "" where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+_ENABLED = onednn_available() and cpu_vendor() == "AuthenticAMD"
 # Below ~32 rows (the [B, 1, D] adaLN and timestep MLPs) oneDNN's per-call overhead loses to BLAS (measured 0.3-0.6x).
 _MIN_ROWS = 32
 
@@ -53,7 +68,7 @@ class _OneDnnLinear(torch.autograd.Function):
 def use_onednn(x: Tensor, weight: Tensor) -> bool:
     """Whether `linear` takes the oneDNN path for these operands."""
     return (
-        _AVAILABLE
+        _ENABLED
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
@@ -64,15 +79,20 @@ def use_onednn(x: Tensor, weight: Tensor) -> bool:
     )
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """Same contract as `F.linear`."""
-    if not use_onednn(x, weight):
-        return F.linear(x, weight, bias)
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear` through oneDNN (fp32 CPU tensors, a build with oneDNN), differentiable."""
     if torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
         return _OneDnnLinear.apply(x, weight, bias)
     return _mm(x, weight, bias)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Same contract as `F.linear`."""
+    if not use_onednn(x, weight):
+        return F.linear(x, weight, bias)
+    return onednn_linear(x, weight, bias)
 
 
 class Linear(nn.Linear):
