@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from service_stack import API_KEY, Stack, stack_env  # noqa: E402
+from service_stack import API_KEY, Stack, own_database, stack_env  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -32,29 +32,16 @@ def pg_admin() -> Iterator[Any]:
     conn.close()
 
 
-def _create_db(admin: Any) -> tuple[str, str]:
-    name = f"hdm_test_{secrets.token_hex(6)}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    return name, f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-
-
-def _drop_db(admin: Any, name: str) -> None:
-    admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-    admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
-
-
 @pytest.fixture(scope="session")
 def pg_url(pg_admin: Any) -> Iterator[str]:
-    name, url = _create_db(pg_admin)
-    yield url
-    _drop_db(pg_admin, name)
+    with own_database(pg_admin) as url:
+        yield url
 
 
 @pytest.fixture
 def fresh_pg_url(pg_admin: Any) -> Iterator[str]:
-    name, url = _create_db(pg_admin)
-    yield url
-    _drop_db(pg_admin, name)
+    with own_database(pg_admin) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

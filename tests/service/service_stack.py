@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,27 @@ FINAL = ("succeeded", "failed", "cancelled")
 API_KEY = "test-key-" + secrets.token_hex(8)
 OTHER_KEY = "other-key-" + secrets.token_hex(8)
 ADMIN_KEY = "admin-key-" + secrets.token_hex(8)
+
+
+@contextlib.contextmanager
+def own_database(admin: Any) -> Iterator[str]:
+    """A PostgreSQL database of its own (its URL), dropped with its connections afterwards."""
+    name = f"hdm_test_{secrets.token_hex(6)}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
+def drop_queues(redis_url: str, prefix: str) -> None:
+    """Delete every Redis key of a queue prefix (what a stack's broker left behind)."""
+    import redis
+
+    r = redis.Redis.from_url(redis_url)
+    for key in r.scan_iter(match=f"{prefix}*"):
+        r.delete(key)
 
 
 def free_port() -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import secrets
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
-from service_stack import API_KEY, OTHER_KEY, ROOT, Stack, stack_env
+from service_stack import API_KEY, OTHER_KEY, ROOT, Stack, own_database, stack_env
 
 import hdm_core
 from hdm_core.adapter import AdapterConfig, apply_adapters, attach
@@ -93,31 +92,22 @@ def astack(
     queue_prefix: str,
 ) -> Iterator[Stack]:
     """A stack of its own (database, queues, models folder), so these models never become another test's default."""
-    name = f"hdm_test_{secrets.token_hex(6)}"
-    pg_admin.execute(f'CREATE DATABASE "{name}"')
     tmp = tmp_path_factory.mktemp("adapter-stack")
-    env = stack_env(
-        tmp,
-        {**assets, "models": files["base"].parent},
-        f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
-        redis_url,
-        queue_prefix + "a",
-    )
-    s = Stack(env, tmp, API_KEY)
-    try:
-        s.migrate()
-        s.start_api()
-        s.start_worker(0)
-        other = _base_model(preset="xut-pixel-debug", mlp_dim=256)
-        files["other-arch"] = _adapter(
-            files["base"], other, AdapterConfig(), tmp / "elsewhere" / "other-arch.safetensors", 9
-        )
-        _cli(s, "adapters", "import", str(files["other-arch"]))
-        yield s
-    finally:
-        s.stop()
-        pg_admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-        pg_admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    with own_database(pg_admin) as url:
+        env = stack_env(tmp, {**assets, "models": files["base"].parent}, url, redis_url, queue_prefix + "a")
+        s = Stack(env, tmp, API_KEY)
+        try:
+            s.migrate()
+            s.start_api()
+            s.start_worker(0)
+            other = _base_model(preset="xut-pixel-debug", mlp_dim=256)
+            files["other-arch"] = _adapter(
+                files["base"], other, AdapterConfig(), tmp / "elsewhere" / "other-arch.safetensors", 9
+            )
+            _cli(s, "adapters", "import", str(files["other-arch"]))
+            yield s
+        finally:
+            s.stop()
 
 
 def _image(c: Any, body: dict[str, Any]) -> tuple[dict[str, Any], bytes, str]:

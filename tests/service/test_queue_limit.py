@@ -3,6 +3,7 @@ PostgreSQL (and on SQLite in embedded mode) with no worker, so every admitted jo
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 from collections.abc import Iterator
@@ -11,8 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
-from service_stack import API_KEY, Stack, stack_env
+from service_stack import API_KEY, Stack, drop_queues, own_database, stack_env
 
 LIMIT = 20
 BURST = 50
@@ -23,30 +23,20 @@ def limited_api(
     request: pytest.FixtureRequest, tmp_path: Path, assets: dict[str, Path], pg_admin: Any, redis_url: str
 ) -> Iterator[Stack]:
     prefix = f"hdmq{secrets.token_hex(4)}"  # nothing consumes this prefix's queues
-    name = f"hdm_test_{secrets.token_hex(6)}"
-    if request.param == "postgresql":
-        pg_admin.execute(f'CREATE DATABASE "{name}"')
-        env = stack_env(
-            tmp_path, assets, f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", redis_url, prefix
-        )
-    else:
-        env = stack_env(tmp_path, assets, f"sqlite:///{tmp_path / 'hdm.db'}", "db://", prefix)
-    env["HDM_QUEUE_LIMIT"] = str(LIMIT)
-    s = Stack(env, tmp_path, API_KEY)
-    try:
+    with contextlib.ExitStack() as cleanup:
+        if request.param == "postgresql":
+            env = stack_env(
+                tmp_path, assets, cleanup.enter_context(own_database(pg_admin)), redis_url, prefix
+            )
+            cleanup.callback(drop_queues, redis_url, prefix)
+        else:
+            env = stack_env(tmp_path, assets, f"sqlite:///{tmp_path / 'hdm.db'}", "db://", prefix)
+        env["HDM_QUEUE_LIMIT"] = str(LIMIT)
+        s = Stack(env, tmp_path, API_KEY)
+        cleanup.callback(s.stop)
         s.migrate()
         s.start_api()
         yield s
-    finally:
-        s.stop()
-        if request.param == "postgresql":
-            pg_admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
-            )
-            pg_admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
-            r = redis.Redis.from_url(redis_url)
-            for key in r.scan_iter(match=f"{prefix}*"):
-                r.delete(key)
 
 
 def test_simultaneous_creates_never_exceed_the_queue_limit(limited_api: Stack) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from service_stack import API_KEY, Stack, stack_env
+from service_stack import API_KEY, Stack, own_database, stack_env
 
 COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 20)}
 
@@ -27,28 +27,19 @@ COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "
 def stack(
     tmp_path_factory: pytest.TempPathFactory, assets: dict[str, Path], pg_admin: Any, redis_url: str
 ) -> Iterator[Stack]:
-    name = f"hdm_test_{secrets.token_hex(6)}"
-    pg_admin.execute(f'CREATE DATABASE "{name}"')
     tmp = tmp_path_factory.mktemp("slots2")
-    env = stack_env(
-        tmp,
-        assets,
-        f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
-        redis_url,
-        f"hdms{secrets.token_hex(4)}",
-    )
-    env.update({"HDM_SLOTS": "0,1", "HDM_CPU_THREADS": "1", "HDM_TRAIN_KILL_GRACE_S": "10"})
-    s = Stack(env, tmp, API_KEY)
-    try:
-        s.migrate()
-        s.start_api()
-        s.start_worker(0)
-        s.start_worker(1)
-        yield s
-    finally:
-        s.stop()
-        pg_admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-        pg_admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    with own_database(pg_admin) as url:
+        env = stack_env(tmp, assets, url, redis_url, f"hdms{secrets.token_hex(4)}")
+        env.update({"HDM_SLOTS": "0,1", "HDM_CPU_THREADS": "1", "HDM_TRAIN_KILL_GRACE_S": "10"})
+        s = Stack(env, tmp, API_KEY)
+        try:
+            s.migrate()
+            s.start_api()
+            s.start_worker(0)
+            s.start_worker(1)
+            yield s
+        finally:
+            s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import io
-import secrets
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
-from service_stack import API_KEY, ROOT, Stack, stack_env
+from service_stack import API_KEY, ROOT, Stack, own_database, stack_env
 
 SMALL = {"width": 32, "height": 32, "steps": 3, "guidance_scale": 3.0}
 PROMPTS = ["a red circle", "a blue square", "a green line", "a black dot"]  # three words each: one sub-batch
@@ -29,18 +28,15 @@ def bstack(
     redis_url: str,
     queue_prefix: str,
 ) -> Iterator[Stack]:
-    name = f"hdm_test_{secrets.token_hex(6)}"
-    pg_admin.execute(f'CREATE DATABASE "{name}"')
     tmp = tmp_path_factory.mktemp("batch-stack")
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    s = Stack(stack_env(tmp, assets, url, redis_url, queue_prefix + "b"), tmp, API_KEY)
-    try:
-        s.migrate()
-        s.start_api()
-        yield s
-    finally:
-        s.stop()
-        pg_admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with own_database(pg_admin) as url:
+        s = Stack(stack_env(tmp, assets, url, redis_url, queue_prefix + "b"), tmp, API_KEY)
+        try:
+            s.migrate()
+            s.start_api()
+            yield s
+        finally:
+            s.stop()
 
 
 def _post(s: Stack, prompt: str, seed: int, **kw: Any) -> str:

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
-from service_stack import API_KEY, Stack, stack_env
+from service_stack import API_KEY, Stack, drop_queues, own_database, stack_env
 
 N_JOBS = 10
 BODY = {"width": 32, "height": 32, "steps": 6}
@@ -28,27 +27,22 @@ BODY = {"width": 32, "height": 32, "steps": 6}
 def stack(
     tmp_path_factory: pytest.TempPathFactory, assets: dict[str, Path], pg_admin: Any, redis_url: str
 ) -> Iterator[Stack]:
-    name = f"hdm_test_{secrets.token_hex(6)}"
     prefix = f"hdmf{secrets.token_hex(4)}"
-    pg_admin.execute(f'CREATE DATABASE "{name}"')
     tmp = tmp_path_factory.mktemp("faults")
-    env = stack_env(tmp, assets, f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", redis_url, prefix)
-    # the broker-vs-database scan every 2 s (default 60 s) keeps the test short; the point is that it happens
-    # at all, not after the 6 h visibility timeout. Attempts are not what this test is about: no job fails for
-    # having been hit by several of the kills.
-    env.update({"HDM_RECONCILE_INTERVAL_S": "2", "HDM_MAX_ATTEMPTS": "20"})
-    s = Stack(env, tmp, API_KEY)
-    try:
-        s.migrate()
-        s.start_api()
-        yield s
-    finally:
-        s.stop()
-        pg_admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-        pg_admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        r = redis.Redis.from_url(redis_url)
-        for key in r.scan_iter(match=f"{prefix}*"):
-            r.delete(key)
+    with own_database(pg_admin) as url:
+        env = stack_env(tmp, assets, url, redis_url, prefix)
+        # the broker-vs-database scan every 2 s (default 60 s) keeps the test short; the point is that it happens
+        # at all, not after the 6 h visibility timeout. Attempts are not what this test is about: no job fails for
+        # having been hit by several of the kills.
+        env.update({"HDM_RECONCILE_INTERVAL_S": "2", "HDM_MAX_ATTEMPTS": "20"})
+        s = Stack(env, tmp, API_KEY)
+        try:
+            s.migrate()
+            s.start_api()
+            yield s
+        finally:
+            s.stop()
+            drop_queues(redis_url, prefix)
 
 
 def _newest_worker_log(s: Stack) -> Path:
