@@ -22,10 +22,10 @@ from hdm_core.adapter_io import AdapterInfo, file_sha256, save_adapter
 from hdm_core.data.captions import clean_caption
 from hdm_core.data.scan import read_caption
 from hdm_core.model import XUT
+from hdm_core.precision import DTYPES
 from hdm_core.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class HookedModel(nn.Module):
@@ -78,7 +78,7 @@ class AdapterRun:
         )
 
     def save(self, path: Path, step: int) -> Path:
-        return save_adapter(self.adapter, path, self.info(step), dtype=SAVE_DTYPES[self.save_dtype])
+        return save_adapter(self.adapter, path, self.info(step), dtype=DTYPES[self.save_dtype])
 
     def state(self) -> dict[str, torch.Tensor]:
         """The adapter's fp32 weights, for the training state (the file may be half precision)."""
