@@ -151,10 +151,14 @@ def main() -> int:
         "train": {**raw["train"], "checkpoint_every": 100},
         "stages": [stage],
     }
-    ad_key = key(
-        {"base": [base_key, args.base_steps], "adapter": section, "stage": stage, "data": ad_recipe}
-        | ({"caption_dropout": args.caption_dropout} if args.caption_dropout is not None else {})
-    )
+    # The adapter section as validated (its defaults too, e.g. save_dtype), so a changed default is a new run.
+    resolved = config_from_dict(ad).adapter
+    assert resolved is not None
+    recipe_of_run = {"base": [base_key, args.base_steps], "adapter": resolved.model_dump(mode="json")}
+    recipe_of_run |= {"stage": stage, "data": ad_recipe}
+    if args.caption_dropout is not None:
+        recipe_of_run["caption_dropout"] = args.caption_dropout
+    ad_key = key(recipe_of_run)
     ad_run = out / f"adapter-{ad_key}"
     adapter_file, adapter_s = train_once(ad, ad_run, "final_adapter.safetensors")
     adapter = load_adapter(adapter_file)
