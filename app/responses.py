@@ -229,6 +229,7 @@ class AdapterDeleted(BaseModel):
     id: str
     object: Literal["adapter"] = "adapter"
     deleted: Literal[True] = True
+    file_deleted: bool = Field(description="Its file was removed from disk.")
 
 
 class MergeJob(BaseModel):
