@@ -121,8 +121,11 @@ def scan_models_dir(session: Session) -> int:
     for path in registry.safetensors_files(get_settings().models_dir):
         if not is_adapter_file(path):
             continue
+        job_id, owner = registry.train_job_of(session, path)
+        name = f"{job_id}-{path.stem}" if job_id else None
+        source = "train_job" if job_id else "file"
         try:
-            register_file(session, path)
+            register_file(session, path, name=name, owner=owner, source=source, train_job_id=job_id)
             n += 1
         except registry.Deleted:
             log.info("models folder: skipping %s (its adapter was deleted)", path)

@@ -158,8 +158,14 @@ def scan_models_dir(session: Session) -> int:
         if not is_xut_checkpoint(path):
             log.info("models folder: skipping %s (not an XUT checkpoint)", path)
             continue
+        job_id, _ = registry.train_job_of(session, path)
         try:
-            register_file(session, path)
+            if job_id:  # copied by a train job's supervisor that did not get to register it
+                register_file(
+                    session, path, name=f"{job_id}-{path.stem}", source="train_job", train_job_id=job_id
+                )
+            else:
+                register_file(session, path)
             n += 1
         except registry.Deleted:
             log.info("models folder: skipping %s (its model was deleted)", path)

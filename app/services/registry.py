@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from app.db import utcnow
 from app.errors import Conflict, Forbidden
-from app.models import Tombstone
+from app.models import Job, Tombstone
 from app.settings import get_settings
 
 if TYPE_CHECKING:
@@ -98,6 +98,19 @@ def safetensors_files(folder: Path) -> Iterator[Path]:
             path = Path(dirpath) / name
             if name.endswith(".safetensors") and not path.is_symlink():
                 yield path
+
+
+def train_job_of(session: Session, path: Path) -> tuple[str | None, str | None]:
+    """(job id, owner) of the train job whose supervisor copied ``path`` to ``models/train/<job>/``, else (None,
+    None): the start-up scan registers such a file for its job's key, never as shared."""
+    try:
+        rel = path.resolve().relative_to(get_settings().models_dir.resolve())
+    except ValueError:
+        return None, None
+    if len(rel.parts) != 3 or rel.parts[0] != "train":
+        return None, None
+    owner = session.scalar(select(Job.owner).where(Job.id == rel.parts[1], Job.kind == "train"))
+    return (rel.parts[1], owner) if owner is not None else (None, None)
 
 
 class Deleted(Exception):
