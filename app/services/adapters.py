@@ -121,11 +121,15 @@ def scan_models_dir(session: Session) -> int:
     for path in registry.safetensors_files(get_settings().models_dir):
         if not is_adapter_file(path):
             continue
-        job_id, owner = registry.train_job_of(session, path)
-        name = f"{job_id}-{path.stem}" if job_id else None
-        source = "train_job" if job_id else "file"
+        job = registry.written_by_job(session, path)  # an adapter job's file: its key's, never shared
         try:
-            register_file(session, path, name=name, owner=owner, source=source, train_job_id=job_id)
+            if job is not None:
+                name = f"{job.id}-{path.stem}"
+                register_file(
+                    session, path, name=name, owner=job.owner, source="train_job", train_job_id=job.id
+                )
+            else:
+                register_file(session, path)
             n += 1
         except registry.Deleted:
             log.info("models folder: skipping %s (its adapter was deleted)", path)

@@ -158,12 +158,13 @@ def scan_models_dir(session: Session) -> int:
         if not is_xut_checkpoint(path):
             log.info("models folder: skipping %s (not an XUT checkpoint)", path)
             continue
-        job_id, _ = registry.train_job_of(session, path)
-        try:
-            if job_id:  # copied by a train job's supervisor that did not get to register it
-                register_file(
-                    session, path, name=f"{job_id}-{path.stem}", source="train_job", train_job_id=job_id
-                )
+        job = registry.written_by_job(session, path)
+        try:  # a file a job wrote but did not get to register belongs to the job's key
+            if job is not None and job.kind == "merge":
+                register_file(session, path, source="merge", owner=job.owner)
+            elif job is not None:
+                name = f"{job.id}-{path.stem}"
+                register_file(session, path, name=name, source="train_job", train_job_id=job.id)
             else:
                 register_file(session, path)
             n += 1

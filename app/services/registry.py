@@ -8,7 +8,7 @@ folders, never the server's absolute path.
 
 Callers: ``find`` (id or name, visibility), ``require_change`` (the rule), ``check_removable``, ``bury`` and
 ``remove_file`` (deletion), ``check_not_deleted`` (registration), ``unique_name``, ``safetensors_files`` (the
-models-folder walk), ``shown_path`` (presenter). Tables need ``id``, ``name``, ``owner`` and a file ``path``."""
+models-folder walk), ``written_by_job`` (whose file the scan found), ``shown_path`` (presenter). Tables need ``id``, ``name``, ``owner`` and a file ``path``."""
 
 from __future__ import annotations
 
@@ -100,17 +100,21 @@ def safetensors_files(folder: Path) -> Iterator[Path]:
                 yield path
 
 
-def train_job_of(session: Session, path: Path) -> tuple[str | None, str | None]:
-    """(job id, owner) of the train job whose supervisor copied ``path`` to ``models/train/<job>/``, else (None,
-    None): the start-up scan registers such a file for its job's key, never as shared."""
+def written_by_job(session: Session, path: Path) -> Job | None:
+    """The job that wrote ``path`` into the models folder (a train job's supervisor copies to ``train/<job>/``, a
+    merge job writes ``merged/<job>.safetensors``), else None: the start-up scan registers such a file for its job's
+    key, never as shared."""
     try:
-        rel = path.resolve().relative_to(get_settings().models_dir.resolve())
+        parts = path.resolve().relative_to(get_settings().models_dir.resolve()).parts
     except ValueError:
-        return None, None
-    if len(rel.parts) != 3 or rel.parts[0] != "train":
-        return None, None
-    owner = session.scalar(select(Job.owner).where(Job.id == rel.parts[1], Job.kind == "train"))
-    return (rel.parts[1], owner) if owner is not None else (None, None)
+        return None
+    if len(parts) == 3 and parts[0] == "train":
+        job_id, kind = parts[1], "train"
+    elif len(parts) == 2 and parts[0] == "merged":
+        job_id, kind = Path(parts[1]).stem, "merge"
+    else:
+        return None
+    return session.scalar(select(Job).where(Job.id == job_id, Job.kind == kind))
 
 
 class Deleted(Exception):
