@@ -48,11 +48,13 @@ def visible(table: Any, owner: str | None) -> ColumnElement[bool]:
 
 def find(session: Session, table: type[T], ref: str, owner: str | None) -> T | None:
     """The row whose id or name is ``ref`` among those ``owner`` may see (the id wins over a name)."""
-    rows = session.scalars(
-        select(table).where(or_(table.id == ref, table.name == ref), visible(table, owner))  # type: ignore[attr-defined]
+    t: Any = table
+    q = (
+        select(t)
+        .where(or_(t.id == ref, t.name == ref), visible(t, owner))
+        .order_by((t.id == ref).desc(), t.id)
     )
-    found = list(rows)
-    return next((r for r in found if r.id == ref), found[0] if found else None)  # type: ignore[attr-defined]
+    return session.scalar(q.limit(1))
 
 
 def require_change(caller: Caller, row: Any, what: str) -> None:
