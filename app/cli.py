@@ -174,24 +174,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_models_import(args: argparse.Namespace) -> int:
     from app.db import session_scope
-    from app.services import models
+    from app.services import models, registry
 
     _settings()
     with session_scope() as session:
-        ckpt = models.register_file(session, Path(args.path), name=args.name, revive=True)
+        try:
+            ckpt = models.register_file(session, Path(args.path), name=args.name, revive=args.revive)
+        except registry.Deleted as exc:
+            log.error("%s (--revive)", exc)
+            return 2
         print(ckpt.id, ckpt.name)
     return 0
 
 
 def cmd_adapters_import(args: argparse.Namespace) -> int:
     from app.db import session_scope
-    from app.services import adapters
+    from app.services import adapters, registry
 
     _settings()
     with session_scope() as session:
         try:
-            row = adapters.register_file(session, Path(args.path), name=args.name)
-        except ValueError as exc:
+            row = adapters.register_file(session, Path(args.path), name=args.name, revive=args.revive)
+        except (ValueError, registry.Deleted) as exc:
             log.error("%s", exc)
             return 2
         print(row.id, row.name)
@@ -317,12 +321,22 @@ def build_parser() -> argparse.ArgumentParser:
     imp = mos.add_parser("import", help="register a checkpoint file")
     imp.add_argument("path")
     imp.add_argument("--name", default=None)
+    imp.add_argument(
+        "--revive",
+        action="store_true",
+        help="register the file of a deleted model again (lifts its tombstone)",
+    )
     imp.set_defaults(func=cmd_models_import)
     ad = sub.add_parser("adapters", help="LyCORIS adapters: register, merge into a checkpoint")
     ads = ad.add_subparsers(dest="adapters_command", required=True)
     adi = ads.add_parser("import", help="register an adapter file")
     adi.add_argument("path")
     adi.add_argument("--name", default=None)
+    adi.add_argument(
+        "--revive",
+        action="store_true",
+        help="register the file of a deleted adapter again (lifts its tombstone)",
+    )
     adi.set_defaults(func=cmd_adapters_import)
     adm = ads.add_parser("merge", help="write BASE with the adapters merged in as a full checkpoint")
     adm.add_argument("base", help="base checkpoint .safetensors")

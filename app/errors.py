@@ -69,6 +69,10 @@ class TooMany(ServiceError):
     status, code = 429, "queue_full"
 
 
+class QuotaExceeded(ServiceError):
+    status, code = 507, "storage_quota_exceeded"
+
+
 class Unavailable(ServiceError):
     status, code = 503, "unavailable"
 

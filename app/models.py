@@ -77,13 +77,16 @@ class Checkpoint(Base):
     is_default: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
 
 
-class DeletedModel(Base):
-    """Tombstone: a deleted model's file is not registered again by the start-up scan or a resumed run."""
+class Tombstone(Base):
+    """A deleted model's, adapter's or dataset's file (app/services/registry.py): the start-up scan, imports and
+    resumed train jobs do not register it again."""
 
-    __tablename__ = "deleted_models"
+    __tablename__ = "tombstones"
+    __table_args__ = (Index("ix_tombstones_kind_path_sha256", "kind", "path_sha256"),)
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(20))  # model | adapter | dataset
     path: Mapped[str] = mapped_column(Text)
-    path_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    path_sha256: Mapped[str] = mapped_column(String(64))
     deleted_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
 
 

@@ -66,6 +66,13 @@ class ImageJobList(BaseModel):
     has_more: bool
 
 
+class ImageJobDeleted(BaseModel):
+    id: str
+    object: Literal["image_job"] = "image_job"
+    deleted: Literal[True] = True
+    files_deleted: int = Field(description="Output folders and uploads removed from disk.")
+
+
 class OpenAIImage(BaseModel):
     b64_json: str | None = None
     url: str | None = None
@@ -229,6 +236,7 @@ class AdapterDeleted(BaseModel):
     id: str
     object: Literal["adapter"] = "adapter"
     deleted: Literal[True] = True
+    file_deleted: bool = Field(description="Its file was removed from disk.")
 
 
 class MergeJob(BaseModel):
@@ -261,6 +269,14 @@ class Readiness(BaseModel):
     ready: bool
 
 
+class FolderUsage(BaseModel):
+    bytes: int = Field(
+        description="Bytes of the files below the folder (a nested service folder counted apart)."
+    )
+    files: int
+    free_bytes: int = Field(description="Free bytes of the disk the folder is on.")
+
+
 class GpuSlot(BaseModel):
     index: int
     job: str | None
@@ -275,3 +291,6 @@ class System(BaseModel):
     workers: list[str]
     queue_depth: dict[str, int]
     running: dict[str, int]
+    disk: dict[str, FolderUsage] = Field(
+        description="uploads, outputs, models, runs, data: the service's folders."
+    )

@@ -336,6 +336,9 @@ class ModelImportRequest(Strict):
         min_length=1, max_length=1000, description="A .safetensors file under the models folder."
     )
     name: Text | None = Field(None, min_length=1, max_length=200, description="Default: the file's stem.")
+    revive: bool = Field(
+        False, description="Register the file of a deleted model again (lifts its tombstone)."
+    )
 
 
 class DatasetRequest(Strict):

@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     uploads_dir: Path | None = (
         None  # validated uploads as PNG; default HDM_OUTPUTS_DIR/uploads (worker reads them)
     )
+    # Retention (app/services/storage.py, run by the maintenance loop); 0 = keep. Fractions allowed (0.5 = 12 h).
+    outputs_ttl_days: float = Field(0.0, ge=0)  # image job outputs, counted from the job's end
+    uploads_ttl_hours: float = Field(0.0, ge=0)  # init images and masks no queued or running job needs
+    # Bytes one key may store (outputs, uploads, its models and adapters); over it, new jobs get 507. 0 = no quota.
+    key_storage_bytes: int = Field(0, ge=0)
     sync_timeout_s: int = 600  # /v1/images/generations
     train_kill_grace_s: float = 15.0  # SIGTERM to the trainer's process group, then SIGKILL after this
     cpu_threads: int = (

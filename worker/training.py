@@ -4,6 +4,7 @@ preemption -> back to the queue, heartbeats)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from sqlalchemy import select
 from app.db import session_scope
 from app.models import Adapter, Checkpoint, Job, JobEvent
 from app.procutil import alive, die_with_parent, kill_tree, process_tree
-from app.services import adapters, jobs, leases, models
+from app.services import adapters, jobs, leases, models, registry
 from app.settings import get_settings
 from hdm_core.train.config import write_config
 from worker.claim import claim
@@ -109,7 +110,8 @@ class _Supervisor:
             if not name or name in self.registered or not src.is_file():
                 continue
             dest = get_settings().models_dir / "train" / self.job_id / f"{name}.safetensors"
-            if models.is_deleted(session, dest):  # deleted through the API: a resumed run must not revive it
+            if registry.is_deleted(session, "adapter" if is_adapter else "model", dest):
+                # deleted through the API: a resumed run must not bring it back
                 self.registered.add(name)
                 continue
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +126,8 @@ class _Supervisor:
                     session, self.job_id, "log", {"message": f"{what} {row.id} at step {e.get('step')}"}
                 )
                 session.commit()
+                self.registered.add(name)
+            except registry.Deleted:
                 self.registered.add(name)
             except Exception as exc:
                 session.rollback()
@@ -251,7 +255,7 @@ def run_train_job(job_id: str, *, worker: str) -> str:
             (run_dir / "final_adapter.safetensors", True),
         ):
             if final.is_file():
-                with session_scope() as session:
+                with session_scope() as session, contextlib.suppress(registry.Deleted):
                     sup.register(session, final, "final", sup.latest.get("step"), is_adapter)
     else:
         tail = (run_dir / "train.log").read_bytes()[-2000:].decode(errors="replace")

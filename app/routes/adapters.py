@@ -10,25 +10,35 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.deps import CallerDep, SessionDep
+from app.deps import CallerDep, KeyDep, SessionDep
 from app.responses import AdapterDeleted, AdapterList, AdapterOut, MergeJob
-from app.routes.common import After, IdemKey, Limit, Prefer, job_response, prefer_wait, wait_final
+from app.routes.common import (
+    After,
+    ConfirmOutside,
+    IdemKey,
+    Limit,
+    Prefer,
+    job_response,
+    prefer_wait,
+    wait_final,
+)
 from app.schemas import MergeRequest
-from app.services import adapters, jobs, merges, presenter
+from app.services import adapters, jobs, merges, presenter, registry
 
 router = APIRouter(tags=["adapters"])
 Ref = Annotated[str, PathParam(max_length=300)]
 
 
 @router.get("/v1/adapters", response_model=AdapterList)
-def list_adapters(owner: CallerDep, session: SessionDep, limit: Limit = 100, after: After = None) -> Any:
-    rows, more = adapters.page(session, owner, limit, after)
-    return presenter.page([presenter.adapter(a) for a in rows], more)
+def list_adapters(caller: KeyDep, session: SessionDep, limit: Limit = 100, after: After = None) -> Any:
+    """Shared adapters and the caller's own; admin keys see every key's."""
+    rows, more = adapters.page(session, registry.scope(caller), limit, after)
+    return presenter.page([presenter.adapter(a, caller.admin) for a in rows], more)
 
 
 @router.get("/v1/adapters/{adapter_id}", response_model=AdapterOut)
-def get_adapter(adapter_id: Ref, owner: CallerDep, session: SessionDep) -> Any:
-    return presenter.adapter(adapters.get(session, adapter_id, owner))
+def get_adapter(adapter_id: Ref, caller: KeyDep, session: SessionDep) -> Any:
+    return presenter.adapter(adapters.get(session, adapter_id, registry.scope(caller)), caller.admin)
 
 
 @router.get(
@@ -36,16 +46,19 @@ def get_adapter(adapter_id: Ref, owner: CallerDep, session: SessionDep) -> Any:
     response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
-def adapter_file(adapter_id: Ref, owner: CallerDep, session: SessionDep) -> Any:
-    path = adapters.file_path(adapters.get(session, adapter_id, owner))
+def adapter_file(adapter_id: Ref, caller: KeyDep, session: SessionDep) -> Any:
+    path = adapters.file_path(adapters.get(session, adapter_id, registry.scope(caller)))
     return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
 
 @router.delete("/v1/adapters/{adapter_id}", response_model=AdapterDeleted)
-def delete_adapter(adapter_id: Ref, owner: CallerDep, session: SessionDep) -> Any:
-    row = adapters.get(session, adapter_id, owner)
-    adapters.delete(session, row)
-    return {"id": row.id, "object": "adapter", "deleted": True}
+def delete_adapter(
+    adapter_id: Ref, caller: KeyDep, session: SessionDep, confirm_outside: ConfirmOutside = False
+) -> Any:
+    """Shared adapters: admin keys only; private ones: their owner (app/services/registry.py)."""
+    row = adapters.get(session, adapter_id, registry.scope(caller))
+    freed = adapters.delete(session, row, caller, confirm_outside=confirm_outside)
+    return {"id": row.id, "object": "adapter", "deleted": True, "file_deleted": freed}
 
 
 @router.post(

@@ -22,6 +22,10 @@ from app.settings import get_settings
 
 Limit = Annotated[int, Query(ge=1, le=100, description="Page size (newest first).")]
 After = Annotated[str | None, Query(max_length=64, description="Cursor: the last id of the previous page.")]
+ConfirmOutside = Annotated[
+    bool,
+    Query(description="Also delete a file outside the service's own folders (models, runs, outputs, data)."),
+]
 IdemKey = Annotated[
     str | None,
     Header(

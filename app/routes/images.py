@@ -1,4 +1,4 @@
-"""/v1/images: create, get, list, cancel, events, files."""
+"""/v1/images: create, get, list, cancel, delete, events, files."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import CallerDep, SessionDep
-from app.responses import EventList, ImageJob, ImageJobList
+from app.responses import EventList, ImageJob, ImageJobDeleted, ImageJobList
 from app.routes.common import (
     After,
     EventsAfter,
@@ -25,7 +25,7 @@ from app.routes.common import (
     wait_final,
 )
 from app.schemas import ImageRequest
-from app.services import images, jobs, presenter
+from app.services import images, jobs, presenter, storage
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 JobId = Annotated[str, PathParam(max_length=64)]
@@ -90,6 +90,13 @@ def _get_view(session: Session, job_id: str, owner: str, base: str) -> dict[str,
 def cancel_image(job_id: JobId, request: Request, owner: CallerDep, session: SessionDep) -> Any:
     job = jobs.cancel(session, jobs.get_job(session, job_id, "image", owner))
     return presenter.image_job(session, job, str(request.base_url))
+
+
+@router.delete("/{job_id}", response_model=ImageJobDeleted)
+def delete_image(job_id: JobId, owner: CallerDep, session: SessionDep) -> Any:
+    """A finished job and its files (outputs, the uploads no other queued or running job needs); 409 while it runs."""
+    removed = storage.delete_image_job(session, jobs.get_job(session, job_id, "image", owner))
+    return {"id": job_id, "object": "image_job", "deleted": True, "files_deleted": removed}
 
 
 @router.get(

@@ -11,18 +11,19 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import struct
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, or_, select, true
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.auth import Caller
 from app.db import keyset_page, utcnow
 from app.errors import Conflict, Invalid, NotFound
 from app.ids import new_id
 from app.models import Adapter, Checkpoint, Job
+from app.services import registry
 from app.services.models import read_header
 from app.settings import get_settings
 from hdm_core.config import XUTConfig, adapter_arch_diffs
@@ -85,21 +86,19 @@ def register_file(
     owner: str | None = None,
     source: str = "file",
     train_job_id: str | None = None,
+    revive: bool = False,
 ) -> Adapter:
-    """Register (or return the registered row of) an adapter file; ValueError when it is not one."""
+    """Register (or return the registered row of) an adapter file; ValueError when it is not one,
+    ``registry.Deleted`` for a deleted adapter's file unless ``revive`` (an explicit import)."""
     path = path.resolve()
     existing = session.scalar(select(Adapter).where(Adapter.path == str(path)))
     if existing is not None:
         return existing
+    registry.check_not_deleted(session, "adapter", path, revive=revive)
     info = describe(path)
-    base = name or path.stem
-    candidate, i = base, 1
-    while session.scalar(select(Adapter.id).where(Adapter.name == candidate)) is not None:
-        i += 1
-        candidate = f"{base}-{i}"
     row = Adapter(
         id=new_id("adp"),
-        name=candidate,
+        name=registry.unique_name(session, Adapter, name or path.stem),
         owner=owner,
         source=source,
         train_job_id=train_job_id,
@@ -116,59 +115,59 @@ def register_file(
 
 
 def scan_models_dir(session: Session) -> int:
-    """Register the adapter files below the models folder (the same walk as the checkpoint scan: folders with a
-    ``config.json`` are not entered, symbolic links are not followed)."""
-    folder = get_settings().models_dir
-    if not folder.is_dir():
-        return 0
+    """Register the adapter files below the models folder (the checkpoint scan's walk,
+    ``registry.safetensors_files``); deleted adapters' files are skipped."""
     n = 0
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames.sort()
-        if "config.json" in filenames:
-            dirnames.clear()
+    for path in registry.safetensors_files(get_settings().models_dir):
+        if not is_adapter_file(path):
             continue
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if not name.endswith(".safetensors") or path.is_symlink() or not is_adapter_file(path):
-                continue
-            try:
+        job = registry.written_by_job(session, path)  # an adapter job's file: its key's, never shared
+        try:
+            if job is not None:
+                name = f"{job.id}-{path.stem}"
+                register_file(
+                    session, path, name=name, owner=job.owner, source="train_job", train_job_id=job.id
+                )
+            else:
                 register_file(session, path)
-                n += 1
-            except Exception as exc:  # one unreadable file must not stop start-up
-                session.rollback()
-                log.warning("skipping adapter %s: %s", path, exc)
+            n += 1
+        except registry.Deleted:
+            log.info("models folder: skipping %s (its adapter was deleted)", path)
+        except Exception as exc:  # one unreadable file must not stop start-up
+            session.rollback()
+            log.warning("skipping adapter %s: %s", path, exc)
     return n
 
 
-def visible(owner: str | None) -> ColumnElement[bool]:
-    """Shared adapters (owner NULL) and the caller's own (trained by its train jobs)."""
-    return true() if owner is None else or_(Adapter.owner.is_(None), Adapter.owner == owner)
-
-
 def get(session: Session, ref: str, owner: str | None) -> Adapter:
-    row = session.scalar(
-        select(Adapter).where(or_(Adapter.id == ref, Adapter.name == ref), visible(owner)).limit(1)
-    )
+    row = registry.find(session, Adapter, ref, owner)
     if row is None:
         raise NotFound(f"No adapter {ref!r}.", param="id")
     return row
 
 
 def page(session: Session, owner: str | None, limit: int, after: str | None) -> tuple[list[Adapter], bool]:
-    q = select(Adapter).where(visible(owner))
+    q = select(Adapter).where(registry.visible(Adapter, owner))
     return keyset_page(session, q, Adapter.id, limit, after)
 
 
-def delete(session: Session, row: Adapter) -> None:
-    """Unregister (the file stays: the start-up scan finds a file under the models folder again)."""
+def delete(session: Session, row: Adapter, caller: Caller, *, confirm_outside: bool = False) -> bool:
+    """Unregister (leaving a tombstone: the scan and a resumed train job do not register it again) and remove the
+    file (``registry``'s rule); returns whether a file was removed."""
+    registry.require_change(caller, row, "Adapter")
     active = session.execute(
         select(Job.id, Job.request).where(Job.kind == "image", Job.status.in_(("queued", "running")))
     )
     busy = next((j for j, req in active if any(a["id"] == row.id for a in req.get("adapters") or [])), None)
     if busy:
         raise Conflict(f"Adapter {row.id} is used by job {busy}; cancel it or wait.", code="adapter_in_use")
+    path = Path(row.path)
+    registry.check_removable(path, f"adapter {row.id}", confirm_outside=confirm_outside)
+    registry.bury(session, "adapter", path)
     session.delete(row)
     session.commit()
+    log.info("deleted adapter %s", row.id)
+    return registry.remove_file(path)
 
 
 def file_path(row: Adapter) -> Path:
@@ -187,11 +186,7 @@ def for_request(
     seen: set[str] = set()
     arch = _arch(model)
     for i, ref in enumerate(refs):
-        row = session.scalar(
-            select(Adapter)
-            .where(or_(Adapter.id == ref["id"], Adapter.name == ref["id"]), visible(owner))
-            .limit(1)
-        )
+        row = registry.find(session, Adapter, ref["id"], owner)
         if row is None:
             raise Invalid(
                 f"Unknown adapter {ref['id']!r}; see GET /v1/adapters.",

@@ -30,7 +30,7 @@ def resolve_path(raw: str) -> Path:
         raise Invalid(f"path cannot be used: {exc.strerror or exc}.", param="path", code="bad_path") from None
     if not inside:
         raise Forbidden(
-            f"path must be inside the server's data root ({root}).",
+            "path must be inside the server's data root (HDM_DATA_ROOT); give a path relative to it.",
             param="path",
             code="path_outside_data_root",
         )

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app.errors import Invalid, NotFound
 from app.models import Image, Job
 from app.schemas import ImageRequest
-from app.services import adapters, edits, jobs, models, presenter, webhooks
+from app.services import adapters, edits, jobs, models, presenter, storage, webhooks
 from app.settings import get_settings
 from hdm_core.config import MAX_SEED
 
@@ -48,13 +48,15 @@ def create(
             f"Unknown sampler {req.sampler!r}; choose one of {presenter.SAMPLERS}.", param="sampler"
         )
     webhooks.check_url(req.webhook)
-    edit = edits.from_request(req, files, masked_strength=masked_strength)
+    decoded = edits.from_request(req, files, masked_strength=masked_strength)
+    edit, pending = decoded if decoded is not None else (None, {})
     raw = raw_body if raw_body is not None else req.model_dump(mode="json", exclude_unset=True)
     if edit is not None:  # the idempotency hash sees the uploads' content ids, the job never their bytes
         raw = {**raw, "init_image": edit["init_image"], "mask": edit["mask"]}
     existing = jobs.find_idempotent(session, owner, idempotency_key, jobs.request_hash(raw))
     if existing is not None:
         return existing, False
+    storage.check_quota(session, owner, adding=sum(len(b) for b in pending.values()))
     model = models.resolve(session, req.model, owner=owner)
     resolved = req.model_dump(mode="json")
     resolved["model"] = model.id
@@ -67,17 +69,24 @@ def create(
     if resolved["seed"] is None:
         resolved["seed"] = secrets.randbelow(2**32)
     resolved["seed"] = min(resolved["seed"], MAX_SEED - req.n + 1)
-    return jobs.create_job(
-        session,
-        kind="image",
-        owner=owner,
-        idempotency_key=idempotency_key,
-        raw_body=raw,
-        request=resolved,
-        queue_name=get_settings().image_queue,
-        model_id=model.id,
-        webhook=req.webhook,
-    )
+    written: list[Path] = []
+    try:
+        return jobs.create_job(
+            session,
+            kind="image",
+            owner=owner,
+            idempotency_key=idempotency_key,
+            raw_body=raw,
+            request=resolved,
+            queue_name=get_settings().image_queue,
+            model_id=model.id,
+            webhook=req.webhook,
+            on_accept=lambda: written.extend(edits.store(pending)),
+        )
+    except BaseException:  # the job was not committed: the files written for it go with it
+        for file in written:
+            file.unlink(missing_ok=True)
+        raise
 
 
 def image_file(session: Session, job_id: str, index: int) -> tuple[Path, str]:

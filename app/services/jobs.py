@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -88,8 +89,11 @@ def create_job(
     webhook: str | None = None,
     status: str = "queued",
     publish: bool = True,
+    on_accept: Callable[[], object] | None = None,
 ) -> tuple[Job, bool]:
-    """Returns (job, created). Same key + same body returns the first job; different body raises 409."""
+    """Returns (job, created). Same key + same body returns the first job; different body raises 409.
+    ``on_accept``: writes what the job needs (its uploads) after every check passed, before the commit makes the
+    job visible to workers."""
     idempotency_key = (idempotency_key or "").strip() or None
     digest = request_hash(raw_body)
     existing = find_idempotent(session, owner, idempotency_key, digest)
@@ -122,6 +126,8 @@ def create_job(
             raise
         return existing, False
     add_event(session, job.id, "status", {"status": status})
+    if on_accept is not None:
+        on_accept()
     send = publish and status == "queued"
     if send:  # one commit for row, event and enqueue bookkeeping; then the broker
         job.enqueue_count, job.enqueued_at = 1, utcnow()

@@ -1,6 +1,6 @@
 """Periodic upkeep, safe to run in several processes at once (every change is an atomic conditional UPDATE):
 requeue or fail jobs whose worker died, re-publish queued jobs the broker lost, force stuck cancels, release stale
-GPU leases, schedule train jobs. Webhooks are sent by their own thread (``webhooks.DeliveryThread``)."""
+GPU leases, schedule train jobs, remove expired outputs and uploads (app/services/storage.py). Webhooks are sent by their own thread (``webhooks.DeliveryThread``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from app import queue
 from app.db import session_scope
 from app.models import GpuLease, Job
-from app.services import jobs, training
+from app.services import jobs, storage, training
 from app.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def republish_lost(session: Session) -> int:
     return n
 
 
-STEPS = (recover_stale, force_cancels, republish_lost, training.schedule)
+STEPS = (recover_stale, force_cancels, republish_lost, training.schedule, storage.expire)
 
 
 def tick() -> None:

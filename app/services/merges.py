@@ -6,7 +6,7 @@ from sqlalchemy.orm import Session
 
 from app.models import Job
 from app.schemas import MergeRequest
-from app.services import adapters, jobs, models
+from app.services import adapters, jobs, models, storage
 from app.settings import get_settings
 
 
@@ -17,6 +17,7 @@ def create(
     existing = jobs.find_idempotent(session, owner, idempotency_key, jobs.request_hash(raw))
     if existing is not None:
         return existing, False
+    storage.check_quota(session, owner)
     base = models.get(session, model_ref, owner)
     refs = [a.model_dump(mode="json") for a in req.adapters]
     request = {

@@ -10,22 +10,22 @@ Reads the safetensors header directly (JSON), so the API process does not need t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
 import struct
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, or_, select, true, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from app.auth import Caller
 from app.db import keyset_page, utcnow
 from app.errors import Conflict, Forbidden, Invalid, NotFound
 from app.ids import new_id
-from app.models import Checkpoint, DeletedModel, Job
+from app.models import Checkpoint, Job
+from app.services import registry
 from app.settings import get_settings
 from hdm_core.files import sha256_file
 
@@ -59,23 +59,6 @@ def describe(path: Path) -> dict[str, Any]:
     return {"arch": arch, "params": params, "codec": codec}
 
 
-class ModelDeleted(Exception):
-    """The file belongs to a deleted model (tombstone); only an explicit import registers it again."""
-
-
-def _path_key(path: Path) -> str:
-    return hashlib.sha256(str(path).encode()).hexdigest()
-
-
-def is_deleted(session: Session, path: Path) -> bool:
-    return (
-        session.scalar(
-            select(DeletedModel.id).where(DeletedModel.path_sha256 == _path_key(path.resolve())).limit(1)
-        )
-        is not None
-    )
-
-
 def register_file(
     session: Session,
     path: Path,
@@ -87,29 +70,20 @@ def register_file(
     revive: bool = False,
     owner: str | None = None,
 ) -> Checkpoint:
-    """Register a checkpoint file (idempotent by path). ``revive``: an explicit import lifts a tombstone.
-    ``owner``: the key that may see it (None: shared); a train job's checkpoints belong to the job's key."""
+    """Register a checkpoint file (idempotent by path); ``registry.Deleted`` for a deleted model's file unless
+    ``revive`` (an explicit import). ``owner``: the key that may see it (None: shared); a train job's checkpoints
+    belong to the job's key."""
     path = path.resolve()
     existing = session.scalar(select(Checkpoint).where(Checkpoint.path == str(path)))
     if existing is not None:
         return existing
-    tomb = select(DeletedModel).where(DeletedModel.path_sha256 == _path_key(path))
-    if revive:
-        for row in session.scalars(tomb):
-            session.delete(row)
-    elif session.scalar(tomb.limit(1)) is not None:
-        raise ModelDeleted(f"{path} belongs to a deleted model")
+    registry.check_not_deleted(session, "model", path, revive=revive)
     if train_job_id:
         owner = session.scalar(select(Job.owner).where(Job.id == train_job_id))
     info = describe(path)
-    base = name or path.stem
-    candidate, i = base, 1
-    while session.scalar(select(Checkpoint.id).where(Checkpoint.name == candidate)) is not None:
-        i += 1
-        candidate = f"{base}-{i}"
     ckpt = Checkpoint(
         id=new_id("ckpt"),
-        name=candidate,
+        name=registry.unique_name(session, Checkpoint, name or path.stem),
         arch=info["arch"],
         codec=info["codec"],
         params=info["params"],
@@ -140,7 +114,7 @@ def is_xut_checkpoint(path: Path) -> bool:
     return any(key in header for key in XUT_KEYS)
 
 
-def import_file(session: Session, raw: str, *, name: str | None = None) -> Checkpoint:
+def import_file(session: Session, raw: str, *, name: str | None = None, revive: bool = False) -> Checkpoint:
     """``POST /v1/models/import`` (admin): as ``hdm models import``, but only for an XUT checkpoint inside the
     models folder (after resolving symbolic links), so a key cannot make the server read any other file."""
     root = get_settings().models_dir.resolve()
@@ -165,39 +139,40 @@ def import_file(session: Session, raw: str, *, name: str | None = None) -> Check
             param="path",
             code="not_a_checkpoint",
         )
-    return register_file(session, path, name=name, revive=True)
+    try:
+        return register_file(session, path, name=name, revive=revive)
+    except registry.Deleted:
+        raise Conflict(
+            f"{raw!r} is the file of a deleted model; send revive=true to register it again.",
+            param="revive",
+            code="deleted_item",
+        ) from None
 
 
 def scan_models_dir(session: Session) -> int:
-    """Register the XUT checkpoints below the models folder. Folders with a ``config.json`` (Hugging Face text
-    encoders, diffusers VAEs) are not entered; other ``*.safetensors`` that are not XUT checkpoints are skipped.
-    Symbolic links are not followed (no cycles; every registered file is inside the folder) and deleted models'
-    files are not registered again. If nothing is the default yet, the first model found becomes it."""
-    folder = get_settings().models_dir
-    if not folder.is_dir():
-        return 0
+    """Register the XUT checkpoints below the models folder (``registry.safetensors_files``: no Hugging Face
+    folders, no symbolic links); other ``*.safetensors`` and deleted models' files are skipped. If nothing is the
+    default yet, the first model found becomes it."""
     n = 0
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames.sort()
-        if "config.json" in filenames:
-            log.info("models folder: skipping %s (has config.json: a Hugging Face/diffusers folder)", dirpath)
-            dirnames.clear()
+    for path in registry.safetensors_files(get_settings().models_dir):
+        if not is_xut_checkpoint(path):
+            log.info("models folder: skipping %s (not an XUT checkpoint)", path)
             continue
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if not name.endswith(".safetensors") or path.is_symlink():
-                continue
-            if not is_xut_checkpoint(path):
-                log.info("models folder: skipping %s (not an XUT checkpoint)", path)
-                continue
-            try:
+        job = registry.written_by_job(session, path)
+        try:  # a file a job wrote but did not get to register belongs to the job's key
+            if job is not None and job.kind == "merge":
+                register_file(session, path, source="merge", owner=job.owner)
+            elif job is not None:
+                name = f"{job.id}-{path.stem}"
+                register_file(session, path, name=name, source="train_job", train_job_id=job.id)
+            else:
                 register_file(session, path)
-                n += 1
-            except ModelDeleted:
-                log.info("models folder: skipping %s (its model was deleted)", path)
-            except Exception as exc:  # one unreadable file must not stop start-up
-                session.rollback()
-                log.warning("skipping %s: %s", path, exc)
+            n += 1
+        except registry.Deleted:
+            log.info("models folder: skipping %s (its model was deleted)", path)
+        except Exception as exc:  # one unreadable file must not stop start-up
+            session.rollback()
+            log.warning("skipping %s: %s", path, exc)
     _ensure_default(session)
     return n
 
@@ -217,13 +192,6 @@ def _ensure_default(session: Session) -> None:
         log.info("default model: %s (%s); change it with POST /v1/models/{id}/default", first.id, first.name)
 
 
-def visible(owner: str | None) -> ColumnElement[bool]:
-    """SQL condition: shared models and the caller's own (``owner`` None: all, for admin keys)."""
-    if owner is None:
-        return true()
-    return or_(Checkpoint.owner.is_(None), Checkpoint.owner == owner)
-
-
 def default_model(session: Session) -> Checkpoint | None:
     ref = get_settings().default_model
     if ref:
@@ -233,9 +201,7 @@ def default_model(session: Session) -> Checkpoint | None:
 
 def resolve(session: Session, ref: str | None, *, owner: str | None, param: str = "model") -> Checkpoint:
     if ref:
-        ckpt = session.scalar(
-            select(Checkpoint).where(or_(Checkpoint.id == ref, Checkpoint.name == ref), visible(owner))
-        )
+        ckpt = registry.find(session, Checkpoint, ref, owner)
         if ckpt is None:
             raise Invalid(f"Unknown model {ref!r}; see GET /v1/models.", param=param, code="unknown_model")
         return ckpt
@@ -254,16 +220,14 @@ def resolve(session: Session, ref: str | None, *, owner: str | None, param: str 
 
 
 def get(session: Session, model_id: str, owner: str | None) -> Checkpoint:
-    ckpt = session.scalar(
-        select(Checkpoint).where(or_(Checkpoint.id == model_id, Checkpoint.name == model_id), visible(owner))
-    )
+    ckpt = registry.find(session, Checkpoint, model_id, owner)
     if ckpt is None:
         raise NotFound(f"No model {model_id!r}.", param="id")
     return ckpt
 
 
 def page(session: Session, owner: str | None, limit: int, after: str | None) -> tuple[list[Checkpoint], bool]:
-    q = select(Checkpoint).where(visible(owner))
+    q = select(Checkpoint).where(registry.visible(Checkpoint, owner))
     return keyset_page(session, q, Checkpoint.id, limit, after)
 
 
@@ -281,16 +245,10 @@ def set_default(session: Session, ckpt: Checkpoint) -> Checkpoint:
     return ckpt
 
 
-def service_folders() -> list[Path]:
-    s = get_settings()
-    return [p.resolve() for p in (s.models_dir, s.runs_dir, s.outputs_dir)]
-
-
-def delete(session: Session, ckpt: Checkpoint, *, admin: bool, confirm_outside: bool = False) -> bool:
-    """Deletes the row and the file; returns whether a file was removed. Shared models need an admin key; a file
-    outside the service's folders only with ``confirm_outside``."""
-    if ckpt.owner is None and not admin:
-        raise Forbidden(f"Model {ckpt.id} is shared; deleting it needs an admin key.", code="admin_required")
+def delete(session: Session, ckpt: Checkpoint, caller: Caller, *, confirm_outside: bool = False) -> bool:
+    """Deletes the row (leaving a tombstone) and the file (``registry``'s rule: inside the service's folders, or
+    with ``confirm_outside``); returns whether a file was removed."""
+    registry.require_change(caller, ckpt, "Model")
     busy = session.scalar(
         select(Job.id).where(Job.model_id == ckpt.id, Job.status.in_(("queued", "running"))).limit(1)
     )
@@ -302,24 +260,13 @@ def delete(session: Session, ckpt: Checkpoint, *, admin: bool, confirm_outside: 
             f"Model {ckpt.id} is the default model; make another one the default first.",
             code="model_is_default",
         )
-    path = Path(ckpt.path).resolve()
-    inside = any(path.is_relative_to(folder) for folder in service_folders())
-    if not inside and not confirm_outside:
-        raise Conflict(
-            f"The file of model {ckpt.id} is outside the service's folders ({path}); repeat with "
-            "confirm_outside=true to delete it too.",
-            param="confirm_outside",
-            code="confirm_required",
-        )
-    session.add(DeletedModel(path=str(path), path_sha256=_path_key(path), deleted_at=utcnow()))
+    path = Path(ckpt.path)
+    registry.check_removable(path, f"model {ckpt.id}", confirm_outside=confirm_outside)
+    registry.bury(session, "model", path)
     session.delete(ckpt)
     session.commit()
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return False
-    log.info("deleted model %s and its file %s", ckpt.id, path)
-    return True
+    log.info("deleted model %s", ckpt.id)
+    return registry.remove_file(path)
 
 
 def file_path(ckpt: Checkpoint) -> Path:

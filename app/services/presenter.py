@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.db import as_utc
 from app.models import Adapter, Checkpoint, Dataset, Image, Job, JobEvent
+from app.services import registry
 from hdm_core.config import SAMPLER_NAMES
 
 SAMPLERS = list(SAMPLER_NAMES)
@@ -147,12 +148,12 @@ def job_body(session: Session, job: Job) -> dict[str, Any]:
     return {"id": job.id, "object": f"{job.kind}_job", "status": job.status, "error": job.error}
 
 
-def dataset(ds: Dataset) -> dict[str, Any]:
+def dataset(ds: Dataset, admin: bool = False) -> dict[str, Any]:
     return {
         "id": ds.id,
         "object": "dataset",
         "name": ds.name,
-        "path": ds.path,
+        "path": registry.shown_path(ds.path, admin),
         "status": ds.status,
         "stats": ds.stats,
         "error": ds.error,
@@ -161,7 +162,8 @@ def dataset(ds: Dataset) -> dict[str, Any]:
     }
 
 
-def model(ckpt: Checkpoint, default_id: str | None = None) -> dict[str, Any]:
+def model(ckpt: Checkpoint, default_id: str | None = None, admin: bool = False) -> dict[str, Any]:
+    """``admin``: the caller is an admin key (the only one shown the server's absolute path)."""
     return {
         "id": ckpt.id,
         "object": "model",
@@ -173,7 +175,7 @@ def model(ckpt: Checkpoint, default_id: str | None = None) -> dict[str, Any]:
         "train_job": ckpt.train_job_id,
         "step": ckpt.step,
         "sha256": ckpt.sha256,
-        "path": ckpt.path,
+        "path": registry.shown_path(ckpt.path, admin),
         "size_bytes": ckpt.size_bytes,
         "created_at": iso(ckpt.created_at),
         "samplers": SAMPLERS,
@@ -182,7 +184,7 @@ def model(ckpt: Checkpoint, default_id: str | None = None) -> dict[str, Any]:
     }
 
 
-def adapter(row: Adapter) -> dict[str, Any]:
+def adapter(row: Adapter, admin: bool = False) -> dict[str, Any]:
     return {
         "id": row.id,
         "object": "adapter",
@@ -197,7 +199,7 @@ def adapter(row: Adapter) -> dict[str, Any]:
         "source": row.source,
         "train_job": row.train_job_id,
         "sha256": row.sha256,
-        "path": row.path,
+        "path": registry.shown_path(row.path, admin),
         "size_bytes": row.size_bytes,
         "created_at": iso(row.created_at),
     }

@@ -12,6 +12,7 @@ from app import queue
 from app.db import as_utc, get_engine
 from app.migrate import current_revision, head_revision
 from app.models import GpuLease, Job
+from app.services import storage
 from app.services.jobs import stale_before
 from app.services.presenter import iso
 from app.settings import get_settings
@@ -68,6 +69,7 @@ def system_view(session: Session) -> dict[str, Any]:
         "workers": workers,
         "queue_depth": depth,
         "running": {kind: c.get((kind, "running"), 0) for kind in ("image", "train", "dataset")},
+        "disk": storage.folder_usage(),
     }
 
 

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from app.errors import Conflict, Invalid, NotFound
 from app.models import Checkpoint, Dataset, Job
 from app.schemas import TrainRequest
-from app.services import jobs, leases, models, webhooks
+from app.services import jobs, leases, models, storage, webhooks
 from app.settings import get_settings
 from hdm_core.config import PRESETS, XUTConfig, is_pixel_space, param_count
 from hdm_core.train.config import ADAPTER_RECIPE_LR
@@ -32,6 +32,7 @@ def create(
     existing = jobs.find_idempotent(session, owner, idempotency_key, jobs.request_hash(raw))
     if existing is not None:
         return existing, False
+    storage.check_quota(session, owner)
     ds = session.get(Dataset, req.dataset)
     if ds is None or ds.owner != owner:
         raise Invalid(f"Unknown dataset {req.dataset!r}; create it with POST /v1/datasets.", param="dataset")

@@ -105,6 +105,11 @@ def test_deleted_model_frees_its_file_and_stays_deleted(
             shutil.copy(assets["model"], inside)  # the same file again (a sync job, a backup restore)
             _scan(stack)
             _assert_error(admin.get("/v1/models/extra"), 404)  # still deleted: the scan skips its tombstone
+            imp = admin.post("/v1/models/import", json={"path": "extra.safetensors"})
+            _assert_error(imp, 409, param="revive", code="deleted_item")  # an import respects it too
+            imp = admin.post("/v1/models/import", json={"path": "extra.safetensors", "revive": True})
+            assert imp.status_code == 200 and imp.json()["name"] == "extra", imp.text
+            assert admin.delete(f"/v1/models/{imp.json()['id']}").status_code == 200
             out_id = _import(stack, outside, "outside")
             _assert_error(admin.delete(f"/v1/models/{out_id}"), 409, param="confirm_outside")
             assert outside.exists()
