@@ -41,7 +41,8 @@ def test_the_largest_seed_samples(pipe: HDMPipeline) -> None:
 def test_context_length_is_the_encoded_length(pipe: HDMPipeline) -> None:
     lengths = set()
     for p in PROMPTS:
-        encoded = pipe._encode([p])  # the pipeline's own encoding of a job alone: the transformers tokenizer + LM
+        # the pipeline's own encoding of a job alone: the transformers tokenizer + LM
+        encoded = pipe._encode([p])
         assert pipe.context_length(p) == encoded.shape[1], p
         lengths.add(encoded.shape[1])
     assert len(lengths) >= 4 and max(lengths) == 256  # distinct lengths, and truncation counted
