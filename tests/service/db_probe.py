@@ -42,6 +42,19 @@ def job_rows(db_url: str, ids: list[str]) -> list[JobRow]:
     return [by_id[i] for i in ids]
 
 
+def wait_final(db_url: str, ids: list[str], timeout: float = 180) -> list[JobRow]:
+    """Until every job is final (any key's jobs: the database, not one key's view of the API)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = job_rows(db_url, ids)
+        if all(r.status in ("succeeded", "failed", "cancelled") for r in rows):
+            return rows
+        assert time.monotonic() < deadline, [
+            r for r in rows if r.status not in ("succeeded", "failed", "cancelled")
+        ]
+        time.sleep(0.2)
+
+
 def lock_waiters(db_url: str, like: str) -> int:
     """Sessions of this database waiting on a lock in a statement matching ``like`` (SQL LIKE)."""
     dbname = db_url.rsplit("/", 1)[1]
@@ -49,6 +62,18 @@ def lock_waiters(db_url: str, like: str) -> int:
         row = conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock' AND query LIKE %s",
             (dbname, like),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def idle_in_transaction(db_url: str, older_than_s: float) -> int:
+    """Sessions of this database inside a transaction that waits for its client (a paused process holds its locks)."""
+    dbname = db_url.rsplit("/", 1)[1]
+    with connect(db_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND state = 'idle in transaction'"
+            " AND xact_start < now() - make_interval(secs => %s)",
+            (dbname, older_than_s),
         ).fetchone()
     return int(row[0]) if row else 0
 

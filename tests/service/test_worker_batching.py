@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from db_probe import connect, job_rows
+from db_probe import connect, job_rows, wait_final
 from PIL import Image
 from service_stack import API_KEY, OTHER_KEY, ROOT, Stack, own_database, stack_env
 
@@ -75,8 +75,7 @@ def _pixels(s: Stack, job_id: str, index: int = 0) -> tuple[np.ndarray, str]:
 def _run_queued(s: Stack, job_ids: list[str], env: dict[str, str], timeout: float = 120) -> None:
     worker = s.start_worker(0, extra_env=env)
     try:
-        for j in job_ids:
-            s.wait_job(j, timeout=timeout)
+        wait_final(s.env["HDM_DATABASE_URL"], job_ids, timeout=timeout * len(job_ids))
     finally:
         s.kill_worker(worker, sig=15)
 
