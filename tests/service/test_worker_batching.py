@@ -156,6 +156,19 @@ def test_the_largest_seed_runs_and_a_job_that_cannot_run_fails_alone(bstack: Sta
     assert len({r.batch_id for r in rows}) == 1 and rows[0].batch_size == 7
 
 
+def test_token_budget_splits_the_queue_in_arrival_order(bstack: Stack) -> None:
+    s = bstack
+    # 32x32 px on the pixel model (2 px per token): 256 patches + 3 prompt tokens, and 256 + 0 for the empty
+    # negative prompt (CFG): 515 tokens per job, so a budget of 1600 takes three jobs per forward
+    ids = [_post(s, PROMPTS[i % 4], seed=500 + i, key=(API_KEY, OTHER_KEY)[i % 2]) for i in range(8)]
+    _run_queued(s, ids, {"HDM_MAX_BATCH": "8", "HDM_BATCH_TOKENS": "1600"})
+    rows = job_rows(s.env["HDM_DATABASE_URL"], ids)
+    assert all(r.status == "succeeded" for r in rows), rows
+    batches = [r.batch_id for r in rows]
+    assert batches == [batches[0]] * 3 + [batches[3]] * 3 + [batches[6]] * 2, batches
+    assert len(set(batches)) == 3 and [r.batch_size for r in rows] == [3] * 6 + [2] * 2
+
+
 def test_worker_samples_in_hdm_dtype_bf16(bstack: Stack) -> None:
     s = bstack
     job = _post(s, "a red circle", seed=3)
