@@ -94,14 +94,12 @@ def force_cancels(session: Session) -> int:
 
 
 def _shares_process(session: Session, job: Job) -> list[str]:
-    """Other running jobs of the worker that runs ``job`` (one process per worker: the image jobs of one batch)."""
-    if job.worker is None:
+    """The other image jobs of ``job``'s batch: running image jobs of the same image worker (one process per image
+    worker, --concurrency 1). A trainer service runs train jobs in processes of their own."""
+    if job.worker is None or job.kind != "image":
         return []
-    return list(
-        session.scalars(
-            select(Job.id).where(Job.status == "running", Job.worker == job.worker, Job.id != job.id)
-        )
-    )
+    same = [Job.status == "running", Job.kind == "image", Job.worker == job.worker, Job.id != job.id]
+    return list(session.scalars(select(Job.id).where(*same)))
 
 
 _last_scan = 0.0
