@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from hdm_core.config import MAX_SEED
+from hdm_core.config import MAX_SEED, check_seed
 from hdm_core.train.config import (
     ADAPTER_TARGETS,
     AdapterSection,
@@ -114,9 +114,8 @@ class ImageParams(Strict):
     @field_validator("seed")
     @classmethod
     def _seed_range(cls, seed: int | None, info: ValidationInfo) -> int | None:
-        n = info.data.get("n", 1)
-        if seed is not None and seed + n - 1 > MAX_SEED:
-            raise ValueError(f"seed + n - 1 must be <= {MAX_SEED}")
+        if seed is not None:
+            check_seed(seed, info.data.get("n", 1))
         return seed
 
 

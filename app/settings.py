@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     # Queued image jobs with the same settings sampled as one network batch (worker/batcher.py); 0 = auto: 8 on a
     # CUDA device, 1 (no batching) on CPU, where a bigger batch is not faster per image (bench/batch.py).
     max_batch: int = Field(0, ge=0, le=64)
+    # Tokens the network reads per step in one batch (each image's patches + text tokens, per CFG branch;
+    # worker/batcher.py): 8192 lets a 1024 px image (4096 patches at 16 px each) run alone, as it is compute-bound,
+    # and up to ~25 images of 256 px share a forward. A job alone may exceed it. 0 = no budget.
+    batch_tokens: int = Field(8192, ge=0)
 
     api_keys: str = ""  # comma-separated; empty = open (embedded mode only, warned at start)
     require_api_keys: bool = False

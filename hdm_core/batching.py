@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from .config import check_seed
 from .sampler import Conditioning, ProjectFn, guided_velocity
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ class ImageJob:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if not self.prompts:
             raise ValueError("a job needs at least one prompt")
+        check_seed(self.seed, len(self.prompts) * self.n)
 
     @property
     def prompts(self) -> list[str]:

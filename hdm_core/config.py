@@ -16,6 +16,20 @@ SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)  # hdm_core.sampler.SAMPL
 MAX_SEED = 2**63 - 1
 
 
+def max_seed(images: int) -> int:
+    """The largest first seed of a request of ``images`` images (image i uses seed + i, each at most MAX_SEED)."""
+    return MAX_SEED - images + 1
+
+
+def check_seed(seed: int, images: int) -> None:
+    """The one seed rule: the API's request schema and the pipeline's ImageJob both call it, so every seed the API
+    accepts samples (ValueError names the range)."""
+    if not 0 <= seed <= max_seed(images):
+        raise ValueError(
+            f"seed must be in [0, {max_seed(images)}] for {images} image(s) (seed + i each <= 2^63 - 1), got {seed}"
+        )
+
+
 @dataclass(frozen=True)
 class XUTConfig:
     """Architecture of one XUT network. Field names are ours; `from_reference_arch` maps the reference's."""

@@ -17,7 +17,6 @@ from .batching import BatchCallback, ImageJob, sample_rows
 from .checkpoint import load_checkpoint, trained_text_length
 from .codec import Codec
 from .compile import CompileMode, compile_model
-from .config import MAX_SEED
 from .edit import EditInfo, EditPlan, EditSpec, plan_edit
 from .model import XUT
 from .precision import cast_model, resolve_dtype
@@ -162,6 +161,11 @@ class HDMPipeline:
             return self.text_encoder.encode(prompts)
         return self.text_encoder.encode(prompts, padding="max_length", max_length=self.text_length)
 
+    def context_length(self, prompt: str) -> int:
+        """Text tokens of ``prompt``'s context as `_encode` builds it for a job alone: jobs whose prompts (and
+        negative prompts) have equal lengths share one network batch in `generate_batch`, others cannot."""
+        return self.text_length or self.text_encoder.token_count(prompt)
+
     @property
     def downsample(self) -> int:
         return self.codec.downsample
@@ -273,9 +277,9 @@ class HDMPipeline:
         h, w = height // self.downsample, width // self.downsample
         encoded = []
         for job in jobs:
-            b = len(job.prompts) * job.n
-            if not 0 <= job.seed <= MAX_SEED - b:
-                raise ValueError(f"seed must be in [0, 2^63 - 1 - batch], got {job.seed}")
+            b = (
+                len(job.prompts) * job.n
+            )  # its seed was checked when the ImageJob was made (config.check_seed)
             cond = self._encode(list(job.prompts)).repeat_interleave(job.n, dim=0)
             uncond = self._encode([job.negative_prompt]).expand(b, -1, -1) if guidance_scale != 1.0 else None
             encoded.append((cond, uncond))

@@ -13,6 +13,9 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 Padding = Literal["longest", "max_length"]
+MAX_TOKENS = (
+    256  # prompts are truncated to this many tokens at inference (spec §4: the training caption length)
+)
 
 
 class TextEncoder:
@@ -54,9 +57,14 @@ class TextEncoder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def token_count(self, prompt: str, *, max_length: int = MAX_TOKENS) -> int:
+        """Tokens of ``prompt`` as `encode` sees it alone (the tokenizer only: no torch, no model call)."""
+        ids = self.tokenizer(prompt, truncation=True, max_length=max_length, add_special_tokens=False)
+        return len(ids["input_ids"])
+
     @torch.no_grad()
     def encode(
-        self, prompts: Sequence[str], *, padding: Padding = "longest", max_length: int = 256
+        self, prompts: Sequence[str], *, padding: Padding = "longest", max_length: int = MAX_TOKENS
     ) -> Tensor:
         """prompts -> [B, T, hidden]; T = longest prompt (inference) or max_length (training)."""
         batch = self.tokenizer(

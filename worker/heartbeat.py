@@ -24,11 +24,16 @@ class Heartbeat(threading.Thread):
         while not self.stop_event.wait(interval):
             try:
                 with session_scope() as session:
-                    for job_id in self.job_ids:
+                    ids = list(self.job_ids)
+                    for job_id in ids:
                         jobs.heartbeat(session, job_id)
-                    leases.beat(session, self.job_ids)
+                    leases.beat(session, ids)
             except Exception as exc:
                 log.warning("heartbeat for %s failed: %s", self.job_ids, exc)
+
+    def add(self, job_ids: list[str]) -> None:
+        """Jobs that joined the running one (a batch's companions, claimed after it started)."""
+        self.job_ids.extend(job_ids)
 
     def __enter__(self) -> Heartbeat:
         self.start()

@@ -24,19 +24,18 @@ log = logging.getLogger(__name__)
 
 def run_image_job(job_id: str, *, worker: str, slot: int | None) -> str:
     """Returns what happened to ``job_id`` (for logs/tests): skipped | bounced | succeeded | failed | cancelled.
-    Queued jobs that can share its network batch run with it (worker/batcher.py), each finished on its own."""
+    Queued jobs that run in its network forward join it (worker/batcher.py), each finished on its own."""
     c = claim(job_id, worker, slot=slot)
     if isinstance(c, str):
         return c
-    group = [c, *batcher.claim_companions(c, worker, get_settings().image_batch_limit)]
     try:
-        with Heartbeat([g.job_id for g in group]):
-            outcomes = _generate(group)
+        with Heartbeat(c.job_id) as beat:
+            group, outcomes = _run(c, worker, slot, beat)
     finally:
         with session_scope() as session:
             leases.release(session, job_id)
     for g, (outcome, error, result) in zip(group, outcomes, strict=True):
-        if outcome == "cancelled":  # finished by the batch callback when the cancel was seen
+        if outcome == "cancelled":  # finished when the cancel was seen (batch callback, or before its files)
             continue
         with session_scope() as session:
             if not jobs.finish(session, g.job_id, outcome, error=error, result=result, attempt=g.attempt):
@@ -45,6 +44,24 @@ def run_image_job(job_id: str, *, worker: str, slot: int | None) -> str:
                 )
         log.info("job %s %s in %.2fs", g.job_id, outcome, sum(v or 0 for v in result["timings"].values()))
     return outcomes[0][0]
+
+
+def _run(
+    head: Claimed, worker: str, slot: int | None, beat: Heartbeat
+) -> tuple[list[Claimed], list[Outcome]]:
+    """Check and load what the delivered job needs, then claim the jobs of its forward and sample them all. A job
+    that cannot run fails before any companion joins it, so it fails alone."""
+    result: dict[str, Any] = {"timings": {}, "cache_hit": None, "batch": {"id": "", "size": 1}}
+    try:
+        why = batcher.invalid(head.request)
+        if why is not None:
+            raise ValueError(why)
+        pipe = _load(head, result)
+    except Exception as exc:
+        return [head], [_failed(head.job_id, exc, result)]
+    group = [head, *batcher.claim_companions(head, worker, batcher.Forward.of(pipe), slot)]
+    beat.add([g.job_id for g in group[1:]])
+    return group, _generate(pipe, group, result)
 
 
 def _edit_spec(req: dict[str, Any]) -> Any:
@@ -75,40 +92,46 @@ def _edit_spec(req: dict[str, Any]) -> Any:
 Outcome = tuple[str, dict[str, Any] | None, dict[str, Any]]  # status, error, result (timings, cache hit, ...)
 
 
-def _generate(group: list[Claimed]) -> list[Outcome]:
-    """Sample the jobs of ``group`` (one job, or a batch sharing every setting batcher.SHARED_FIELDS names) as one
-    generate_batch call, then write each job's files. A failure before sampling fails every job of the group."""
-    from hdm_core.batching import ImageJob
-    from hdm_core.pipeline import Camera, TreadGuidance
+def _load(head: Claimed, result: dict[str, Any]) -> Any:
+    """The job's pipeline (worker/model_cache.py) with its adapters merged; load_s, cache_hit, dtype in ``result``."""
     from hdm_core.precision import dtype_name
 
     settings = get_settings()
-    head = group[0]
-    req, adapters = head.request, head.adapters
+    if head.model is None:
+        raise ValueError("the job's model is no longer registered")
+    # a checkpoint without its own VAE (and not pixel-space) decodes with the server's HDM_VAE
+    vae = settings.vae if head.model.codec not in ("vae", "pixel") else None
+    t0 = time.perf_counter()
+    pipe, loaded_now = model_cache.get_pipeline(
+        head.model.path,
+        settings.text_encoder,
+        settings.device,
+        vae=vae,
+        dtype=settings.dtype,
+        compile_mode=settings.compile,
+    )
+    result.update(cache_hit=not loaded_now, dtype=dtype_name(pipe.dtype))
+    gone = [a.name for a in head.adapters if a.path is None]
+    if gone:
+        raise ValueError(f"adapter(s) {gone} are no longer registered")
+    model_cache.use_adapters(pipe, [(str(a.path), a.name, a.sha256, a.weight) for a in head.adapters])
+    result["timings"]["load_s"] = round(time.perf_counter() - t0, 4)
+    return pipe
+
+
+def _generate(pipe: Any, group: list[Claimed], shared: dict[str, Any]) -> list[Outcome]:
+    """Sample the jobs of ``group`` (one job, or a batch of one network forward: batcher.batch_key) as one
+    generate_batch call, then write each job's files. If the batch fails, each of its jobs samples alone, so one
+    job's failure is its own."""
+    from hdm_core.batching import ImageJob
+    from hdm_core.pipeline import Camera, TreadGuidance
+
+    req = group[0].request
     batch = {"id": batcher.new_batch_id(), "size": len(group)}
-    result: dict[str, Any] = {"timings": {}, "cache_hit": None, "batch": batch}
+    result: dict[str, Any] = {**shared, "timings": dict(shared["timings"]), "batch": batch}
     try:
-        if head.model is None:
-            raise ValueError("the job's model is no longer registered")
-        # a checkpoint without its own VAE (and not pixel-space) decodes with the server's HDM_VAE
-        vae = settings.vae if head.model.codec not in ("vae", "pixel") else None
-        t0 = time.perf_counter()
-        pipe, loaded_now = model_cache.get_pipeline(
-            head.model.path,
-            settings.text_encoder,
-            settings.device,
-            vae=vae,
-            dtype=settings.dtype,
-            compile_mode=settings.compile,
-        )
-        result.update(cache_hit=not loaded_now, dtype=dtype_name(pipe.dtype))
-        gone = [a.name for a in adapters if a.path is None]
-        if gone:
-            raise ValueError(f"adapter(s) {gone} are no longer registered")
-        model_cache.use_adapters(pipe, [(str(a.path), a.name, a.sha256, a.weight) for a in adapters])
         images = sum(g.request["n"] for g in group)  # one prompt per job
         compile_s = model_cache.warm_up(pipe, req["width"], req["height"], images, req["guidance_scale"])
-        result["timings"]["load_s"] = round(time.perf_counter() - t0, 4)
         if compile_s:
             result["timings"]["compile_s"] = round(compile_s, 4)
         _log_batch(group, batch, result["dtype"])
@@ -138,11 +161,28 @@ def _generate(group: list[Claimed]) -> list[Outcome]:
         )
         result["timings"]["sample_s"] = round(time.perf_counter() - t1, 4)
     except Exception as exc:
-        return [_failed(g.job_id, exc, result) for g in group]
+        if len(group) == 1:
+            return [_failed(group[0].job_id, exc, result)]
+        log.warning(
+            "%s failed (%s: %s); each of its jobs samples alone", batch["id"], type(exc).__name__, exc
+        )
+        return [out for g in group for out in _generate(pipe, [g], shared)]
     return [
-        ("cancelled", None, result) if res is None else _save(g, res, result)
-        for g, res in zip(group, generated, strict=True)
+        ("cancelled", None, result)
+        if res is None or j in progress.cancelled or _cancelled_before_save(g, result)
+        else _save(g, res, result)
+        for j, (g, res) in enumerate(zip(group, generated, strict=True))
     ]
+
+
+def _cancelled_before_save(c: Claimed, result: dict[str, Any]) -> bool:
+    """A cancel that came after the job's rows finished: it ends cancelled, without files, and its companions go on."""
+    with session_scope() as session:
+        if not jobs.cancel_requested(session, c.job_id):
+            return False
+        jobs.finish(session, c.job_id, "cancelled", result=result, attempt=c.attempt)
+    log.info("job %s cancelled after sampling; its files are not written", c.job_id)
+    return True
 
 
 def _log_batch(group: list[Claimed], batch: dict[str, Any], dtype: str) -> None:

@@ -14,7 +14,7 @@ from app.models import Image, Job
 from app.schemas import ImageRequest
 from app.services import adapters, edits, jobs, models, presenter, storage, webhooks
 from app.settings import get_settings
-from hdm_core.config import MAX_SEED
+from hdm_core.config import max_seed
 
 MEDIA = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 
@@ -68,7 +68,7 @@ def create(
             resolved.pop(name)
     if resolved["seed"] is None:
         resolved["seed"] = secrets.randbelow(2**32)
-    resolved["seed"] = min(resolved["seed"], MAX_SEED - req.n + 1)
+    resolved["seed"] = min(resolved["seed"], max_seed(req.n))
     written: list[Path] = []
     try:
         return jobs.create_job(

@@ -62,12 +62,20 @@ def recover_stale(session: Session) -> int:
 
 
 def force_cancels(session: Session) -> int:
-    """Cooperative cancel first; a job still running long after the request is ended and its task revoked."""
+    """Cooperative cancel first; a job still running long after the request is ended and its task revoked
+    (terminated), unless its process also runs other jobs (a batch): those are never killed for it."""
     settings = get_settings()
     limit = jobs.stale_before(settings.force_cancel_after_s)
     rows = list(session.scalars(select(Job).where(Job.status == "running", Job.cancel_requested_at < limit)))
     for job in rows:
-        if not settings.embedded:
+        shared = _shares_process(session, job)
+        if shared:
+            # its process runs other jobs of its batch: the job ends here, its rows and files are dropped by the
+            # worker (worker/images.py), and nothing is terminated
+            log.warning(
+                "job %s: cancel forced without terminating its worker (it also runs %s)", job.id, shared
+            )
+        elif not settings.embedded:
             try:
                 queue.get_celery().control.revoke(
                     queue.task_id(job.id, job.enqueue_count), terminate=True, signal="SIGTERM"
@@ -77,9 +85,21 @@ def force_cancels(session: Session) -> int:
         jobs.finish(
             session, job.id, "cancelled", error={"code": "cancelled", "message": "forced after timeout"}
         )
-        session.execute(update(GpuLease).where(GpuLease.job_id == job.id).values(job_id=None, worker=None))
+        if not shared:  # else the slot stays leased to the batch that runs on it
+            session.execute(
+                update(GpuLease).where(GpuLease.job_id == job.id).values(job_id=None, worker=None)
+            )
         session.commit()
     return len(rows)
+
+
+def _shares_process(session: Session, job: Job) -> list[str]:
+    """The other image jobs of ``job``'s batch: running image jobs of the same image worker (one process per image
+    worker, --concurrency 1). A trainer service runs train jobs in processes of their own."""
+    if job.worker is None or job.kind != "image":
+        return []
+    same = [Job.status == "running", Job.kind == "image", Job.worker == job.worker, Job.id != job.id]
+    return list(session.scalars(select(Job.id).where(*same)))
 
 
 _last_scan = 0.0

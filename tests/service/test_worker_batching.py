@@ -13,11 +13,19 @@ from typing import Any
 
 import numpy as np
 import pytest
+from db_probe import connect, job_rows, wait_final
 from PIL import Image
-from service_stack import API_KEY, ROOT, Stack, own_database, stack_env
+from service_stack import API_KEY, OTHER_KEY, ROOT, Stack, own_database, stack_env
+
+from hdm_core.config import MAX_SEED
 
 SMALL = {"width": 32, "height": 32, "steps": 3, "guidance_scale": 3.0}
-PROMPTS = ["a red circle", "a blue square", "a green line", "a black dot"]  # three words each: one sub-batch
+PROMPTS = [
+    "a red circle",
+    "a blue square",
+    "a green circle",
+    "a black circle",
+]  # three tokens each: one forward
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +47,8 @@ def bstack(
             s.stop()
 
 
-def _post(s: Stack, prompt: str, seed: int, **kw: Any) -> str:
-    with s.client() as c:
+def _post(s: Stack, prompt: str, seed: int, key: str = API_KEY, **kw: Any) -> str:
+    with s.client(key) as c:
         r = c.post("/v1/images", json={"prompt": prompt, "seed": seed, **SMALL, **kw})
         assert r.status_code == 202, r.text
         return str(r.json()["id"])
@@ -67,8 +75,7 @@ def _pixels(s: Stack, job_id: str, index: int = 0) -> tuple[np.ndarray, str]:
 def _run_queued(s: Stack, job_ids: list[str], env: dict[str, str], timeout: float = 120) -> None:
     worker = s.start_worker(0, extra_env=env)
     try:
-        for j in job_ids:
-            s.wait_job(j, timeout=timeout)
+        wait_final(s.env["HDM_DATABASE_URL"], job_ids, timeout=timeout * len(job_ids))
     finally:
         s.kill_worker(worker, sig=15)
 
@@ -118,6 +125,48 @@ def test_cancel_of_one_job_leaves_the_batch_running(bstack: Stack) -> None:
         assert results[j]["status"] == "succeeded", results[j]
         assert len(results[j]["images"]) == 1
     assert len({_batch_of(s, j)["batch_id"] for j in ids}) == 1
+
+
+def test_the_largest_seed_runs_and_a_job_that_cannot_run_fails_alone(bstack: Stack) -> None:
+    s = bstack
+    db = s.env["HDM_DATABASE_URL"]
+    # the largest seed the API accepts, from one key, queued with seven jobs of another key: one batch, all succeed
+    top = _post(s, PROMPTS[0], seed=MAX_SEED)
+    others = [_post(s, PROMPTS[i % 4], seed=300 + i, key=OTHER_KEY) for i in range(7)]
+    _run_queued(s, [top, *others], {"HDM_MAX_BATCH": "8"})
+    rows = job_rows(db, [top, *others])
+    assert all(r.status == "succeeded" for r in rows), rows
+    assert len({r.batch_id for r in rows}) == 1 and rows[0].batch_size == 8
+    assert f"Seed: {MAX_SEED}" in _pixels(s, top)[1]
+
+    # a job that cannot sample (its second image would need seed 2^63: a row written before the API's rule), queued
+    # first: it fails alone, before any companion joins it; the other key's seven jobs run as one batch
+    bad = _post(s, PROMPTS[0], seed=MAX_SEED - 1, n=2)
+    with connect(db) as conn:
+        conn.execute(
+            "UPDATE jobs SET request = (request::jsonb || jsonb_build_object('seed', %s::bigint))::json WHERE id = %s",
+            (MAX_SEED, bad),
+        )
+    others = [_post(s, PROMPTS[i % 4], seed=400 + i, key=OTHER_KEY) for i in range(7)]
+    _run_queued(s, [bad, *others], {"HDM_MAX_BATCH": "8"})
+    failed, *rows = job_rows(db, [bad, *others])
+    assert failed.status == "failed" and failed.error is not None, failed
+    assert failed.error["code"] == "invalid_request" and "seed must be in" in failed.error["message"], failed
+    assert all(r.status == "succeeded" and r.attempts == 1 for r in rows), rows
+    assert len({r.batch_id for r in rows}) == 1 and rows[0].batch_size == 7
+
+
+def test_token_budget_splits_the_queue_in_arrival_order(bstack: Stack) -> None:
+    s = bstack
+    # 32x32 px on the pixel model (2 px per token): 256 patches + 3 prompt tokens, and 256 + 0 for the empty
+    # negative prompt (CFG): 515 tokens per job, so a budget of 1600 takes three jobs per forward
+    ids = [_post(s, PROMPTS[i % 4], seed=500 + i, key=(API_KEY, OTHER_KEY)[i % 2]) for i in range(8)]
+    _run_queued(s, ids, {"HDM_MAX_BATCH": "8", "HDM_BATCH_TOKENS": "1600"})
+    rows = job_rows(s.env["HDM_DATABASE_URL"], ids)
+    assert all(r.status == "succeeded" for r in rows), rows
+    batches = [r.batch_id for r in rows]
+    assert batches == [batches[0]] * 3 + [batches[3]] * 3 + [batches[6]] * 2, batches
+    assert len(set(batches)) == 3 and [r.batch_size for r in rows] == [3] * 6 + [2] * 2
 
 
 def test_worker_samples_in_hdm_dtype_bf16(bstack: Stack) -> None:
