@@ -31,6 +31,7 @@ SHARED_FIELDS = (
     "sampler",
     "guidance_scale",
     "shift",
+    "schedule",
     "camera",
     "tread_guidance",
     "adapters",

@@ -132,6 +132,7 @@ def _generate(group: list[Claimed]) -> list[Outcome]:
             guidance_scale=req["guidance_scale"],
             sampler=req["sampler"],
             shift=req.get("shift", 1.0),
+            schedule=req.get("schedule"),
             camera=Camera(**req["camera"]),
             tread=TreadGuidance(**req["tread_guidance"]),
             callback=progress,
