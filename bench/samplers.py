@@ -5,8 +5,9 @@ does the image still follow the prompt (`python -m bench.samplers`).
                              [--nfe 4,6,8,12,16,24] [--seeds 2] [--size 32] [--cfg 3.0] [--out FILE]
 
 Method. A budget is a number of model evaluations (NFE: guided forwards, each one batched CFG pass; Heun costs 2
-per step except the last, so it runs the most steps that fit). For each prompt set (training prompts: every 5th
-training combination of `hdm_demo.shapes`; held-out prompts: every held-out combination) x `--seeds` seeds, the
+per step except the last, so it runs the most steps that fit). For each prompt set (training prompts: every
+`--train-every`th training combination of `hdm_demo.shapes`; held-out prompts: every `--heldout-every`th held-out
+one) x `--seeds` seeds, the
 reference is a 400-step Euler solution of the same guided ODE from the same noise. Distance = RMS over pixels
 ([0, 1] scale) of the decoded final image minus the reference's, averaged over images (lower is better); accuracy =
 the demo scorer's colour / shape accuracy (`hdm_demo.scoring.score`, as `bench/demo_eval.py`) on held-out prompts.
@@ -122,8 +123,13 @@ def main() -> int:
         torch.save(refs, cache)
     log.info("references: %.0f s", time.perf_counter() - t0)
     rows = []
+    out = args.out or Path("bench/results") / f"samplers-cpu-{time.strftime('%Y%m%d')}.json"
+    meta = {"checkpoint": str(ckpt), "size": args.size, "guidance_scale": args.cfg, "seeds": args.seeds}
+    meta |= {"prompts": {k: len(v) for k, v in sets.items()}, "reference": f"euler {REFERENCE_STEPS} uniform"}
+    out.parent.mkdir(parents=True, exist_ok=True)
     for sampler in samplers:
-        for schedule in schedules:
+        # Euler is the reference's sampler and keeps its schedule (the baseline row).
+        for schedule in ["uniform"] if sampler == "euler" else schedules:
             for nfe in budgets:
                 steps = steps_for(sampler, nfe)
                 row = {
@@ -145,6 +151,7 @@ def main() -> int:
                     }
                 log.info("%s", row)
                 rows.append(row)
+                out.write_text(json.dumps({"meta": meta, "partial": True, "rows": rows}, indent=1) + "\n")
     best: dict[str, str] = {}
     for sampler in samplers:
         mean_log = {
@@ -153,7 +160,8 @@ def main() -> int:
             )
             for sch in schedules
         }
-        best[sampler] = min(mean_log, key=mean_log.get)  # type: ignore[arg-type]
+        # Euler keeps the reference's schedule (its row is the baseline); the others take their best.
+        best[sampler] = "uniform" if sampler == "euler" else min(mean_log, key=mean_log.get)  # type: ignore[arg-type]
     table = {
         s: {r["budget"]: r for r in rows if r["sampler"] == s and r["schedule"] == best[s]} for s in samplers
     }
@@ -181,11 +189,7 @@ def main() -> int:
                     table["euler"][24]["heldout_colour"],
                     table["euler"][24]["heldout_shape"],
                 ]
-    out = args.out or Path("bench/results") / f"samplers-cpu-{time.strftime('%Y%m%d')}.json"
-    meta = {"checkpoint": str(ckpt), "size": args.size, "guidance_scale": args.cfg, "seeds": args.seeds}
-    meta |= {"prompts": {k: len(v) for k, v in sets.items()}, "reference": f"euler {REFERENCE_STEPS} uniform"}
     meta["seconds"] = time.perf_counter() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1) + "\n")
     print(
         f"held-out RMS distance to {REFERENCE_STEPS}-step Euler (each sampler at its best schedule on train)"

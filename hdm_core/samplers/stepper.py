@@ -1,4 +1,4 @@
-"""A sampler's state for one batch, advanced one step per call (docs/architecture.md "Samplers").
+"""A sampler's state for one batch, advanced one step per call (docs/service.md "Samplers").
 
 Multistep solvers carry a history of model outputs between steps, so a batch that loses rows between steps (a
 cancelled job, `hdm_core.batching`) must drop the same rows from that history: `Stepper.take`.

@@ -16,13 +16,14 @@ from hdm_core.adapter_io import AdapterInfo, load_adapter, save_adapter
 from hdm_core.batching import ImageJob
 from hdm_core.config import SAMPLER_INFO, SAMPLER_NAMES, SCHEDULE_NAMES
 from hdm_core.edit import EditSpec
+from hdm_core.imagefile import parameters_text
 from hdm_core.pipeline import HDMPipeline, TreadGuidance
 from hdm_core.sampler import SAMPLERS, model_evaluations, timesteps
 
 ALL = sorted(SAMPLERS)
 STOCHASTIC = sorted(n for n, s in SAMPLERS.items() if s.stochastic)
 DETERMINISTIC = sorted(n for n, s in SAMPLERS.items() if not s.stochastic)
-KW = dict(width=32, height=16, steps=4, guidance_scale=2.0, negative_prompt="low quality")
+KW = dict(width=16, height=16, steps=3, guidance_scale=2.0, negative_prompt="low quality")
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +137,7 @@ def test_image_i_alone_equals_image_i_in_a_batch(pipe, name, extra, tmp_path):
 
 @pytest.mark.parametrize("name", ALL)
 def test_a_cancelled_jobs_rows_leave_the_solvers_history_too(pipe, name):
-    kw = dict(width=16, height=16, steps=5, guidance_scale=2.0, sampler=name)
+    kw = dict(width=16, height=16, steps=4, guidance_scale=2.0, sampler=name)
     jobs = [
         ImageJob("a red circle", seed=1, n=2),
         ImageJob("a big square", seed=2),
@@ -150,8 +151,8 @@ def test_a_cancelled_jobs_rows_leave_the_solvers_history_too(pipe, name):
 
 
 def _init() -> Image.Image:
-    y, x = np.mgrid[0:16, 0:32]
-    return Image.fromarray(np.stack([20 + 200 * x / 32, 30 + 180 * y / 16, 120 + 0 * x], -1).astype(np.uint8))
+    y, x = np.mgrid[0:16, 0:16]
+    return Image.fromarray(np.stack([20 + 200 * x / 16, 30 + 180 * y / 16, 120 + 0 * x], -1).astype(np.uint8))
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -173,3 +174,20 @@ def test_schedule_changes_the_image_and_none_is_the_samplers_default(pipe):
     other = next(s for s in SCHEDULE_NAMES if s != SAMPLER_INFO["unipc"].default_schedule)
     changed = pipe.generate("a red circle", seed=3, sampler="unipc", schedule=other, **KW).latents
     assert (changed - base).abs().max() > 1e-3
+
+
+def test_parameters_text_names_samplers_and_schedules_as_a1111_does():
+    req = {"prompt": "p", "steps": 8, "guidance_scale": 3.0, "width": 32, "height": 32}
+    for name, a1111 in (
+        ("dpmpp_2m", "DPM++ 2M"),
+        ("unipc", "UniPC"),
+        ("euler_a", "Euler a"),
+        ("euler", "Euler"),
+    ):
+        text = parameters_text(
+            {**req, "sampler": name, "schedule": "karras"}, seed=1, model_name="m", model_hash=None
+        )
+        assert f"Sampler: {a1111}," in text and "Schedule type: Karras," in text
+    assert "Schedule type" not in parameters_text(
+        {**req, "sampler": "euler"}, seed=1, model_name="m", model_hash=None
+    )
