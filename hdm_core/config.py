@@ -40,8 +40,8 @@ SAMPLER_INFO: dict[str, SamplerInfo] = {
     "euler_a": SamplerInfo("Euler a"),
 }
 # The service's and console's defaults, chosen on `python -m bench.samplers` (docs/service.md "Samplers").
-DEFAULT_SAMPLER: SamplerName = "euler"
-DEFAULT_STEPS = 24
+DEFAULT_SAMPLER: SamplerName = "unipc"
+DEFAULT_STEPS = 16
 # Largest image seed: torch.Generator takes 64-bit seeds; image i of a request uses seed + i.
 MAX_SEED = 2**63 - 1
 

@@ -62,7 +62,7 @@ export async function loadModels() {
 
 function updateSamplers() {
   const m = state.models.find((x) => x.id === $("gen-model").value) || state.models[0];
-  const names = (m && m.samplers) || ["euler"];
+  const names = (m && m.samplers) || ["unipc"];
   const sel = $("gen-sampler"), keep = sel.value;
   sel.replaceChildren(...names.map((n) => el("option", {}, n)));
   if (names.includes(keep)) sel.value = keep;

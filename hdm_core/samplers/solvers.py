@@ -50,24 +50,30 @@ class SchedulerStepper(Stepper):
         if sigmas[0] > 1 - FIRST_SIGMA_EPS:
             sigmas[0] = 1 - FIRST_SIGMA_EPS
         self.sigmas = sigmas.to(torch.float32)
-        steps = self.total
+        self.scheduler = scheduler
+        self.noisy = noisy
+        self._ready = False
+
+    def _set_up(self, device: torch.device) -> None:
+        """The scheduler's history for this many steps, then this schedule as its sigmas (on the first step, when
+        the state's device is known: the Euler ancestral scheduler broadcasts its sigmas as tensors)."""
+        scheduler, steps = self.scheduler, self.total
         if isinstance(scheduler, LTXEulerAncestralRFScheduler):
             scheduler.set_timesteps(
-                sigmas=self.sigmas
-            )  # its documented explicit-sigmas path (terminal 0 included)
-        elif steps > 0:
-            # Allocates the scheduler's history for `steps` steps; the sigmas are then replaced by this schedule.
+                sigmas=self.sigmas, device=device
+            )  # its explicit-sigmas path, terminal 0 included
+        else:
             scheduler.set_timesteps(num_inference_steps=steps)
-            scheduler.sigmas = self.sigmas.clone()
+            scheduler.sigmas = self.sigmas.clone()  # diffusers keeps these on the CPU
             scheduler.timesteps = self.sigmas[:-1] * TRAIN_TIMESTEPS
             scheduler.num_inference_steps = steps
         scheduler.set_begin_index(0)
-        self.scheduler = scheduler
-        self.noisy = noisy
+        self._ready = True
 
     def _step(self, velocity: VelocityFn, x: Tensor, i: int) -> Tensor:
-        sigma = self.sigmas[i]
-        v = velocity(x, batch_times(x, sigma)).to(x.dtype)
+        if not self._ready:
+            self._set_up(x.device)
+        v = velocity(x, batch_times(x, self.sigmas[i])).to(x.dtype)
         extra = {"generator": self.generators} if self.noisy else {}
         return self.scheduler.step(v, self.scheduler.timesteps[i], x, return_dict=False, **extra)[0]
 
