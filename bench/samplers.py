@@ -94,7 +94,13 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--cache", type=Path, default=Path("var/bench-samplers"), help="the references, kept")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, help="summarise these results files as one")
     args = p.parse_args()
+    if args.merge:
+        runs = [json.loads(f.read_text()) for f in args.merge]
+        meta = {"merged": [str(f) for f in args.merge], "runs": [r["meta"] for r in runs]}
+        out = args.out or Path("bench/results") / f"samplers-cpu-{time.strftime('%Y%m%d')}.json"
+        return report([row for r in runs for row in r["rows"]], meta, out)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_grad_enabled(False)
     if args.threads:
@@ -152,57 +158,66 @@ def main() -> int:
                 log.info("%s", row)
                 rows.append(row)
                 out.write_text(json.dumps({"meta": meta, "partial": True, "rows": rows}, indent=1) + "\n")
+    meta["seconds"] = time.perf_counter() - t0
+    return report(rows, meta, out)
+
+
+def summarise(rows: list[dict]) -> tuple[dict[str, str], dict[str, dict[int, dict]], dict]:
+    """Each sampler's best schedule on the training prompts, its rows by budget, and the issue's comparison."""
+    samplers = list(dict.fromkeys(r["sampler"] for r in rows))
     best: dict[str, str] = {}
     for sampler in samplers:
-        mean_log = {
-            sch: sum(
-                math.log(r["train_distance"]) for r in rows if (r["sampler"], r["schedule"]) == (sampler, sch)
-            )
-            for sch in schedules
-        }
+        logs: dict[str, list[float]] = {}
+        for r in rows:
+            if r["sampler"] == sampler:
+                logs.setdefault(r["schedule"], []).append(math.log(r["train_distance"]))
+        mean_log = {sch: sum(v) / len(v) for sch, v in logs.items()}
         # Euler keeps the reference's schedule (its row is the baseline); the others take their best.
-        best[sampler] = "uniform" if sampler == "euler" else min(mean_log, key=mean_log.get)  # type: ignore[arg-type]
+        best[sampler] = "uniform" if sampler == "euler" else min(mean_log, key=mean_log.__getitem__)
     table = {
         s: {r["budget"]: r for r in rows if r["sampler"] == s and r["schedule"] == best[s]} for s in samplers
     }
     summary: dict = {"best_schedule_on_train": best}
-    if "euler" in table and 8 in budgets:
-        euler = {n: r["heldout_distance"] for n, r in table["euler"].items()}
-        ode = [s for s in samplers if s not in ("euler", "heun", "euler_a", "dpmpp_2m_sde")]
-        if ode:
-            champion = min(ode, key=lambda s: table[s][8]["heldout_distance"])
-            d8 = table[champion][8]["heldout_distance"]
-            summary |= {
-                "best_new_sampler_at_8": champion,
-                "its_schedule": best[champion],
-                "its_heldout_distance_at_8": d8,
-                "euler_heldout_distance_at_8": euler[8],
-                "ratio_to_euler_at_8": d8 / euler[8],
-                "euler_nfe_for_same_distance": euler_nfe_for(d8, euler),
-                "its_heldout_colour_shape_at_8": [
-                    table[champion][8]["heldout_colour"],
-                    table[champion][8]["heldout_shape"],
-                ],
-            }
-            if 24 in euler:
-                summary["euler_heldout_colour_shape_at_24"] = [
-                    table["euler"][24]["heldout_colour"],
-                    table["euler"][24]["heldout_shape"],
-                ]
-    meta["seconds"] = time.perf_counter() - t0
+    ode = [
+        s for s in samplers if s not in ("euler", "heun") and not s.startswith(("euler_a", "dpmpp_2m_sde"))
+    ]
+    if "euler" not in table or 8 not in table["euler"] or not ode:
+        return best, table, summary
+    euler = {n: r["heldout_distance"] for n, r in table["euler"].items()}
+    champion = min(ode, key=lambda s: table[s][8]["heldout_distance"])
+    c8 = table[champion][8]
+    summary |= {
+        "best_new_sampler_at_8": champion,
+        "its_schedule": best[champion],
+        "its_heldout_distance_at_8": c8["heldout_distance"],
+        "euler_heldout_distance_at_8": euler[8],
+        "ratio_to_euler_at_8": c8["heldout_distance"] / euler[8],
+        "euler_nfe_for_same_distance": euler_nfe_for(c8["heldout_distance"], euler),
+        "its_heldout_colour_shape_at_8": [c8["heldout_colour"], c8["heldout_shape"]],
+    }
+    if 24 in table["euler"]:
+        summary["euler_heldout_colour_shape_at_24"] = [
+            table["euler"][24]["heldout_colour"],
+            table["euler"][24]["heldout_shape"],
+        ]
+    return best, table, summary
+
+
+def report(rows: list[dict], meta: dict, out: Path) -> int:
+    best, table, summary = summarise(rows)
     out.write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1) + "\n")
+    budgets = sorted({r["budget"] for r in rows})
     print(
         f"held-out RMS distance to {REFERENCE_STEPS}-step Euler (each sampler at its best schedule on train)"
     )
     print(f"{'sampler':14s}{'schedule':10s}" + "".join(f"{n:>8d}" for n in budgets) + "  colour/shape@8")
-    for s in samplers:
-        r8 = table[s].get(8)
+    for s, by_budget in table.items():
+        r8 = by_budget.get(8)
         acc = f"  {r8['heldout_colour']:.2f}/{r8['heldout_shape']:.2f}" if r8 else ""
-        print(
-            f"{s:14s}{best[s]:10s}"
-            + "".join(f"{table[s][n]['heldout_distance']:8.4f}" for n in budgets)
-            + acc
+        cells = "".join(
+            f"{by_budget[n]['heldout_distance']:8.4f}" if n in by_budget else f"{'-':>8s}" for n in budgets
         )
+        print(f"{s:14s}{best[s]:10s}{cells}{acc}")
     print(json.dumps(summary, indent=1))
     return 0
 
