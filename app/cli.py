@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from app.settings import DTYPES
+from hdm_core.config import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_INFO, SAMPLER_NAMES, SCHEDULE_NAMES
 
 log = logging.getLogger("hdm")
 
@@ -130,6 +131,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 2
     device, dtype = args.device or settings.device, args.dtype or settings.dtype
     pipe = HDMPipeline.from_paths(args.model, te, device=device, dtype=dtype)
+    schedule = args.schedule or SAMPLER_INFO[args.sampler].default_schedule
     res = pipe.generate(
         args.prompt,
         negative_prompt=args.negative_prompt,
@@ -140,6 +142,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale,
         seed=args.seed,
         sampler=args.sampler,
+        schedule=schedule,
         camera=Camera(args.x_shift, args.y_shift, args.zoom),
     )
     out = Path(args.out)
@@ -149,6 +152,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "negative_prompt": args.negative_prompt,
         "steps": args.steps,
         "sampler": args.sampler,
+        "schedule": schedule,
         "guidance_scale": args.guidance_scale,
         "width": args.width,
         "height": args.height,
@@ -304,10 +308,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n", type=int, default=1)
     g.add_argument("--width", type=int, default=1024)
     g.add_argument("--height", type=int, default=1024)
-    g.add_argument("--steps", type=int, default=24)
+    g.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     g.add_argument("--guidance-scale", type=float, default=3.0)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--sampler", default="euler")
+    g.add_argument(
+        "--sampler",
+        default=DEFAULT_SAMPLER,
+        choices=SAMPLER_NAMES,
+        help='what each is good for: docs/service.md "Samplers"',
+    )
+    g.add_argument("--schedule", default=None, choices=SCHEDULE_NAMES, help="default: the sampler's own")
     g.add_argument("--x-shift", type=float, default=0.0)
     g.add_argument("--y-shift", type=float, default=0.0)
     g.add_argument("--zoom", type=float, default=1.0)

@@ -183,6 +183,9 @@ class Model(BaseModel):
     size_bytes: int | None
     created_at: str
     samplers: list[str]
+    schedules: list[str] = Field(
+        description="`schedule` choices of an image request (null: the sampler's own)."
+    )
     shared: bool = Field(description="Every key sees it (models folder, imports); else one key's fine-tune.")
     default: bool = Field(description="Requests without `model` use it.")
 

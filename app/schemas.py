@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from hdm_core.config import MAX_SEED, check_seed
+from hdm_core.config import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_SEED, SCHEDULE_NAMES, check_seed
 from hdm_core.train.config import (
     ADAPTER_TARGETS,
     AdapterSection,
@@ -77,10 +77,21 @@ class ImageParams(Strict):
     negative_prompt: Text = Field("", max_length=8000)
     model: Text | None = Field(None, max_length=300, description="A model id or name from /v1/models.")
     n: int = Field(1, ge=1, le=8)
-    steps: int = Field(24, ge=1, le=200)
+    steps: int = Field(DEFAULT_STEPS, ge=1, le=200)
     guidance_scale: float = Field(3.0, ge=0, le=30, description="1 = no CFG (one pass per step).")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Image i uses seed+i; null = random.")
-    sampler: Text = Field("euler", max_length=40, description="A sampler the model lists in /v1/models/{id}.")
+    sampler: Text = Field(
+        DEFAULT_SAMPLER,
+        max_length=40,
+        description="A sampler the model lists in /v1/models/{id} (docs/service.md).",
+    )
+    schedule: Text | None = Field(
+        None,
+        max_length=40,
+        description="Where the steps go in t: "
+        + ", ".join(SCHEDULE_NAMES)
+        + "; null = the sampler's default.",
+    )
     camera: Camera = Field(default_factory=Camera)
     tread_guidance: TreadGuidance = Field(default_factory=TreadGuidance)
     output_format: Literal["png", "webp", "jpeg"] = "png"

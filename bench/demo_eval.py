@@ -1,6 +1,7 @@
 """Score a demo run: does the model draw the prompted colour and shape for captions it never saw?
 
-    python -m bench.demo_eval var/runs/demo [--size 32] [--steps 20] [--cfg 3.0] [--seeds 2]
+    python -m bench.demo_eval var/runs/demo [--size 32] [--steps 20] [--cfg 3.0] [--seeds 2] [--sampler euler]
+                              [--schedule uniform] [--out FILE]
 
 Method: for every held-out (colour, shape, position, background) prompt of `hdm_demo.shapes` (combinations kept
 out of the training set), generate `--seeds` images and score them with the demo kit's scorer
@@ -39,6 +40,8 @@ def evaluate(
     cfg: float,
     seeds: int,
     heldout: bool = True,
+    sampler: str = "euler",
+    schedule: str | None = None,
 ) -> dict:
     config = json.loads((run_dir / "config.json").read_text())
     ckpt = checkpoint or run_dir / "final.safetensors"
@@ -54,6 +57,8 @@ def evaluate(
             steps=steps,
             guidance_scale=cfg,
             seed=1000 * s,
+            sampler=sampler,
+            schedule=schedule,  # type: ignore[arg-type]
         )
         rows.append(result.images)
     scores = score([img for images in rows for img in images], specs * seeds)
@@ -76,6 +81,8 @@ def evaluate(
         "predicted_colours": scores.predicted_colours,
         "size": size,
         "steps": steps,
+        "sampler": sampler,
+        "schedule": schedule,
         "guidance_scale": cfg,
         "seconds": time.perf_counter() - t0,
     }
@@ -90,6 +97,9 @@ def main() -> int:
     parser.add_argument("--cfg", type=float, default=3.0)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--train-prompts", action="store_true", help="score training prompts instead")
+    parser.add_argument("--sampler", default="euler")
+    parser.add_argument("--schedule", default=None, help="default: the sampler's own")
+    parser.add_argument("--out", type=Path, default=None, help="default RUN_DIR/eval.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_grad_enabled(False)
@@ -101,8 +111,10 @@ def main() -> int:
         cfg=args.cfg,
         seeds=args.seeds,
         heldout=not args.train_prompts,
+        sampler=args.sampler,
+        schedule=args.schedule,
     )
-    (args.run_dir / "eval.json").write_text(json.dumps(res, indent=1) + "\n")
+    (args.out or args.run_dir / "eval.json").write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps(res, indent=1))
     return 0
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import check_seed
-from .sampler import Conditioning, ProjectFn, guided_velocity
+from .sampler import Conditioning, ProjectFn, Sampler, guided_velocity
 
 if TYPE_CHECKING:
     from .edit import EditSpec
@@ -66,23 +66,28 @@ def sample_rows(
     ts: Tensor,
     *,
     guidance_scale: float,
-    sampler: Callable[..., Tensor],
+    sampler: Sampler,
     callback: BatchCallback | None = None,
     project: ProjectFn | None = None,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> tuple[Tensor, list[int]]:
     """Integrate noise [B, C, h, w] (row r belongs to job rows_job[r]) one step at a time, so rows of cancelled jobs
     can leave between steps. Returns the latents of the remaining rows and their job indices.
 
-    Calling `sampler` on ts[i : i + 2] is exactly its step i: every sampler in SAMPLERS is one-step (Euler, Heun);
-    a multistep sampler would need its history sliced too. `project` (inpainting) is passed to every step; it
-    belongs to a batch of one job, so rows never leave it while it is still sampling. The ODE state stays fp32; the network runs in its dtype.
+    The sampler's stepper holds the batch's state (a multistep solver's history, a stochastic one's generators,
+    `generators` one per row); leaving rows leave it too (`Stepper.take`), so the rows that stay step exactly as
+    if the others had never been there. `project` (inpainting) runs after every step; it belongs to a batch of one
+    job, so rows never leave it while it is still sampling. The ODE state stays fp32; the network runs in its dtype.
     """
     dtype = next(model.parameters()).dtype
     x = noise.float()
-    total = len(ts) - 1
+    stepper = sampler.start(ts, generators)
+    total = stepper.total
     velocity = guided_velocity(model, cond, uncond, guidance_scale)
     for i in range(total):
-        x = sampler(lambda x, t, v=velocity: v(x.to(dtype), t).float(), x, ts[i : i + 2], project=project)
+        x = stepper.step(lambda x, t, v=velocity: v(x.to(dtype), t).float(), x)
+        if project is not None:
+            x = project(x, ts[i + 1])
         if callback is None:
             continue
         active = list(dict.fromkeys(rows_job))
@@ -93,6 +98,7 @@ def sample_rows(
             x, rows_job = x[idx.to(x.device)], [rows_job[r] for r in keep]
             if not keep:
                 break
+            stepper.take(idx)
             cond, uncond = _take(cond, idx, keep), _take(uncond, idx, keep)
             velocity = guided_velocity(model, cond, uncond, guidance_scale)
     return x, rows_job

@@ -10,8 +10,38 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 SkipSource = Literal["last", "mirrored"]
-SamplerName = Literal["euler", "heun"]
-SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)  # hdm_core.sampler.SAMPLERS maps each to its function
+SamplerName = Literal["euler", "heun", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "euler_a"]
+SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)  # hdm_core.sampler.SAMPLERS maps each to its stepper
+ScheduleName = Literal["uniform", "karras", "sd3"]
+SCHEDULE_NAMES: tuple[str, ...] = get_args(ScheduleName)  # hdm_core.samplers.schedules
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    """What the API and the parameters text know of a sampler (no torch): its A1111 name, the schedule it uses when
+    a request names none (its best on `python -m bench.samplers`), model evaluations per step."""
+
+    a1111: str
+    default_schedule: ScheduleName = "uniform"
+    evaluations_per_step: int = 1
+
+    def evaluations(self, steps: int) -> int:
+        """Velocity evaluations per image (each one or two network passes with CFG); Heun's last step is Euler."""
+        return steps if self.evaluations_per_step == 1 else self.evaluations_per_step * steps - 1
+
+
+SAMPLER_INFO: dict[str, SamplerInfo] = {
+    "euler": SamplerInfo("Euler"),
+    "heun": SamplerInfo("Heun", evaluations_per_step=2),
+    "dpmpp_2m": SamplerInfo("DPM++ 2M"),
+    "dpmpp_3m": SamplerInfo("DPM++ 3M"),
+    "dpmpp_2m_sde": SamplerInfo("DPM++ 2M SDE"),
+    "unipc": SamplerInfo("UniPC"),
+    "euler_a": SamplerInfo("Euler a"),
+}
+# The service's and console's defaults, chosen on `python -m bench.samplers` (docs/service.md "Samplers").
+DEFAULT_SAMPLER: SamplerName = "unipc"
+DEFAULT_STEPS = 16
 # Largest image seed: torch.Generator takes 64-bit seeds; image i of a request uses seed + i.
 MAX_SEED = 2**63 - 1
 

@@ -10,7 +10,15 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .config import SAMPLER_INFO
+
 EXT = {"png": "png", "webp": "webp", "jpeg": "jpg"}
+
+
+def _a1111_sampler(name: str) -> str:
+    """A1111's name of a sampler ("DPM++ 2M", "UniPC", "Euler a"), as its infotext parser reads it back."""
+    info = SAMPLER_INFO.get(name)
+    return info.a1111 if info is not None else name
 
 
 def parameters_text(
@@ -29,7 +37,8 @@ def parameters_text(
     tread = req.get("tread_guidance") or {}
     fields = [
         f"Steps: {req['steps']}",
-        f"Sampler: {req['sampler']}",
+        f"Sampler: {_a1111_sampler(req['sampler'])}",
+        *([f"Schedule type: {req['schedule'].capitalize()}"] if req.get("schedule") else []),
         f"CFG scale: {req['guidance_scale']}",
         f"Seed: {seed}",
         f"Size: {req['width']}x{req['height']}",

@@ -17,11 +17,12 @@ from .batching import BatchCallback, ImageJob, sample_rows
 from .checkpoint import load_checkpoint, trained_text_length
 from .codec import Codec
 from .compile import CompileMode, compile_model
+from .config import ScheduleName
 from .edit import EditInfo, EditPlan, EditSpec, plan_edit
 from .model import XUT
 from .precision import cast_model, resolve_dtype
 from .rope import position_map
-from .sampler import SAMPLERS, Conditioning, StepCallback, guided_velocity, timesteps
+from .sampler import Conditioning, StepCallback, get_sampler, guided_velocity, timesteps
 from .text import TextEncoder
 
 
@@ -68,6 +69,11 @@ def _routing_generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed((s + 0x5EED) % 2**63) for s in seeds]
 
 
+def _sampler_generators(seeds: list[int]) -> list[torch.Generator]:
+    # The noise a stochastic sampler adds while stepping: one more stream per image, apart from the other two.
+    return [torch.Generator("cpu").manual_seed((s + 0xA5CE57) % 2**63) for s in seeds]
+
+
 def sample_latents(
     model: XUT,
     noise: Tensor,
@@ -78,19 +84,23 @@ def sample_latents(
     guidance_scale: float,
     sampler: str = "euler",
     shift: float = 1.0,
+    schedule: ScheduleName | None = None,
     callback: StepCallback | None = None,
+    seeds: list[int] | None = None,
 ) -> Tensor:
-    """Integrate the guided velocity field from noise [B, C, h, w] (t = 1) to a latent (t = 0)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; available: {sorted(SAMPLERS)}")
+    """Integrate the guided velocity field from noise [B, C, h, w] (t = 1) to a latent (t = 0). `schedule` None is
+    the sampler's default; `seeds` (one per row, default 0..B-1) seed a stochastic sampler's noise."""
+    entry = get_sampler(sampler)
     velocity = guided_velocity(model, cond, uncond, guidance_scale)
     dtype = next(model.parameters()).dtype
+    gens = _sampler_generators(seeds or list(range(noise.shape[0]))) if entry.stochastic else None
     # The ODE state stays fp32; the network runs in its own dtype.
-    return SAMPLERS[sampler](
+    return entry(
         lambda x, t: velocity(x.to(dtype), t).float(),
         noise.float(),
-        timesteps(steps, shift=shift),
+        timesteps(steps, shift=shift, schedule=schedule or entry.default_schedule),
         callback=callback,
+        generators=gens,
     )
 
 
@@ -219,6 +229,7 @@ class HDMPipeline:
         seed: int | None = None,
         sampler: str = "euler",
         shift: float = 1.0,
+        schedule: ScheduleName | None = None,
         camera: Camera = Camera(),
         tread: TreadGuidance = TreadGuidance(),
         callback: StepCallback | None = None,
@@ -239,6 +250,7 @@ class HDMPipeline:
             guidance_scale=guidance_scale,
             sampler=sampler,
             shift=shift,
+            schedule=schedule,
             camera=camera,
             tread=tread,
             callback=step_cb,
@@ -257,6 +269,7 @@ class HDMPipeline:
         guidance_scale: float = 3.0,
         sampler: str = "euler",
         shift: float = 1.0,
+        schedule: ScheduleName | None = None,
         camera: Camera = Camera(),
         tread: TreadGuidance = TreadGuidance(),
         callback: BatchCallback | None = None,
@@ -272,8 +285,8 @@ class HDMPipeline:
         Raising SamplingCancelled from it stops every job. A job with an `edit` (its own init image and start time)
         runs as a sub-batch of its own."""
         self.check_size(width, height)
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; available: {sorted(SAMPLERS)}")
+        entry = get_sampler(sampler)
+        ts_full = timesteps(steps, shift=shift, schedule=schedule or entry.default_schedule)
         h, w = height // self.downsample, width // self.downsample
         encoded = []
         for job in jobs:
@@ -307,7 +320,7 @@ class HDMPipeline:
                 ctx = torch.cat([encoded[j][1] for j in members])
                 uncond = self._conditioning(ctx, pos, addon, tread.uncond_rate, seeds)
             noise = initial_noise(seeds, (self.model.config.in_channels, h, w), self.device)
-            ts, project = timesteps(steps, shift=shift), None
+            ts, project = ts_full, None
             edit = jobs[members[0]].edit
             if edit is not None:
                 plan = plans[members[0]] = plan_edit(edit, self.codec, noise, ts, width=width, height=height)
@@ -320,9 +333,10 @@ class HDMPipeline:
                 uncond,
                 ts,
                 guidance_scale=guidance_scale,
-                sampler=SAMPLERS[sampler],
+                sampler=entry,
                 callback=callback,
                 project=project,
+                generators=_sampler_generators(seeds) if entry.stochastic else None,
             )
             for j in members:
                 if j in rows_job:

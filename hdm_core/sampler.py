@@ -1,9 +1,12 @@
-"""ODE samplers for the velocity field and classifier-free / TREAD guidance (spec §8, §3).
+"""The samplers' one signature and registry, and classifier-free / TREAD guidance (spec §8, §3).
 
-Every sampler has one signature: `sampler(velocity, x, ts, *, callback=None, project=None) -> x0`, where
-`velocity(x, t)` maps x [B, ...] and t [B] to v [B, ...], and ts runs from its first time (1 = noise, or lower when
-starting from a noised image) to 0 (data). `project(x, t)`, if given, replaces the state after every step that ends
-at time t (inpainting keeps the unmasked region on the original image's path; hdm_core.edit).
+Every sampler is a registry entry (`Sampler`) with one signature:
+`sampler(velocity, x, ts, *, callback=None, project=None, generators=None) -> x0`, where `velocity(x, t)` maps
+x [B, ...] and t [B] to v [B, ...], and ts runs from its first time (1 = noise, or lower when starting from a noised
+image) to 0 (data). `project(x, t)`, if given, replaces the state after every step that ends at time t (inpainting
+keeps the unmasked region on the original image's path; hdm_core.edit). `generators` (one per row) feed the
+samplers that draw noise while stepping. `sampler.start(ts, generators)` gives the same integration as a stepper,
+one call per step (hdm_core.samplers.stepper), which is how a batch drops rows between steps (hdm_core.batching).
 """
 
 from __future__ import annotations
@@ -14,89 +17,96 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .config import SamplerName
+from .config import SAMPLER_INFO, SamplerInfo, SamplerName, ScheduleName
+from .samplers import solvers
+from .samplers.native import EulerStepper, HeunStepper
+from .samplers.schedules import timesteps
+from .samplers.stepper import (
+    ProjectFn,
+    SamplingCancelled,
+    StepCallback,
+    Stepper,
+    VelocityFn,
+    run,
+)
 
-VelocityFn = Callable[[Tensor, Tensor], Tensor]
-StepCallback = Callable[[int, int], None]
-ProjectFn = Callable[[Tensor, Tensor], Tensor]
+__all__ = [
+    "SAMPLERS",
+    "Conditioning",
+    "ProjectFn",
+    "Sampler",
+    "SamplingCancelled",
+    "StepCallback",
+    "Stepper",
+    "VelocityFn",
+    "can_batch",
+    "euler",
+    "guided_velocity",
+    "heun",
+    "model_evaluations",
+    "timesteps",
+]
 
-
-class SamplingCancelled(RuntimeError):
-    """Raised from a step callback to stop sampling cooperatively."""
-
-
-def timesteps(steps: int, *, shift: float = 1.0, device: torch.device | str | None = None) -> Tensor:
-    """steps + 1 times from 1 to 0, uniform (the reference) or warped by t' = s t / (1 + (s - 1) t) (SD3 shift)."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if shift <= 0:
-        raise ValueError(f"shift must be > 0, got {shift}")
-    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    if shift != 1.0:
-        t = shift * t / (1 + (shift - 1) * t)
-    return t.to(device=device, dtype=torch.float32)
-
-
-def _t(x: Tensor, value: Tensor) -> Tensor:
-    return value.to(x.device).expand(x.shape[0])
-
-
-@torch.no_grad()
-def euler(
-    velocity: VelocityFn,
-    x: Tensor,
-    ts: Tensor,
-    *,
-    callback: StepCallback | None = None,
-    project: ProjectFn | None = None,
-) -> Tensor:
-    """First-order: x <- x + (t_next - t) v. With uniform ts this is the reference's x - dt * v."""
-    total = len(ts) - 1
-    for i in range(total):
-        t, t_next = ts[i], ts[i + 1]
-        x = x + (t_next - t).to(x.dtype) * velocity(x, _t(x, t)).to(x.dtype)
-        if project is not None:
-            x = project(x, t_next)
-        if callback is not None:
-            callback(i + 1, total)
-    return x
+StartFn = Callable[[Tensor, Sequence[torch.Generator] | None], Stepper]
 
 
-@torch.no_grad()
-def heun(
-    velocity: VelocityFn,
-    x: Tensor,
-    ts: Tensor,
-    *,
-    callback: StepCallback | None = None,
-    project: ProjectFn | None = None,
-) -> Tensor:
-    """Second-order Heun (trapezoidal) steps; the step into t = 0 is Euler, as in k-diffusion."""
-    total = len(ts) - 1
-    for i in range(total):
-        t, t_next = ts[i], ts[i + 1]
-        dt = (t_next - t).to(x.dtype)
-        v = velocity(x, _t(x, t)).to(x.dtype)
-        x_euler = x + dt * v
-        if float(t_next) > 0:
-            v_next = velocity(x_euler, _t(x, t_next)).to(x.dtype)
-            x = x + dt * (v + v_next) / 2
-        else:
-            x = x_euler
-        if project is not None:
-            x = project(x, t_next)
-        if callback is not None:
-            callback(i + 1, total)
-    return x
+@dataclass(frozen=True)
+class Sampler:
+    """A registry entry: how to start a stepper for one batch on the times ts."""
+
+    name: SamplerName
+    start: StartFn
+    stochastic: bool = False  # draws noise while stepping, from the rows' own generators
+
+    @property
+    def info(self) -> SamplerInfo:
+        return SAMPLER_INFO[self.name]
+
+    @property
+    def default_schedule(self) -> ScheduleName:
+        return self.info.default_schedule
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        velocity: VelocityFn,
+        x: Tensor,
+        ts: Tensor,
+        *,
+        callback: StepCallback | None = None,
+        project: ProjectFn | None = None,
+        generators: Sequence[torch.Generator] | None = None,
+    ) -> Tensor:
+        return run(self.start(ts, generators), velocity, x, callback=callback, project=project)
 
 
+def _scheduler(factory: Callable[[], object], *, noisy: bool = False) -> StartFn:
+    return lambda ts, gens: solvers.SchedulerStepper(factory(), ts, gens, noisy=noisy)  # type: ignore[arg-type]
+
+
+_ENTRIES = (
+    Sampler("euler", EulerStepper),
+    Sampler("heun", HeunStepper),
+    Sampler("dpmpp_2m", _scheduler(solvers.dpmpp_2m)),
+    Sampler("dpmpp_3m", _scheduler(solvers.dpmpp_3m)),
+    Sampler("dpmpp_2m_sde", _scheduler(solvers.dpmpp_2m_sde, noisy=True), stochastic=True),
+    Sampler("unipc", _scheduler(solvers.unipc)),
+    Sampler("euler_a", _scheduler(solvers.euler_ancestral, noisy=True), stochastic=True),
+)
 # The names are hdm_core.config.SAMPLER_NAMES (the API validates requests with them, without torch).
-SAMPLERS: dict[SamplerName, Callable[..., Tensor]] = {"euler": euler, "heun": heun}
+SAMPLERS: dict[SamplerName, Sampler] = {s.name: s for s in _ENTRIES}
+euler, heun = SAMPLERS["euler"], SAMPLERS["heun"]
 
 
 def model_evaluations(sampler: str, steps: int) -> int:
     """Velocity evaluations per image for a sampler (each may be one or two network passes with CFG)."""
-    return steps if sampler == "euler" else 2 * steps - 1
+    return SAMPLER_INFO[sampler].evaluations(steps)
+
+
+def get_sampler(name: str) -> Sampler:
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; available: {sorted(SAMPLERS)}")
+    return SAMPLERS[name]  # type: ignore[index]
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ SHARED_FIELDS = (
     "sampler",
     "guidance_scale",
     "shift",
+    "schedule",
     "camera",
     "tread_guidance",
     "adapters",

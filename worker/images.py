@@ -155,6 +155,7 @@ def _generate(pipe: Any, group: list[Claimed], shared: dict[str, Any]) -> list[O
             guidance_scale=req["guidance_scale"],
             sampler=req["sampler"],
             shift=req.get("shift", 1.0),
+            schedule=req.get("schedule"),
             camera=Camera(**req["camera"]),
             tread=TreadGuidance(**req["tread_guidance"]),
             callback=progress,

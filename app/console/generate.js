@@ -62,10 +62,14 @@ export async function loadModels() {
 
 function updateSamplers() {
   const m = state.models.find((x) => x.id === $("gen-model").value) || state.models[0];
-  const names = (m && m.samplers) || ["euler"];
+  const names = (m && m.samplers) || ["unipc"];
   const sel = $("gen-sampler"), keep = sel.value;
   sel.replaceChildren(...names.map((n) => el("option", {}, n)));
   if (names.includes(keep)) sel.value = keep;
+  const schedules = (m && m.schedules) || [];
+  const sch = $("gen-schedule"), keepSch = sch.value;
+  sch.replaceChildren(el("option", { value: "" }, "sampler's default"), ...schedules.map((n) => el("option", {}, n)));
+  if (schedules.includes(keepSch)) sch.value = keepSch;
 }
 
 const num = (id) => Number($(id).value);
@@ -81,6 +85,7 @@ export function readForm() {
     tread_guidance: { cond_rate: num("gen-tread-cond"), uncond_rate: num("gen-tread-uncond") },
   };
   if ($("gen-model").value) body.model = $("gen-model").value;
+  if ($("gen-schedule").value) body.schedule = $("gen-schedule").value;
   if ($("gen-seed").value !== "") body.seed = Number($("gen-seed").value);
   const adapters = readAdapters();
   if (adapters) body.adapters = adapters;
@@ -119,6 +124,7 @@ export function fillForm(req) {
     updateSamplers();
   }
   set("gen-sampler", req.sampler);
+  if ([...$("gen-schedule").options].some((o) => o.value === req.schedule)) $("gen-schedule").value = req.schedule;
   $("gen-seed").value = req.seed ?? "";
   const cam = req.camera || {}, tread = req.tread_guidance || {};
   set("gen-cam-x", cam.x_shift); set("gen-cam-y", cam.y_shift); set("gen-cam-zoom", cam.zoom);

@@ -67,6 +67,7 @@ _EDIT_FORM = {
                         "seed": {"type": "integer"},
                         "guidance_scale": {"type": "number"},
                         "sampler": {"type": "string"},
+                        "schedule": {"type": "string"},
                         "negative_prompt": {"type": "string"},
                         "output_format": {"type": "string", "enum": ["png", "webp", "jpeg"]},
                     },

@@ -14,7 +14,7 @@ from app.models import Image, Job
 from app.schemas import ImageRequest
 from app.services import adapters, edits, jobs, models, presenter, storage, webhooks
 from app.settings import get_settings
-from hdm_core.config import max_seed
+from hdm_core.config import SAMPLER_INFO, max_seed
 
 MEDIA = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 
@@ -47,6 +47,10 @@ def create(
         raise Invalid(
             f"Unknown sampler {req.sampler!r}; choose one of {presenter.SAMPLERS}.", param="sampler"
         )
+    if req.schedule is not None and req.schedule not in presenter.SCHEDULES:
+        raise Invalid(
+            f"Unknown schedule {req.schedule!r}; choose one of {presenter.SCHEDULES}.", param="schedule"
+        )
     webhooks.check_url(req.webhook)
     decoded = edits.from_request(req, files, masked_strength=masked_strength)
     edit, pending = decoded if decoded is not None else (None, {})
@@ -66,6 +70,8 @@ def create(
     else:
         for name in ("init_image", "strength", "mask", "mask_blur"):
             resolved.pop(name)
+    if resolved["schedule"] is None:  # stored resolved: the parameters text and a rerun name what was used
+        resolved["schedule"] = SAMPLER_INFO[req.sampler].default_schedule
     if resolved["seed"] is None:
         resolved["seed"] = secrets.randbelow(2**32)
     resolved["seed"] = min(resolved["seed"], max_seed(req.n))

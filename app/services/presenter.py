@@ -12,9 +12,10 @@ from sqlalchemy.orm import Session
 from app.db import as_utc
 from app.models import Adapter, Checkpoint, Dataset, Image, Job, JobEvent
 from app.services import registry
-from hdm_core.config import SAMPLER_NAMES
+from hdm_core.config import SAMPLER_NAMES, SCHEDULE_NAMES
 
 SAMPLERS = list(SAMPLER_NAMES)
+SCHEDULES = list(SCHEDULE_NAMES)
 
 
 def iso(value: datetime | None) -> str | None:
@@ -179,6 +180,7 @@ def model(ckpt: Checkpoint, default_id: str | None = None, admin: bool = False) 
         "size_bytes": ckpt.size_bytes,
         "created_at": iso(ckpt.created_at),
         "samplers": SAMPLERS,
+        "schedules": SCHEDULES,
         "shared": ckpt.owner is None,
         "default": ckpt.id == default_id,
     }

@@ -197,5 +197,6 @@ def test_project_runs_after_every_step_at_the_step_end_time(name):
         return x * 0 + 7.0
 
     ts = edit_timesteps(timesteps(4), 0.6)
-    out = SAMPLERS[name](lambda x, t: x, torch.ones(2, 3), ts, project=project)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    out = SAMPLERS[name](lambda x, t: x, torch.ones(2, 3), ts, project=project, generators=gens)
     assert seen == pytest.approx([0.5, 0.25, 0.0]) and torch.equal(out, torch.full((2, 3), 7.0))

@@ -12,6 +12,8 @@ import httpx
 import pytest
 from service_stack import ADMIN_KEY, OTHER_KEY, ROOT, Stack
 
+from hdm_core.config import SAMPLER_NAMES, SCHEDULE_NAMES
+
 SMALL = {"width": 32, "height": 32, "steps": 2}
 
 
@@ -163,6 +165,7 @@ BAD = [
     ({"prompt": "ok", "seed": -1}, "seed"),
     ({"prompt": "ok", "seed": 2**63}, "seed"),
     ({"prompt": "ok", "sampler": "ddim"}, "sampler"),
+    ({"prompt": "ok", "schedule": "linear"}, "schedule"),
     ({"prompt": "ok", "camera": {"zoom": 0.1}}, "camera.zoom"),
     ({"prompt": "ok", "camera": {"x_shift": 6}}, "camera.x_shift"),
     ({"prompt": "ok", "tread_guidance": {"cond_rate": 0.95}}, "tread_guidance.cond_rate"),
@@ -182,6 +185,17 @@ def test_bad_image_input_names_the_field(stack: Stack, body: dict, param: str) -
         full = {}
     with stack.client() as c:
         _assert_error(c.post("/v1/images", json=full), 422, param=param)
+
+
+def test_unknown_sampler_or_schedule_lists_the_choices(stack: Stack) -> None:
+    with stack.client() as c:
+        for field, choices in (("sampler", SAMPLER_NAMES), ("schedule", SCHEDULE_NAMES)):
+            r = c.post("/v1/images", json={"prompt": "ok", **SMALL, field: "nope"})
+            _assert_error(r, 422, param=field)
+            assert all(repr(name) in r.json()["error"]["message"] for name in choices), r.text
+        models = c.get("/v1/models").json()["data"]
+        assert models and all(m["schedules"] == list(SCHEDULE_NAMES) for m in models)
+        assert all({"dpmpp_2m", "unipc", "euler_a"} <= set(m["samplers"]) for m in models)
 
 
 def test_malformed_requests(stack: Stack) -> None:
