@@ -210,8 +210,8 @@ def adapter_weight(spec: str) -> tuple[str, float]:
 
 
 def cmd_adapters_merge(args: argparse.Namespace) -> int:
-    from hdm_core.adapter import AdapterError
-    from hdm_core.adapter_merge import merge_checkpoint
+    from hdm_core.adapters.merge import merge_checkpoint
+    from hdm_core.adapters.network import AdapterError
     from hdm_core.checkpoint import CheckpointError
 
     try:

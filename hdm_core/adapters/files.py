@@ -13,9 +13,9 @@ from lycoris.modules import LoConModule, LohaModule, LokrModule, NormModule
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from .adapter import AdapterConfig, AdapterError, AdapterNetwork
-from .checkpoint import atomic_save_file
-from .config import XUTConfig
+from ..checkpoint import atomic_save_file
+from ..config import XUTConfig
+from .network import AdapterConfig, AdapterError, AdapterNetwork
 
 FORMAT = "hdm-serve-adapter/1"
 # Tensor names each algorithm may write, as the library declares them (`weight_list`), plus trained norms.
@@ -58,7 +58,7 @@ class AdapterInfo:
 
 @dataclass(frozen=True)
 class LoadedAdapter:
-    """A validated adapter file: tensors (LyCORIS keys) + what it is; apply with `hdm_core.adapter`."""
+    """A validated adapter file: tensors (LyCORIS keys) + what it is; apply with `hdm_core.adapters.apply`."""
 
     name: str
     tensors: dict[str, Tensor]
@@ -184,7 +184,7 @@ def _check_tensors(tensors: dict[str, Tensor], config: AdapterConfig, path: Path
 
 def load_adapter(path: str | Path, *, name: str | None = None) -> LoadedAdapter:
     """Read and validate an adapter file written by `save_adapter`; `name` defaults to the file's stem. Whether it
-    fits a given model is checked when it is applied (`hdm_core.adapter.apply_adapters`)."""
+    fits a given model is checked when it is applied (`hdm_core.adapters.apply.apply_adapters`)."""
     path = Path(path)
     if not path.is_file():
         raise AdapterError(f"adapter file {path} does not exist")
