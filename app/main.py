@@ -28,11 +28,19 @@ MAX_BODY_BYTES = (
 
 # routes whose body may carry an init image and a mask (base64 in JSON, or multipart files counted per part)
 UPLOAD_ROUTES = frozenset({"/v1/images", "/v1/images/generations", "/v1/images/edits"})
-MULTIPART_ROUTES = frozenset({"/v1/images/edits"})
+MULTIPART_ROUTES = frozenset({"/v1/images/edits", "/v1/adapters", "/v1/datasets", "/v1/images/parameters"})
 
 
 def body_limit(path: str) -> int:
-    if path.rstrip("/") not in UPLOAD_ROUTES:
+    path = path.rstrip("/")
+    settings = get_settings()
+    if path == "/v1/adapters":  # the file streams to disk, refused by app/multipart.py past its own limit
+        return MAX_BODY_BYTES + settings.adapter_upload_bytes
+    if path == "/v1/datasets":
+        return MAX_BODY_BYTES + settings.dataset_upload_bytes
+    if path == "/v1/images/parameters":
+        return MAX_BODY_BYTES + settings.upload_max_bytes
+    if path not in UPLOAD_ROUTES:
         return MAX_BODY_BYTES
     return MAX_BODY_BYTES + 2 * (get_settings().upload_max_bytes * 4 // 3 + 4)  # two files as base64
 
@@ -83,7 +91,7 @@ class GuardAndCount:
             if not ctype:  # `curl -d` without -H: a JSON body is still JSON
                 scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
             elif path in MULTIPART_ROUTES and ctype == b"multipart/form-data":
-                pass  # OpenAI's images.edit: files, each part counted as it streams (app/multipart.py)
+                pass  # files (images.edit, adapter / dataset uploads), each part counted as it streams (app/multipart.py)
             elif ctype != b"application/json" and not ctype.endswith(b"+json"):
                 await self._reject(
                     method,

@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     train_command: str = (
         ""  # override the trainer launcher (tests use a stand-in); default torchrun hdm_core.train
     )
+    # POST /v1/adapters and POST /v1/datasets (multipart, streamed to disk): the file's bytes at most
+    adapter_upload_bytes: int = Field(2 * 2**30, ge=1)
+    dataset_upload_bytes: int = Field(2 * 2**30, ge=1)
 
     @field_validator("text_encoder", "vae", "uploads_dir", mode="before")
     @classmethod

@@ -9,12 +9,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from lycoris.modules import LohaModule, LokrModule, NormModule
+from lycoris.modules import FullModule, LohaModule, LokrModule, NormModule, get_module, make_module
 from torch import Tensor, nn
 
 from ..model import XUT
 from .files import LoadedAdapter
-from .network import AdapterError, build_network, check_base
+from .keys import stem
+from .network import AdapterError, build_network, check_base, lend_norms
 
 
 def _delta(module: nn.Module, weight: float) -> tuple[Tensor, Tensor | None]:
@@ -25,27 +26,54 @@ def _delta(module: nn.Module, weight: float) -> tuple[Tensor, Tensor | None]:
         return module.get_weight(module.shape) * module.scalar * weight, None
     if isinstance(module, NormModule):
         return module.get_diff_weight(weight)
+    if isinstance(module, FullModule):  # `diff` / `diff_b` are the deltas themselves
+        return module.weight * weight, None if module.bias is None else module.bias * weight
     return module.get_diff_weight(weight, shape=module.shape)
 
 
 def _adapter_modules(model: XUT, adapter: LoadedAdapter) -> nn.Module:
-    """The adapter's library modules over `model`, loaded strictly from its tensors (not hooked in)."""
+    """The adapter's library modules over `model`, each made by the library from its tensors
+    (`make_module_from_state_dict`: the algorithm from the param names, factor and rank from the shapes), checked to
+    hold exactly the file's tensors (not hooked in)."""
     check_base(adapter.base, model.config, name=f"adapter {adapter.name!r}")
+    if adapter.config is not None:  # trained here: the file holds exactly what its config builds
+        _check_keys(adapter, {k for m in build_network(model, adapter.config).loras for k in _keys(m)})
+    layers = {stem(n): m for n, m in model.named_modules() if n}
+    stems = sorted({k.split(".", 1)[0] for k in adapter.tensors})
+    unknown = [s for s in stems if s not in layers]
+    if unknown:
+        raise AdapterError(f"adapter {adapter.name!r} does not fit this model: no layer for {unknown[:5]}")
     holder = nn.Module()
-    for module in build_network(model, adapter.config).loras:
-        holder.add_module(module.lora_name, module)
-    expected, found = set(holder.state_dict()), set(adapter.tensors)
+    with lend_norms(model):
+        for s in stems:
+            kind, params = get_module(adapter.tensors, s)
+            try:
+                module = make_module(kind, params, s, layers[s]) if kind is not None else None
+            except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
+                raise AdapterError(f"adapter {adapter.name!r}: {s} does not fit this model: {exc}") from exc
+            if module is None or module.not_supported:
+                raise AdapterError(f"adapter {adapter.name!r}: {s} is no LyCORIS module this service applies")
+            if isinstance(module, NormModule) and "b_norm" not in module._parameters:
+                module.b_norm = (
+                    None  # lycoris 4.1 NormModule reads `b_norm` unconditionally; RMSNorm has no bias
+                )
+            holder.add_module(s, module)
+    _check_keys(adapter, set(holder.state_dict()))
+    return holder.eval()
+
+
+def _keys(module: nn.Module) -> list[str]:
+    return [f"{module.lora_name}.{k}" for k in module.state_dict()]
+
+
+def _check_keys(adapter: LoadedAdapter, expected: set[str]) -> None:
+    found = set(adapter.tensors)
     if expected != found:
         missing, unexpected = sorted(expected - found), sorted(found - expected)
         raise AdapterError(
             f"adapter {adapter.name!r} does not fit this model: {len(missing)} missing key(s) {missing[:5]}, "
             f"{len(unexpected)} unexpected key(s) {unexpected[:5]}"
         )
-    try:
-        holder.load_state_dict(adapter.tensors, strict=True)
-    except RuntimeError as exc:
-        raise AdapterError(f"adapter {adapter.name!r} does not fit this model: {exc}") from exc
-    return holder.eval()
 
 
 @dataclass(eq=False)

@@ -127,18 +127,27 @@ _LYCORIS_LOCK = threading.Lock()
 
 
 @contextmanager
+def lend_norms(model: nn.Module) -> Iterator[None]:
+    """The library trains a norm it does not know (neither LayerNorm nor GroupNorm) when the module exposes its
+    weight-free normalisation as `_norm` (the LLaMA RMSNorm convention); torch's RMSNorm does not, so lend it
+    one while the library's modules are built (NormModule keeps a reference) and take it away afterwards."""
+    lent = []
+    for module in model.modules():
+        if isinstance(module, nn.RMSNorm) and not hasattr(module, "_norm"):
+            module._norm = functools.partial(
+                F.rms_norm, normalized_shape=module.normalized_shape, eps=module.eps
+            )
+            lent.append(module)
+    try:
+        yield
+    finally:
+        for module in lent:
+            del module._norm
+
+
+@contextmanager
 def _lycoris_targets(model: nn.Module, names: tuple[str, ...]) -> Iterator[None]:
-    # The library trains a norm it does not know (neither LayerNorm nor GroupNorm) when the module exposes its
-    # weight-free normalisation as `_norm` (the LLaMA RMSNorm convention); torch's RMSNorm does not, so lend it
-    # one while the network is built (NormModule keeps a reference) and take it away afterwards.
-    with _LYCORIS_LOCK:
-        lent = []
-        for module in model.modules():
-            if isinstance(module, nn.RMSNorm) and not hasattr(module, "_norm"):
-                module._norm = functools.partial(
-                    F.rms_norm, normalized_shape=module.normalized_shape, eps=module.eps
-                )
-                lent.append(module)
+    with _LYCORIS_LOCK, lend_norms(model):
         saved = {attr: getattr(LycorisNetwork, attr) for attr in _PRESET_ATTRS}
         LycorisNetwork.apply_preset(
             {
@@ -157,8 +166,6 @@ def _lycoris_targets(model: nn.Module, names: tuple[str, ...]) -> Iterator[None]
         finally:
             for attr, value in saved.items():
                 setattr(LycorisNetwork, attr, value)
-            for module in lent:
-                del module._norm
 
 
 def build_network(model: XUT, cfg: AdapterConfig) -> LycorisNetwork:

@@ -1,0 +1,102 @@
+"""Adapter files made elsewhere (hdm_core.adapters.imports): LyCORIS networks built the way HDM's trainer builds them,
+kohya- and peft-named LoRAs, `.pt` files; each converted file applied by this service computes what the library's
+own hooked forward computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hdm_core import PRESETS, XUT, save_checkpoint
+from hdm_core.adapters import pickled
+from hdm_core.adapters.apply import apply_adapters
+from hdm_core.adapters.errors import AdapterError
+from hdm_core.adapters.files import load_adapter
+from hdm_core.adapters.imports import Base, convert
+from tests.adapter_files import evil_pickle, foreign_network, inputs, kohya_names, peft_names
+
+
+def base_model(seed: int = 0) -> XUT:
+    torch.manual_seed(seed)
+    model = XUT(PRESETS["xut-debug"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> tuple[Base, XUT]:
+    model = base_model()
+    path = save_checkpoint(tmp_path_factory.mktemp("base") / "base.safetensors", model)
+    return Base.from_checkpoint("base", "cd" * 32, model.config.to_dict(), path), model
+
+
+def applied_output(base: tuple[Base, XUT], src: Path, tmp_path: Path) -> torch.Tensor:
+    info, model = base
+    dst = tmp_path / "converted.safetensors"
+    convert(src, dst, info)
+    adapter = load_adapter(dst)
+    x, t, ctx = inputs(model)
+    with apply_adapters(model, [(adapter, 1.0)]), torch.no_grad():
+        return model(x, t, ctx)
+
+
+@pytest.mark.parametrize("recipe", ["lokr", "loha", "lora"])
+@pytest.mark.parametrize("container", ["pt", "safetensors"])
+def test_lycoris_file_from_wrapper_matches_library_forward(base, tmp_path, recipe, container):
+    model = base[1]
+    with torch.no_grad():
+        plain = model(*inputs(model))
+    state, hooked = foreign_network(model, recipe)
+    assert all(k.startswith("lycoris_model_") for k in state)
+    if recipe == "lokr":
+        assert any(k.endswith(".w_norm") for k in state), "train_norm trains the LayerNorms"
+    src = tmp_path / f"adapter.{container}"
+    if container == "pt":
+        torch.save(state, src)
+        pickled.to_safetensors(src, tmp_path / "plain.safetensors")
+        src = tmp_path / "plain.safetensors"
+    else:
+        save_file(state, str(src))
+    out = applied_output(base, src, tmp_path)
+    assert (hooked - plain).abs().max() > 1e-3
+    assert (out - hooked).abs().max() <= 1e-4
+
+
+def test_kohya_named_lora(base, tmp_path):
+    state, hooked = foreign_network(base[1], "lora")
+    save_file(kohya_names(state), str(tmp_path / "k.safetensors"))
+    assert (applied_output(base, tmp_path / "k.safetensors", tmp_path) - hooked).abs().max() <= 1e-4
+
+
+def test_peft_named_lora(base, tmp_path):
+    # peft keeps lora_alpha in adapter_config.json, not among the tensors; the service then scales by 1, which is
+    # what a LoRA with alpha == rank computes
+    state, hooked = foreign_network(base[1], "lora-alpha-rank")
+    peft = {k: v for k, v in peft_names(state, base[1]).items() if not k.endswith(".alpha")}
+    assert any(k.startswith("base_model.model.") and k.endswith(".lora_A.weight") for k in peft)
+    save_file(peft, str(tmp_path / "p.safetensors"))
+    assert (applied_output(base, tmp_path / "p.safetensors", tmp_path) - hooked).abs().max() <= 1e-4
+
+
+def test_shapes_of_another_architecture_are_named(base, tmp_path):
+    state, _ = foreign_network(base[1], "lora")
+    key = next(k for k in state if k.endswith("attn_qkv.lora_up.weight"))
+    state[key] = torch.zeros(state[key].shape[0] + 8, state[key].shape[1])
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(AdapterError, match=r"do not fit the base model's shapes: .*attn\.qkv"):
+        convert(tmp_path / "bad.safetensors", tmp_path / "out.safetensors", base[0])
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "ran"
+    src = evil_pickle(tmp_path / "evil.pt", marker)
+    with pytest.raises(AdapterError, match=r"weights_only=True"):
+        pickled.to_safetensors(src, tmp_path / "out.safetensors")
+    assert not marker.exists()
+    assert not (tmp_path / "out.safetensors").exists()

@@ -1,0 +1,142 @@
+"""POST /v1/adapters through the real API (uvicorn + PostgreSQL): adapter files made elsewhere uploaded as the
+calling key's own, stored in this service's format, and the stored file applied to the base model computes what
+LyCORIS' own hooked forward computes; pickles that would run code, and layers of another shape, are refused with
+a 422 naming them, leaving nothing behind."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save, save_file
+from service_stack import API_KEY, OTHER_KEY, Stack, own_database, stack_env
+
+import hdm_core
+from hdm_core.adapters.apply import apply_adapters
+from hdm_core.adapters.files import load_adapter
+from hdm_core.codec import PixelCodec
+from tests.adapter_files import evil_pickle, foreign_network, inputs, kohya_names, peft_names
+
+
+def _base() -> hdm_core.XUT:
+    torch.manual_seed(0)
+    model = hdm_core.XUT(hdm_core.PRESETS["xut-pixel-debug"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def ustack(
+    tmp_path_factory: pytest.TempPathFactory,
+    assets: dict[str, Path],
+    pg_admin: Any,
+    redis_url: str,
+    queue_prefix: str,
+) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("upload-stack")
+    models = tmp / "models"
+    models.mkdir()
+    hdm_core.save_checkpoint(models / "upload-base.safetensors", _base(), codec=PixelCodec())
+    with own_database(pg_admin) as url:
+        env = stack_env(tmp, {**assets, "models": models}, url, redis_url, queue_prefix + "u")
+        s = Stack(env, tmp, API_KEY)
+        try:
+            s.migrate()
+            s.start_api()
+            yield s
+        finally:
+            s.stop()
+
+
+def _upload(stack: Stack, name: str, filename: str, data: bytes, key: str = "default") -> Any:
+    with stack.client(key, timeout=300) as c:
+        return c.post("/v1/adapters", files={"file": (filename, data)}, data={"name": name})
+
+
+def _stored_output(stack: Stack, adapter: dict[str, Any], tmp_path: Path) -> torch.Tensor:
+    with stack.client() as c:
+        r = c.get(f"/v1/adapters/{adapter['id']}/file")
+    assert r.status_code == 200, r.text
+    (tmp_path / "stored.safetensors").write_bytes(r.content)
+    model = _base()
+    with apply_adapters(model, [(load_adapter(tmp_path / "stored.safetensors"), 1.0)]), torch.no_grad():
+        return model(*inputs(model))
+
+
+def _uploads_left(stack: Stack) -> list[Path]:
+    folder = Path(stack.env["HDM_OUTPUTS_DIR"]) / "uploads" / "adapters"
+    return sorted(folder.rglob("*")) if folder.exists() else []
+
+
+@pytest.mark.parametrize("recipe", ["lokr", "loha", "lora"])
+@pytest.mark.parametrize("container", ["pt", "safetensors"])
+def test_uploaded_lycoris_file_matches_library_forward(ustack, tmp_path, recipe, container):
+    state, hooked = foreign_network(_base(), recipe)
+    if container == "pt":
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+    else:
+        data = save(state)
+    r = _upload(ustack, f"{recipe}-{container}", f"hdm-trainer.{container}", data)
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["algorithm"] == recipe and body["source"] == "upload"
+    assert body["base_model"]["name"] == "upload-base"
+    assert (_stored_output(ustack, body, tmp_path) - hooked).abs().max() <= 1e-4
+    with ustack.client(OTHER_KEY) as c:  # the calling key's own: another key sees nothing of it
+        assert c.get(f"/v1/adapters/{body['id']}").status_code == 404
+        assert body["id"] not in [a["id"] for a in c.get("/v1/adapters").json()["data"]]
+
+
+@pytest.mark.parametrize("names", ["kohya", "peft"])
+def test_uploaded_kohya_and_peft_named_lora(ustack, tmp_path, names):
+    model = _base()
+    if names == "kohya":
+        state, hooked = foreign_network(model, "lora")
+        tensors = kohya_names(state)
+    else:  # peft carries its alpha outside the tensors; alpha == rank is scale 1
+        state, hooked = foreign_network(model, "lora-alpha-rank")
+        tensors = {k: v for k, v in peft_names(state, model).items() if not k.endswith(".alpha")}
+    save_file(
+        tensors, str(tmp_path / "f.safetensors"), metadata={"ss_tag_frequency": '{"10_zqstyle": {"a": 1}}'}
+    )
+    r = _upload(ustack, f"lora-{names}", "lora.safetensors", (tmp_path / "f.safetensors").read_bytes())
+    assert r.status_code == 201, r.text
+    assert r.json()["trigger_words"] == ["zqstyle"]
+    assert (_stored_output(ustack, r.json(), tmp_path) - hooked).abs().max() <= 1e-4
+
+
+def test_pickle_that_runs_code_is_refused_and_runs_nothing(ustack, tmp_path):
+    marker = tmp_path / "ran"
+    data = evil_pickle(tmp_path / "evil.pt", marker).read_bytes()
+    r = _upload(ustack, "evil", "evil.pt", data)
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["param"] == "file" and err["code"] == "adapter_refused" and "weights_only" in err["message"]
+    assert not marker.exists()
+    assert _uploads_left(ustack) == [] or all(p.suffix == ".safetensors" for p in _uploads_left(ustack))
+    with ustack.client() as c:
+        assert "evil" not in [a["name"] for a in c.get("/v1/adapters").json()["data"]]
+
+
+def test_layers_of_another_shape_are_named_and_nothing_is_kept(ustack, tmp_path):
+    state, _ = foreign_network(_base(), "lora")
+    key = next(k for k in state if k.endswith("attn_qkv.lora_up.weight"))
+    state[key] = torch.zeros(state[key].shape[0] + 8, state[key].shape[1])
+    before = _uploads_left(ustack)
+    r = _upload(ustack, "wrong-shape", "wrong.safetensors", save(state))
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["param"] == "file" and "attn.qkv" in r.json()["error"]["message"]
+    assert _uploads_left(ustack) == before
+    r = _upload(ustack, "no-adapter", "x.safetensors", save({"some.weight": torch.zeros(3)}))
+    assert r.status_code == 422 and "name no module" in r.json()["error"]["message"], r.text
+    r = _upload(ustack, "not-a-file", "x.safetensors", b"not safetensors at all")
+    assert r.status_code == 422 and "not a readable safetensors" in r.json()["error"]["message"], r.text
+    assert _uploads_left(ustack) == before
