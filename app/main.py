@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import console, errors
 from app.db import session_scope
-from app.routes import adapters, datasets, images, models, openai_compat, system, training
+from app.routes import adapters, datasets, images, models, openai_compat, png_info, system, training
 from app.services import webhooks
 from app.services.maintenance import MaintenanceThread
 from app.services.webhooks import DeliveryThread
@@ -221,7 +221,7 @@ def create_app() -> FastAPI:
         '`{"error": {"code", "message", "param"}}`.',
     )
     errors.install(app)
-    for module in (images, openai_compat, training, models, adapters, datasets, system):
+    for module in (png_info, images, openai_compat, training, models, adapters, datasets, system):
         app.include_router(module.router)
     console.mount(app)
     stats = HttpStats()

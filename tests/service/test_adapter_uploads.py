@@ -140,3 +140,41 @@ def test_layers_of_another_shape_are_named_and_nothing_is_kept(ustack, tmp_path)
     r = _upload(ustack, "not-a-file", "x.safetensors", b"not safetensors at all")
     assert r.status_code == 422 and "not a readable safetensors" in r.json()["error"]["message"], r.text
     assert _uploads_left(ustack) == before
+
+
+def test_png_parameters_read_back_into_a_request(ustack, tmp_path):
+    """A1111's "PNG Info" / "send to txt2img": the text this service writes, back as a POST /v1/images body."""
+    from PIL import Image
+
+    from hdm_core import imagefile
+
+    req = {
+        "prompt": "a zq circle, on blue",
+        "negative_prompt": "blurry, dark",
+        "steps": 7,
+        "sampler": "euler",
+        "guidance_scale": 2.5,
+        "width": 64,
+        "height": 48,
+        "camera": {"x_shift": 0.25, "y_shift": -0.5, "zoom": 1.25},
+        "tread_guidance": {"cond_rate": 0.5, "uncond_rate": 0.25},
+    }
+    text = imagefile.parameters_text(
+        req, seed=99, model_name="upload-base", model_hash="ab" * 32, adapters=[("style", 0.75, "cd" * 32)]
+    )
+    imagefile.save(Image.new("RGB", (64, 48)), tmp_path / "a.png", "png", text)
+    with ustack.client() as c:
+        r = c.post("/v1/images/parameters", files={"file": ("a.png", (tmp_path / "a.png").read_bytes())})
+        assert r.status_code == 200, r.text
+        assert r.json()["request"] == {
+            **req,
+            "seed": 99,
+            "model": "upload-base",
+            "adapters": [{"id": "style", "weight": 0.75}],
+        }
+        plain = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(plain, format="PNG")
+        r = c.post("/v1/images/parameters", files={"file": ("b.png", plain.getvalue())})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "no_parameters", r.text
+        r = c.post("/v1/images/parameters", files={"file": ("c.png", b"not an image")})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "file", r.text
