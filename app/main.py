@@ -31,18 +31,22 @@ UPLOAD_ROUTES = frozenset({"/v1/images", "/v1/images/generations", "/v1/images/e
 MULTIPART_ROUTES = frozenset({"/v1/images/edits", "/v1/adapters", "/v1/datasets", "/v1/images/parameters"})
 
 
-def body_limit(path: str) -> int:
+def body_limit(path: str, ctype: bytes = b"") -> int:
+    """The most bytes a request body may have; multipart uploads stream to disk, each file refused past its own
+    limit by app/multipart.py (naming the field), so they get that limit plus room for the text fields."""
     path = path.rstrip("/")
     settings = get_settings()
-    if path == "/v1/adapters":  # the file streams to disk, refused by app/multipart.py past its own limit
-        return MAX_BODY_BYTES + settings.adapter_upload_bytes
-    if path == "/v1/datasets":
-        return MAX_BODY_BYTES + settings.dataset_upload_bytes
-    if path == "/v1/images/parameters":
-        return MAX_BODY_BYTES + settings.upload_max_bytes
+    if ctype == b"multipart/form-data":
+        files = {
+            "/v1/adapters": settings.adapter_upload_bytes,
+            "/v1/datasets": settings.dataset_upload_bytes,
+            "/v1/images/parameters": settings.upload_max_bytes,
+        }
+        if path in files:
+            return MAX_BODY_BYTES + files[path]
     if path not in UPLOAD_ROUTES:
-        return MAX_BODY_BYTES
-    return MAX_BODY_BYTES + 2 * (get_settings().upload_max_bytes * 4 // 3 + 4)  # two files as base64
+        return MAX_BODY_BYTES  # JSON bodies, /v1/datasets's included
+    return MAX_BODY_BYTES + 2 * (settings.upload_max_bytes * 4 // 3 + 4)  # two files as base64
 
 
 class HttpStats:
@@ -80,7 +84,8 @@ class GuardAndCount:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length", b"0")
         path = scope.get("path", "").rstrip("/")
-        limit = body_limit(path)
+        ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        limit = body_limit(path, ctype)
         if length.isdigit() and int(length) > limit:
             await self._reject(method, send, 413, "too_large", f"Request body over {limit} bytes.", None)
             return
