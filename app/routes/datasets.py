@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -103,3 +103,18 @@ def delete_dataset(
     ds = datasets.get(session, dataset_id, owner)
     dataset_uploads.delete(session, ds)
     return {"id": dataset_id, "object": "dataset", "deleted": True}
+
+
+@router.get(
+    "/{dataset_id}/images/{name}",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}},
+)
+def dataset_image(
+    dataset_id: Annotated[str, PathParam(max_length=64)],
+    name: Annotated[str, PathParam(max_length=300)],
+    owner: CallerDep,
+    session: SessionDep,
+) -> Any:
+    """One image of the dataset (the upload report's ``kept[].file``), for thumbnails."""
+    return FileResponse(dataset_uploads.image_path(datasets.get(session, dataset_id, owner), name))

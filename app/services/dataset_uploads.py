@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.archive import ArchiveError, ArchiveLimits, extract
-from app.errors import Conflict, Invalid, TooLarge
+from app.archive import IMAGE_SUFFIXES, ArchiveError, ArchiveLimits, extract
+from app.errors import Conflict, Invalid, NotFound, TooLarge
 from app.ids import new_id
 from app.models import Dataset, Job
 from app.schemas import DatasetRequest
@@ -136,3 +136,14 @@ def delete(session: Session, ds: Dataset) -> None:
     session.commit()
     if path.parent == uploads:
         discard(path)
+
+
+def image_path(ds: Dataset, name: str) -> Path:
+    """One image of a dataset by its file name (no folders: the report's names), for the console's thumbnails."""
+    folder = Path(ds.path)
+    path = folder / name
+    if "/" in name or "\\" in name or name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise NotFound(f"No image {name!r} in dataset {ds.id}.", param="file")
+    if not path.is_file() or path.is_symlink():
+        raise NotFound(f"No image {name!r} in dataset {ds.id}.", param="file")
+    return path

@@ -100,3 +100,38 @@ def test_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path):
         pickled.to_safetensors(src, tmp_path / "out.safetensors")
     assert not marker.exists()
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_lycoris_own_loader_reads_our_files_and_trained_rmsnorms_need_norm(tmp_path):
+    """What docs/training.md says of other loaders: LyCORIS' `create_lycoris_from_weights` on the XUT reads a file
+    this service writes (HDM's recipe, RMSNorms trained) only when each RMSNorm exposes `_norm` (the LLaMA
+    convention; torch's RMSNorm has none, and the library's NormModule then builds no `w_norm` to load into)."""
+    import copy
+
+    from lycoris import create_lycoris_from_weights
+
+    from hdm_core.adapters.files import AdapterInfo, save_adapter
+    from hdm_core.adapters.network import AdapterConfig, attach, lend_norms
+
+    model = base_model()
+    net = attach(model, AdapterConfig())
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    save_adapter(net, tmp_path / "ours.safetensors", AdapterInfo("base", "ab" * 32, 1))
+    net.detach()
+    assert any(
+        ".w_norm" in k and "_pre_norm_norm" in k for k in load_adapter(tmp_path / "ours.safetensors").tensors
+    )
+    fresh = copy.deepcopy(model)
+    with pytest.raises(AttributeError, match="w_norm"):
+        create_lycoris_from_weights(1.0, str(tmp_path / "ours.safetensors"), fresh)
+    with lend_norms(fresh):
+        lib, _ = create_lycoris_from_weights(1.0, str(tmp_path / "ours.safetensors"), fresh)
+    lib.apply_to()
+    x, t, ctx = inputs(model)
+    with torch.no_grad():
+        hooked = fresh(x, t, ctx)
+    with apply_adapters(model, [(load_adapter(tmp_path / "ours.safetensors"), 1.0)]), torch.no_grad():
+        assert (model(x, t, ctx) - hooked).abs().max() <= 1e-4

@@ -128,7 +128,7 @@ def test_upload_train_use_through_http(dstack: Stack) -> None:
     assert (folder / "00.txt").read_text() == "zqx, a red square"  # trigger prepended
     assert (folder / "01.txt").read_text() == "zqx"  # no caption: the trigger word is the caption
     assert len(list(folder.glob("*.png"))) == 16  # repeats 2: each image twice (hard links)
-    with s.client() as c, s.client(OTHER_KEY) as other:
+    with s.client(timeout=180) as c, s.client(OTHER_KEY) as other:
         ds = _wait_dataset(c, body["id"])
         assert ds["status"] == "ready", ds
         assert other.get(f"/v1/datasets/{ds['id']}").status_code == 404
