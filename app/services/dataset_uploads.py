@@ -12,16 +12,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.archive import IMAGE_SUFFIXES, ArchiveError, ArchiveLimits, extract
-from app.errors import Conflict, Invalid, NotFound, TooLarge
+from app.errors import Conflict, Invalid, NotFound, TooLarge, Unavailable
 from app.ids import new_id
 from app.models import Dataset, Job
 from app.schemas import DatasetRequest
 from app.services import datasets
 from app.settings import get_settings
+from app.tagger import load as load_tagger
 
 FIELDS = frozenset({"name", "trigger_word", "repeats", "caption", "file"})
 MAX_REPEATS = 100
@@ -37,7 +39,7 @@ def discard(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _options(fields: dict[str, str]) -> tuple[str, str, int]:
+def _options(fields: dict[str, str]) -> tuple[str, str, int, bool]:
     unknown = sorted(set(fields) - FIELDS)
     if unknown:
         raise Invalid(f"Unknown form field(s) {unknown}; known: {sorted(FIELDS)}.", param=unknown[0])
@@ -53,13 +55,29 @@ def _options(fields: dict[str, str]) -> tuple[str, str, int]:
     caption = fields.get("caption", "")
     if caption not in ("", "tagger"):
         raise Invalid(f"caption must be 'tagger' or absent, got {caption!r}.", param="caption")
-    if caption == "tagger":
+    if caption == "tagger" and get_settings().tagger is None:
         raise Invalid(
             "caption 'tagger' needs a tagger model folder on the server (HDM_TAGGER), and none is set.",
             param="caption",
             code="no_tagger",
         )
-    return name, trigger, int(raw)
+    return name, trigger, int(raw), caption == "tagger"
+
+
+def _tag(folder: Path, kept: list[dict[str, Any]]) -> None:
+    """Captions from the tagger (app/tagger.py) for the images that came without one."""
+    settings = get_settings()
+    if settings.tagger is None:  # refused in _options already
+        return
+    try:
+        tagger = load_tagger(settings.tagger, settings.tagger_threshold)
+    except (ValueError, OSError) as exc:
+        raise Unavailable(f"The server's tagger cannot be used: {exc}", param="caption") from None
+    for item in kept:
+        if not item["caption"]:
+            with Image.open(folder / item["file"]) as image:
+                item["caption"] = tagger.caption(image) or None
+            item["tagged"] = True
 
 
 def _captions(folder: Path, kept: list[dict[str, Any]], trigger: str) -> None:
@@ -90,7 +108,7 @@ def create(
     """Extract `archive` (inside `staging`) and register it; always removes `staging`."""
     final: Path | None = None
     try:
-        name, trigger, repeats = _options(fields)
+        name, trigger, repeats, tag = _options(fields)
         if archive is None:
             raise Invalid("Send the archive in the form field 'file' (.zip, .tar, .tar.gz).", param="file")
         files = staging / "files"
@@ -99,6 +117,8 @@ def create(
         except ArchiveError as exc:
             error = TooLarge if exc.status == 413 else Invalid
             raise error(f"file: {exc.message}.", param="file", code=f"archive_{exc.problem}") from None
+        if tag:
+            _tag(files, report.kept)
         _captions(files, report.kept, trigger)
         _repeat(files, report.kept, repeats)
         ds_id = new_id("ds")

@@ -1,4 +1,4 @@
-"""POST /v1/adapters through the real API (uvicorn + PostgreSQL): adapter files made elsewhere uploaded as the
+"""POST /v1/adapters (and the torch-free upload edges of /v1/images/parameters, /v1/datasets) through the real API (uvicorn + PostgreSQL): adapter files made elsewhere uploaded as the
 calling key's own, stored in this service's format, and the stored file applied to the base model computes what
 LyCORIS' own hooked forward computes; pickles that would run code, and layers of another shape, are refused with
 a 422 naming them, leaving nothing behind."""
@@ -178,3 +178,24 @@ def test_png_parameters_read_back_into_a_request(ustack, tmp_path):
         assert r.status_code == 422 and r.json()["error"]["code"] == "no_parameters", r.text
         r = c.post("/v1/images/parameters", files={"file": ("c.png", b"not an image")})
         assert r.status_code == 400 and r.json()["error"]["param"] == "file", r.text
+
+
+def test_dataset_tagger_caption_without_tagger_is_refused(ustack):
+    """This stack has no HDM_TAGGER: `caption: tagger` is refused naming the field, nothing is kept."""
+    import zipfile
+
+    from PIL import Image
+
+    root = Path(ustack.env["HDM_DATA_ROOT"])
+    before = sorted(root.rglob("*"))
+    png, buf = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (16, 16)).save(png, format="PNG")
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("a.png", png.getvalue())
+    with ustack.client() as c:
+        r = c.post(
+            "/v1/datasets", files={"file": ("a.zip", buf.getvalue())}, data={"name": "t", "caption": "tagger"}
+        )
+    assert r.status_code == 422 and r.json()["error"]["param"] == "caption", r.text
+    assert "HDM_TAGGER" in r.json()["error"]["message"]
+    assert sorted(root.rglob("*")) == before
