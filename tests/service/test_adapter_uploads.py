@@ -199,3 +199,57 @@ def test_dataset_tagger_caption_without_tagger_is_refused(ustack):
     assert r.status_code == 422 and r.json()["error"]["param"] == "caption", r.text
     assert "HDM_TAGGER" in r.json()["error"]["message"]
     assert sorted(root.rglob("*")) == before
+
+
+def test_cli_import_takes_the_same_formats_and_shares(ustack, tmp_path):
+    """`hdm adapters import` on a kohya-named file: converted into the models folder, shared with every key."""
+    import subprocess
+    import sys
+
+    from service_stack import ROOT
+
+    state, hooked = foreign_network(_base(), "lora")
+    save_file(kohya_names(state), str(tmp_path / "kohya.safetensors"))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "adapters",
+            "import",
+            str(tmp_path / "kohya.safetensors"),
+            "--name",
+            "cli-k",
+        ],
+        env=ustack.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    adapter_id, name = out.stdout.split()
+    assert name == "cli-k"
+    with ustack.client(OTHER_KEY) as c:
+        row = c.get(f"/v1/adapters/{adapter_id}").json()
+    assert (
+        row["source"] == "import"
+        and Path(row["path"]).parent == Path(ustack.env["HDM_MODELS_DIR"]) / "adapters"
+    )
+    assert (_stored_output(ustack, row, tmp_path) - hooked).abs().max() <= 1e-4
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "adapters",
+            "import",
+            str(evil_pickle(tmp_path / "e.pt", tmp_path / "m")),
+        ],
+        env=ustack.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "weights_only" in bad.stderr and not (tmp_path / "m").exists()
