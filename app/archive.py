@@ -14,6 +14,7 @@ every one; a caption is the image's same-stem ``.txt``."""
 
 from __future__ import annotations
 
+import hashlib
 import stat
 import tarfile
 import zipfile
@@ -29,6 +30,7 @@ Problem = Literal[
 ]
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 CHUNK = 1 << 20
+MAX_NAME_BYTES = 200  # the flat name, before the suffix and a repeat's `_rN`
 
 
 class ArchiveError(ValueError):
@@ -72,6 +74,8 @@ class _Entry:
 
 def _check_path(name: str) -> PurePosixPath:
     clean = name.replace("\\", "/")
+    if "\x00" in clean:
+        raise ArchiveError("unsafe_path", f"entry {name!r} has a NUL character in its name")
     path = PurePosixPath(clean)
     if clean.startswith("/") or (len(clean) > 1 and clean[1] == ":") or path.is_absolute():
         raise ArchiveError("unsafe_path", f"entry {name!r} has an absolute path")
@@ -138,7 +142,13 @@ def _read(stream: IO[bytes], limit: int, budget: int) -> bytes:
 
 
 def _flat_name(parts: tuple[str, ...]) -> str:
-    return "_".join(parts)
+    """The parts joined by `_`; a name too long for a file system (255 bytes) is cut and given a hash."""
+    name = "_".join(parts)
+    if len(name.encode()) > MAX_NAME_BYTES:
+        name = (
+            name.encode()[:100].decode("utf-8", "ignore") + "_" + hashlib.sha1(name.encode()).hexdigest()[:12]
+        )
+    return name
 
 
 def extract(archive: Path, dest: Path, limits: ArchiveLimits = ArchiveLimits()) -> Report:

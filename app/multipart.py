@@ -190,4 +190,8 @@ async def read_form_to_disk(request: Request, file_field: str, folder: Path, max
     except BaseException:
         reader.discard()
         raise
+    bad = next((k for k, v in reader.form.fields.items() if "\x00" in v), None)
+    if bad is not None or "\x00" in reader.filename:
+        reader.discard()
+        raise BadRequest("NUL characters are not allowed in form fields.", param=bad or file_field)
     return DiskForm(reader.form.fields, reader.path, reader.filename)
