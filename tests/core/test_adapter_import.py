@@ -135,3 +135,34 @@ def test_lycoris_own_loader_reads_our_files_and_trained_rmsnorms_need_norm(tmp_p
         hooked = fresh(x, t, ctx)
     with apply_adapters(model, [(load_adapter(tmp_path / "ours.safetensors"), 1.0)]), torch.no_grad():
         assert (model(x, t, ctx) - hooked).abs().max() <= 1e-4
+
+
+def test_full_diff_module_file(base, tmp_path):
+    """LyCORIS `full` (diff) modules: `diff` / `diff_b` are the weight changes themselves. (The library's hooked
+    forward of `full` cannot run on XUT, which reads a Linear's `.weight` that the hook takes away, so the expected
+    model is the base with the diffs added by hand.)"""
+    model = base[1]
+    layers = ["backbone.enc_blocks.0.0.attn.qkv", "backbone.dec_blocks.0.0.mlp.w3"]
+    modules = dict(model.named_modules())
+    torch.manual_seed(9)
+    tensors, expected = {}, base_model()
+    for path in layers:
+        layer = modules[path]
+        key = "lycoris_model_" + path.replace(".", "_")
+        tensors[f"{key}.diff"] = torch.randn_like(layer.weight) * 0.05
+        if layer.bias is not None:
+            tensors[f"{key}.diff_b"] = torch.randn_like(layer.bias) * 0.05
+    with torch.no_grad():
+        for path in layers:
+            target = dict(expected.named_modules())[path]
+            key = "lycoris_model_" + path.replace(".", "_")
+            target.weight.add_(tensors[f"{key}.diff"])
+            if target.bias is not None:
+                target.bias.add_(tensors[f"{key}.diff_b"])
+        want = expected(*inputs(expected))
+    save_file(tensors, str(tmp_path / "full.safetensors"))
+    out = applied_output(base, tmp_path / "full.safetensors", tmp_path)
+    with torch.no_grad():
+        plain = model(*inputs(model))
+    assert (want - plain).abs().max() > 1e-3
+    assert (out - want).abs().max() <= 1e-4
