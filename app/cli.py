@@ -192,15 +192,31 @@ def cmd_models_import(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters_import(args: argparse.Namespace) -> int:
+    """This service's own adapter files are registered where they are; any other format is converted into the
+    models folder's ``adapters/`` (app/services/adapter_imports.py). Both are shared."""
     from app.db import session_scope
-    from app.services import adapters, registry
+    from app.errors import ServiceError
+    from app.services import adapter_imports, adapters, registry
 
-    _settings()
+    settings = _settings()
+    path = Path(args.path)
     with session_scope() as session:
         try:
-            row = adapters.register_file(session, Path(args.path), name=args.name, revive=args.revive)
-        except (ValueError, registry.Deleted) as exc:
-            log.error("%s", exc)
+            if adapters.is_adapter_file(path) and args.base_model is None:
+                row = adapters.register_file(session, path, name=args.name, revive=args.revive)
+            else:
+                row = adapter_imports.import_file(
+                    session,
+                    path,
+                    path.name,
+                    name=args.name,
+                    owner=None,
+                    base_model=args.base_model,
+                    dest_dir=settings.models_dir / "adapters",
+                    source="import",
+                )
+        except (ValueError, OSError, ServiceError, registry.Deleted) as exc:
+            log.error("%s", getattr(exc, "message", exc))
             return 2
         print(row.id, row.name)
     return 0
@@ -218,8 +234,8 @@ def adapter_weight(spec: str) -> tuple[str, float]:
 
 
 def cmd_adapters_merge(args: argparse.Namespace) -> int:
-    from hdm_core.adapter import AdapterError
-    from hdm_core.adapter_merge import merge_checkpoint
+    from hdm_core.adapters.merge import merge_checkpoint
+    from hdm_core.adapters.network import AdapterError
     from hdm_core.checkpoint import CheckpointError
 
     try:
@@ -339,13 +355,22 @@ def build_parser() -> argparse.ArgumentParser:
     imp.set_defaults(func=cmd_models_import)
     ad = sub.add_parser("adapters", help="LyCORIS adapters: register, merge into a checkpoint")
     ads = ad.add_subparsers(dest="adapters_command", required=True)
-    adi = ads.add_parser("import", help="register an adapter file")
+    adi = ads.add_parser(
+        "import",
+        help="register an adapter file: this service's own, LyCORIS (also `lycoris_model_` keys), kohya "
+        "`lora_unet_` or peft `lora_A`/`lora_B`; .safetensors, or .pt/.ckpt read with torch.load(weights_only=True)",
+    )
     adi.add_argument("path")
     adi.add_argument("--name", default=None)
     adi.add_argument(
         "--revive",
         action="store_true",
         help="register the file of a deleted adapter again (lifts its tombstone)",
+    )
+    adi.add_argument(
+        "--base-model",
+        default=None,
+        help="model id or name to check the shapes against (default: the default)",
     )
     adi.set_defaults(func=cmd_adapters_import)
     adm = ads.add_parser("merge", help="write BASE with the adapters merged in as a full checkpoint")

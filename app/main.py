@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import console, errors
 from app.db import session_scope
-from app.routes import adapters, datasets, images, models, openai_compat, system, training
+from app.routes import adapters, datasets, images, models, openai_compat, png_info, system, training
 from app.services import webhooks
 from app.services.maintenance import MaintenanceThread
 from app.services.webhooks import DeliveryThread
@@ -28,13 +28,25 @@ MAX_BODY_BYTES = (
 
 # routes whose body may carry an init image and a mask (base64 in JSON, or multipart files counted per part)
 UPLOAD_ROUTES = frozenset({"/v1/images", "/v1/images/generations", "/v1/images/edits"})
-MULTIPART_ROUTES = frozenset({"/v1/images/edits"})
+MULTIPART_ROUTES = frozenset({"/v1/images/edits", "/v1/adapters", "/v1/datasets", "/v1/images/parameters"})
 
 
-def body_limit(path: str) -> int:
-    if path.rstrip("/") not in UPLOAD_ROUTES:
-        return MAX_BODY_BYTES
-    return MAX_BODY_BYTES + 2 * (get_settings().upload_max_bytes * 4 // 3 + 4)  # two files as base64
+def body_limit(path: str, ctype: bytes = b"") -> int:
+    """The most bytes a request body may have; multipart uploads stream to disk, each file refused past its own
+    limit by app/multipart.py (naming the field), so they get that limit plus room for the text fields."""
+    path = path.rstrip("/")
+    settings = get_settings()
+    if ctype == b"multipart/form-data":
+        files = {
+            "/v1/adapters": settings.adapter_upload_bytes,
+            "/v1/datasets": settings.dataset_upload_bytes,
+            "/v1/images/parameters": settings.upload_max_bytes,
+        }
+        if path in files:
+            return MAX_BODY_BYTES + files[path]
+    if path not in UPLOAD_ROUTES:
+        return MAX_BODY_BYTES  # JSON bodies, /v1/datasets's included
+    return MAX_BODY_BYTES + 2 * (settings.upload_max_bytes * 4 // 3 + 4)  # two files as base64
 
 
 class HttpStats:
@@ -72,7 +84,8 @@ class GuardAndCount:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length", b"0")
         path = scope.get("path", "").rstrip("/")
-        limit = body_limit(path)
+        ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        limit = body_limit(path, ctype)
         if length.isdigit() and int(length) > limit:
             await self._reject(method, send, 413, "too_large", f"Request body over {limit} bytes.", None)
             return
@@ -83,7 +96,7 @@ class GuardAndCount:
             if not ctype:  # `curl -d` without -H: a JSON body is still JSON
                 scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
             elif path in MULTIPART_ROUTES and ctype == b"multipart/form-data":
-                pass  # OpenAI's images.edit: files, each part counted as it streams (app/multipart.py)
+                pass  # files (images.edit, adapter / dataset uploads), each part counted as it streams (app/multipart.py)
             elif ctype != b"application/json" and not ctype.endswith(b"+json"):
                 await self._reject(
                     method,
@@ -213,7 +226,7 @@ def create_app() -> FastAPI:
         '`{"error": {"code", "message", "param"}}`.',
     )
     errors.install(app)
-    for module in (images, openai_compat, training, models, adapters, datasets, system):
+    for module in (png_info, images, openai_compat, training, models, adapters, datasets, system):
         app.include_router(module.router)
     console.mount(app)
     stats = HttpStats()

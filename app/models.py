@@ -91,7 +91,7 @@ class Tombstone(Base):
 
 
 class Adapter(Base):
-    """A LyCORIS adapter file (hdm_core.adapter_io), applied on top of a model per image request. Its own table, so
+    """A LyCORIS adapter file (hdm_core.adapters.files), applied on top of a model per image request. Its own table, so
     /v1/models lists only what can be a request's `model`."""
 
     __tablename__ = "adapters"
@@ -101,7 +101,7 @@ class Adapter(Base):
         String(64), index=True
     )  # null: shared (found on disk, imported)
     algorithm: Mapped[str] = mapped_column(String(20))
-    config: Mapped[dict[str, Any]] = mapped_column(JSON)  # hdm_core.adapter.AdapterConfig.to_dict()
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)  # hdm_core.adapters.network.AdapterConfig.to_dict()
     base_model: Mapped[str] = mapped_column(String(300))
     base_sha256: Mapped[str] = mapped_column(String(64))
     base_arch: Mapped[dict[str, Any]] = mapped_column(

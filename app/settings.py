@@ -105,8 +105,13 @@ class Settings(BaseSettings):
     train_command: str = (
         ""  # override the trainer launcher (tests use a stand-in); default torchrun hdm_core.train
     )
+    # POST /v1/adapters and POST /v1/datasets (multipart, streamed to disk): the file's bytes at most
+    adapter_upload_bytes: int = Field(2 * 2**30, ge=1)
+    dataset_upload_bytes: int = Field(2 * 2**30, ge=1)
+    tagger: Path | None = None  # a WD14-style tagger folder (model.onnx + selected_tags.csv), app/tagger.py
+    tagger_threshold: float = Field(0.35, gt=0, lt=1)
 
-    @field_validator("text_encoder", "vae", "uploads_dir", mode="before")
+    @field_validator("text_encoder", "vae", "uploads_dir", "tagger", mode="before")
     @classmethod
     def _unset(cls, v: object) -> object:
         return None if v == "" else v  # `HDM_VAE=` (compose passes unset variables as empty) means none

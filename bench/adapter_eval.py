@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hdm_core.adapter import apply_adapters
-from hdm_core.adapter_io import load_adapter
+from hdm_core.adapters.apply import apply_adapters
+from hdm_core.adapters.files import load_adapter
 from hdm_core.pipeline import HDMPipeline
 from hdm_core.train import config_from_dict, run_training
 from hdm_demo.assets import ensure_text_encoder

@@ -159,7 +159,7 @@ class XUTConfig:
 
 
 # XUTConfig fields that decide the shapes and meaning of the weights an adapter changes: an adapter applies to a
-# model only when these agree (hdm_core.adapter.check_base; the API checks the same without torch).
+# model only when these agree (hdm_core.adapters.network.check_base; the API checks the same without torch).
 ADAPTER_ARCH_FIELDS: tuple[str, ...] = (
     "patch_size",
     "in_channels",

@@ -101,7 +101,7 @@ class ModulatedNorm(nn.Module):
     def forward(self, x: Tensor, mod: Modulation) -> Tensor:
         """x [B, L, D] -> [B, L, D]."""
         if getattr(self.norm.forward, "__func__", None) is not type(self.norm).forward:
-            # An adapter library (LyCORIS, hdm_core.adapter) has wrapped the norm's forward to train its weight:
+            # An adapter library (LyCORIS, hdm_core.adapters) has wrapped the norm's forward to train its weight:
             # call it, or the folded path below would bypass the adapter.
             return torch.addcmul(mod.shift, self.norm(x), mod.factor)
         # The mean square in fp32 whatever x's dtype, as nn.RMSNorm does; one fused reduction pass.

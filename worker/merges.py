@@ -1,5 +1,5 @@
 """Run one merge job by id: the job's model with its adapters merged in, written under the models folder and
-registered as a new model (hdm_core/adapter_merge.py does the work)."""
+registered as a new model (hdm_core/adapters/merge.py does the work)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def run_merge_job(job_id: str, *, worker: str) -> str:
-    from hdm_core.adapter_merge import merge_checkpoint
+    from hdm_core.adapters.merge import merge_checkpoint
 
     c = claim(job_id, worker)
     if isinstance(c, str):

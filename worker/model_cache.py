@@ -1,6 +1,6 @@
 """One loaded pipeline per worker process; asking for another checkpoint evicts the old one first.
 
-Adapters are merged into the cached model's weights in place (hdm_core.adapter.apply_adapters), never by reloading
+Adapters are merged into the cached model's weights in place (hdm_core.adapters.apply.apply_adapters), never by reloading
 it. The last applied set stays merged while the next request asks for the same adapters and weights; a request for a
 different set (or none) first puts the base weights back bit-exactly (AppliedAdapters.restore), so a request without
 adapters always samples the base model as a fresh worker would. Adapter files are read through a small LRU cache."""
@@ -78,7 +78,7 @@ def warm_up(pipe: Any, width: int, height: int, images: int, guidance_scale: flo
 
 
 def _adapter_file(path: str, sha256: str, name: str) -> Any:
-    from hdm_core.adapter_io import load_adapter
+    from hdm_core.adapters.files import load_adapter
 
     key = (path, sha256)
     if key in _files:
@@ -95,7 +95,7 @@ def use_adapters(pipe: Any, adapters: Sequence[tuple[str, str, str, float]]) -> 
     """Make ``pipe``'s model the base model plus ``adapters`` ((path, name, sha256, weight), ...; weight 0 = off).
     Returns whether the weights changed. On an error (AdapterError is a ValueError) the model is the base model."""
     global _applied
-    from hdm_core.adapter import apply_adapters
+    from hdm_core.adapters.apply import apply_adapters
 
     wanted = tuple((sha, float(w)) for _, _, sha, w in adapters if w != 0)
     with _lock:

@@ -54,6 +54,18 @@ export const api = {
   },
   del(path) { return this.request("DELETE", path); },
 
+  /** multipart/form-data (a File and text fields); the browser sets the boundary. */
+  async upload(path, form) {
+    const r = await fetch(path, { method: "POST", headers: this.headers(), body: form });
+    const data = await r.json().catch(() => null);
+    if (!r.ok) {
+      const e = new ApiError(r.status, data);
+      if (r.status === 401 && this.onUnauthorized) this.onUnauthorized(e);
+      throw e;
+    }
+    return data;
+  },
+
   /** Files need the key too, so <img src> cannot point at them: fetch the bytes, hand out a blob: URL. */
   async blobUrl(path) {
     const r = await fetch(path, { headers: this.headers() });

@@ -6,6 +6,7 @@ import { $, ago, badge, el, params, showError } from "./dom.js";
 import { initGenerate, showGallery, showGenerate } from "./generate.js";
 import { initModels, showModels } from "./models.js";
 import { initTraining, leaveTrainJob, showTrainJob, showTraining } from "./training.js";
+import { initUpload } from "./upload.js";
 
 const PAGES = {
   generate: showGenerate, gallery: showGallery, training: showTraining, datasets: showDatasets,
@@ -164,4 +165,5 @@ window.addEventListener("hashchange", route);
 initGenerate();
 initTraining();
 initModels();
+initUpload(() => showDatasets());
 start();

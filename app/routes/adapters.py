@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import CallerDep, KeyDep, SessionDep
+from app.errors import Invalid
+from app.multipart import read_form_to_disk
 from app.responses import AdapterDeleted, AdapterList, AdapterOut, MergeJob
 from app.routes.common import (
     After,
@@ -23,7 +25,8 @@ from app.routes.common import (
     wait_final,
 )
 from app.schemas import MergeRequest
-from app.services import adapters, jobs, merges, presenter, registry
+from app.services import adapter_imports, adapters, jobs, merges, presenter, registry
+from app.settings import get_settings
 
 router = APIRouter(tags=["adapters"])
 Ref = Annotated[str, PathParam(max_length=300)]
@@ -34,6 +37,55 @@ def list_adapters(caller: KeyDep, session: SessionDep, limit: Limit = 100, after
     """Shared adapters and the caller's own; admin keys see every key's."""
     rows, more = adapters.page(session, registry.scope(caller), limit, after)
     return presenter.page([presenter.adapter(a, caller.admin) for a in rows], more)
+
+
+@router.post(
+    "/v1/adapters",
+    status_code=201,
+    response_model=AdapterOut,
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary"},
+                            "name": {"type": "string", "maxLength": 200},
+                            "base_model": {"type": "string", "maxLength": 300},
+                        },
+                    }
+                }
+            }
+        }
+    },
+)
+async def upload_adapter(request: Request, owner: CallerDep, session: SessionDep) -> Any:
+    """An adapter file (LyCORIS, kohya or peft names; .safetensors, .pt, .ckpt), owned by the calling key."""
+    folder = adapter_imports.upload_dir()
+    form = await read_form_to_disk(request, "file", folder, get_settings().adapter_upload_bytes)
+    try:
+        if form.path is None:
+            raise Invalid("Send the adapter file in the form field 'file'.", param="file")
+        name = form.fields.get("name", "").strip() or None
+        if name is not None and len(name) > 200:
+            raise Invalid("name is longer than 200 characters.", param="name")
+        row = await run_in_threadpool(
+            adapter_imports.import_file,
+            session,
+            form.path,
+            form.filename,
+            name=name,
+            owner=owner,
+            base_model=form.fields.get("base_model") or None,
+        )
+    finally:
+        if form.path is not None:
+            form.path.unlink(missing_ok=True)
+    return JSONResponse(
+        presenter.adapter(row), status_code=201, headers={"Location": f"/v1/adapters/{row.id}"}
+    )
 
 
 @router.get("/v1/adapters/{adapter_id}", response_model=AdapterOut)

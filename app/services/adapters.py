@@ -1,4 +1,4 @@
-"""The adapter registry behind /v1/adapters: LyCORIS adapter files (hdm_core.adapter_io's format) found under the
+"""The adapter registry behind /v1/adapters: LyCORIS adapter files (hdm_core.adapters.files's format) found under the
 models folder, imported with ``hdm adapters import`` or written by adapter train jobs; and the check of an image
 request's ``adapters`` against its model.
 
@@ -30,7 +30,7 @@ from hdm_core.config import XUTConfig, adapter_arch_diffs
 from hdm_core.files import sha256_file
 
 log = logging.getLogger(__name__)
-FORMAT = "hdm-serve-adapter/1"  # hdm_core.adapter_io.FORMAT (that module imports torch)
+FORMAT = "hdm-serve-adapter/1"  # hdm_core.adapters.files.FORMAT (that module imports torch)
 MAX_PER_REQUEST = 8
 WEIGHT_LIMIT = 4.0
 

@@ -40,7 +40,12 @@ def resolve_path(raw: str) -> Path:
 
 
 def create(
-    session: Session, req: DatasetRequest, *, owner: str, idempotency_key: str | None
+    session: Session,
+    req: DatasetRequest,
+    *,
+    owner: str,
+    idempotency_key: str | None,
+    ds_id: str | None = None,
 ) -> tuple[Dataset, Job]:
     webhooks.check_url(req.webhook)
     raw = req.model_dump(mode="json", exclude_unset=True)
@@ -51,7 +56,7 @@ def create(
             return ds, existing
     path = resolve_path(req.path)
     ds = Dataset(
-        id=new_id("ds"),
+        id=ds_id or new_id("ds"),
         name=req.name,
         path=str(path),
         owner=owner,

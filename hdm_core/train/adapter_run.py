@@ -2,7 +2,7 @@
 
 The base XUT (`model.init_from`) is frozen; the library's forward hooks add the adapter, so the flow loss, the
 gradient checkpointing and the previews all see base + adapter. Only the adapter's parameters (and the trained
-norms) reach the optimizer. Snapshots hold `adapter.safetensors` (`hdm_core.adapter_io.save_adapter`, in
+norms) reach the optimizer. Snapshots hold `adapter.safetensors` (`hdm_core.adapters.files.save_adapter`, in
 `[adapter] save_dtype`) instead of a model copy, and the fp32 adapter in the training state, so resume is bit-exact
 whatever the file's precision; the run's result is `final_adapter.safetensors`.
 """
@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from hdm_core.adapter import AdapterConfig, AdapterNetwork, attach
-from hdm_core.adapter_io import AdapterInfo, file_sha256, save_adapter
+from hdm_core.adapters.files import AdapterInfo, file_sha256, save_adapter
+from hdm_core.adapters.network import AdapterConfig, AdapterNetwork, attach
 from hdm_core.data.captions import clean_caption
 from hdm_core.data.scan import read_caption
 from hdm_core.model import XUT

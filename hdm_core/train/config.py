@@ -165,7 +165,7 @@ class SamplingSection(Section):
         return self
 
 
-# Mirrors `hdm_core.adapter.AdapterConfig` (no torch here; tests/train/test_adapter_config.py checks they agree).
+# Mirrors `hdm_core.adapters.network.AdapterConfig` (no torch here; tests/train/test_adapter_config.py checks they agree).
 AdapterAlgorithm = Literal["lokr", "lora", "loha"]
 ADAPTER_TARGETS: tuple[str, ...] = ("*.attn.qkv", "*.attn.out", "*.xattn.*", "*.mlp.*")
 # HDM's fine-tuning recipe (spec §6 "finetune"), used where the config leaves these unset and [adapter] is present.
@@ -206,7 +206,7 @@ class AdapterSection(Section):
         return v
 
     def adapter_config(self) -> dict[str, Any]:
-        """The fields of `hdm_core.adapter.AdapterConfig` (`AdapterConfig.from_dict(section.adapter_config())`)."""
+        """The fields of `hdm_core.adapters.network.AdapterConfig` (`AdapterConfig.from_dict(section.adapter_config())`)."""
         return self.model_dump(
             mode="json", exclude={"trigger_words", "caption_sample", "base_name", "save_dtype"}
         )

@@ -4,9 +4,13 @@ every request the page made went to the service."""
 
 from __future__ import annotations
 
+import base64
+import io
 import shutil
 import time
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from console_page import ADMIN_KEY, KEY, Console
@@ -376,6 +380,55 @@ def test_models_flags_merge_and_admin_actions(console: Console) -> None:
     c.select("#gal-model", trained_id)
     c.find("#gal-filter button").click()
     c.wait(lambda: "No image jobs match." in c.find("#gal-list").text, 20, "no job made with the checkpoint")
+
+
+def test_datasets_upload_by_drag_and_drop_shows_report_and_thumbnails(
+    console: Console, tmp_path: Path
+) -> None:
+    c = console
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i, name in enumerate(["red", "blue", "green"]):
+            img = io.BytesIO()
+            Image.new("RGB", (32, 32), COLORS[name]).save(img, format="PNG")
+            zf.writestr(f"drop/{i}.png", img.getvalue())
+        zf.writestr("drop/0.txt", "a red square")
+        zf.writestr("drop/readme.md", "not an image")
+    c.go("datasets")
+    c.fill("#ds-up-name", "dropped")
+    c.fill("#ds-trigger", "zqd")
+    # a real drop event carrying the file, as the browser fires it when a ZIP is dragged onto the zone
+    _js_args(
+        c,
+        """const bytes = Uint8Array.from(atob(arguments[0]), (ch) => ch.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], "drop.zip", { type: "application/zip" }));
+        document.getElementById("ds-drop").dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true }));""",
+        base64.b64encode(buf.getvalue()).decode(),
+    )
+    assert "drop.zip" in c.find("#ds-file-name").text
+    c.click(c.find("#ds-up-submit"))
+    report = c.wait(
+        lambda: c.find("#ds-report").is_displayed() and c.find("#ds-report"), 60, "the upload report"
+    )
+    assert "dropped: 3 images kept, 1 skipped" in report.text, report.text
+    assert "drop/readme.md" in c.find("#ds-skipped").text and "neither an image" in c.find("#ds-skipped").text
+
+    def loaded() -> list[Any] | None:
+        imgs = [i for i in c.finds("#ds-thumbs img") if i.get_attribute("data-loaded") == "1"]
+        return imgs if len(imgs) == 3 else None
+
+    thumbs = c.wait(loaded, 30, "thumbnails")
+    assert all(_js_args(c, "return arguments[0].naturalWidth", t) == 32 for t in thumbs)
+    assert "zqd, a red square" in report.text and report.text.count("zqd") == 3
+    c.wait(
+        lambda: any("dropped" in d.text for d in c.finds("#ds-list .dataset")), 30, "the dataset in the list"
+    )
+    c.screenshot("06b-datasets-upload")
+
+
+def _js_args(c: Console, script: str, *args: object) -> object:
+    return c.driver.execute_script(script, *args)
 
 
 def test_system_page(console: Console) -> None:

@@ -13,15 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hdm_core import PRESETS, XUT, load_checkpoint, save_checkpoint
-from hdm_core.adapter import (
-    AdapterConfig,
-    AdapterError,
-    adapter_parameter_count,
-    apply_adapters,
-    attach,
-    merge_adapters,
-)
-from hdm_core.adapter_io import AdapterInfo, file_sha256, load_adapter, save_adapter
+from hdm_core.adapters.apply import apply_adapters, merge_adapters
+from hdm_core.adapters.files import AdapterInfo, file_sha256, load_adapter, save_adapter
+from hdm_core.adapters.network import AdapterConfig, AdapterError, adapter_parameter_count, attach
 from hdm_core.pipeline import sample_latents
 from hdm_core.sampler import Conditioning
 

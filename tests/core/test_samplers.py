@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from hdm_core.adapter import AdapterConfig, apply_adapters, attach
-from hdm_core.adapter_io import AdapterInfo, load_adapter, save_adapter
+from hdm_core.adapters.apply import apply_adapters
+from hdm_core.adapters.files import AdapterInfo, load_adapter, save_adapter
+from hdm_core.adapters.network import AdapterConfig, attach
 from hdm_core.batching import ImageJob
 from hdm_core.config import SAMPLER_INFO, SAMPLER_NAMES, SCHEDULE_NAMES
 from hdm_core.edit import EditSpec

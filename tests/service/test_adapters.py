@@ -19,8 +19,9 @@ from PIL import Image
 from service_stack import API_KEY, OTHER_KEY, ROOT, Stack, own_database, stack_env
 
 import hdm_core
-from hdm_core.adapter import AdapterConfig, apply_adapters, attach
-from hdm_core.adapter_io import AdapterInfo, file_sha256, load_adapter, save_adapter
+from hdm_core.adapters.apply import apply_adapters
+from hdm_core.adapters.files import AdapterInfo, file_sha256, load_adapter, save_adapter
+from hdm_core.adapters.network import AdapterConfig, attach
 from hdm_core.codec import PixelCodec
 from hdm_core.pipeline import sample_latents
 from hdm_core.sampler import Conditioning

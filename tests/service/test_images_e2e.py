@@ -44,7 +44,7 @@ def test_image_job_queued_running_succeeded(live_worker: Stack) -> None:
         params = img.text["parameters"]
         assert params.startswith("a red circle\nNegative prompt: blurry\n")
         assert "Seed: 1235" in params and "Steps: 2" in params and "Size: 32x32" in params
-        assert "Model: tiny" in params and "Camera: x_shift 0.0" in params
+        assert "Model: tiny" in params and "Camera: x_shift 0.0 y_shift 0.0 zoom 1.0" in params
         assert c.get(f"/v1/images/{job['id']}/files/2").status_code == 404
 
 

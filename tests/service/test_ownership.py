@@ -30,7 +30,7 @@ from service_stack import (
 from test_adapters import _adapter, _base_model, _train_body
 
 import hdm_core
-from hdm_core.adapter import AdapterConfig
+from hdm_core.adapters.network import AdapterConfig
 from hdm_core.codec import PixelCodec
 
 KEYS = (API_KEY, OTHER_KEY, ADMIN_KEY)

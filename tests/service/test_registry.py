@@ -12,7 +12,7 @@ import pytest
 from test_adapters import _adapter, _base_model
 
 import hdm_core
-from hdm_core.adapter import AdapterConfig
+from hdm_core.adapters.network import AdapterConfig
 from hdm_core.codec import PixelCodec
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from hdm_core.adapter import AdapterConfig
+from hdm_core.adapters.network import AdapterConfig
 from hdm_core.train.config import TrainConfigError, config_from_dict, dump_toml
 
 BASE: dict[str, Any] = {

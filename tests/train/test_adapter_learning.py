@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from hdm_core.adapter import apply_adapters
-from hdm_core.adapter_io import load_adapter
+from hdm_core.adapters.apply import apply_adapters
+from hdm_core.adapters.files import load_adapter
 from hdm_core.pipeline import HDMPipeline
 from hdm_core.train import run_training
 from hdm_core.train.config import config_from_dict

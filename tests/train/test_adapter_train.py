@@ -18,8 +18,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from hdm_core import XUT, load_checkpoint, save_checkpoint
-from hdm_core.adapter import apply_adapters
-from hdm_core.adapter_io import file_sha256, load_adapter
+from hdm_core.adapters.apply import apply_adapters
+from hdm_core.adapters.files import file_sha256, load_adapter
 from hdm_core.codec import PixelCodec
 from hdm_core.pipeline import HDMPipeline
 from hdm_core.train import run_training

@@ -7,9 +7,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from .adapter import merge_adapters
-from .adapter_io import file_sha256, load_adapter
-from .checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, save_checkpoint
+from .apply import merge_adapters
+from .files import file_sha256, load_adapter
 
 # Keys `save_checkpoint` writes itself; every other metadata key of the base (e.g. the trained caption length) is kept.
 _OWN_KEYS = ("format", "hdm_config", "hdm_codec", "vae_config")

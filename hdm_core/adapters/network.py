@@ -1,4 +1,5 @@
-"""Adapters on XUT: LyCORIS LoKr / LoRA / LoHa attached for training, applied (and removed exactly) for inference.
+"""Adapters on XUT: LyCORIS LoKr / LoRA / LoHa chosen and attached for training (`apply` puts files' deltas into
+a model for inference).
 
 Library: `lycoris-lora`, not `peft`. HDM's own fine-tuning recipe is LyCORIS LoKr (factor 4, full matrix, norms
 trained; spec §6 "finetune"), so adapters trained here load in the same tooling people use with the released model
@@ -11,7 +12,6 @@ weights.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import math
@@ -19,19 +19,17 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from lycoris import LycorisNetwork, create_lycoris
-from lycoris.modules import LohaModule, LokrModule, NormModule
+from lycoris.modules import NormModule
 from torch import Tensor, nn
 
-from .config import ADAPTER_ARCH_FIELDS, XUTConfig, adapter_arch_diffs
-from .model import XUT
-
-if TYPE_CHECKING:
-    from .adapter_io import LoadedAdapter
+from ..config import ADAPTER_ARCH_FIELDS, XUTConfig, adapter_arch_diffs
+from ..model import XUT
+from .errors import AdapterError
 
 Algorithm = Literal["lokr", "lora", "loha"]
 
@@ -42,10 +40,6 @@ DEFAULT_TARGETS: tuple[str, ...] = ("*.attn.qkv", "*.attn.out", "*.xattn.*", "*.
 # The blocks' RMSNorms (inside ModulatedNorm), added to the targets when `train_norm` is set.
 NORM_TARGETS: tuple[str, ...] = ("*_pre_norm.norm",)
 ARCH_FIELDS = ADAPTER_ARCH_FIELDS  # the one list, in hdm_core.config (torch-free)
-
-
-class AdapterError(ValueError):
-    """An adapter file or request that cannot be used; the message names what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -133,18 +127,27 @@ _LYCORIS_LOCK = threading.Lock()
 
 
 @contextmanager
+def lend_norms(model: nn.Module) -> Iterator[None]:
+    """The library trains a norm it does not know (neither LayerNorm nor GroupNorm) when the module exposes its
+    weight-free normalisation as `_norm` (the LLaMA RMSNorm convention); torch's RMSNorm does not, so lend it
+    one while the library's modules are built (NormModule keeps a reference) and take it away afterwards."""
+    lent = []
+    for module in model.modules():
+        if isinstance(module, nn.RMSNorm) and not hasattr(module, "_norm"):
+            module._norm = functools.partial(
+                F.rms_norm, normalized_shape=module.normalized_shape, eps=module.eps
+            )
+            lent.append(module)
+    try:
+        yield
+    finally:
+        for module in lent:
+            del module._norm
+
+
+@contextmanager
 def _lycoris_targets(model: nn.Module, names: tuple[str, ...]) -> Iterator[None]:
-    # The library trains a norm it does not know (neither LayerNorm nor GroupNorm) when the module exposes its
-    # weight-free normalisation as `_norm` (the LLaMA RMSNorm convention); torch's RMSNorm does not, so lend it
-    # one while the network is built (NormModule keeps a reference) and take it away afterwards.
-    with _LYCORIS_LOCK:
-        lent = []
-        for module in model.modules():
-            if isinstance(module, nn.RMSNorm) and not hasattr(module, "_norm"):
-                module._norm = functools.partial(
-                    F.rms_norm, normalized_shape=module.normalized_shape, eps=module.eps
-                )
-                lent.append(module)
+    with _LYCORIS_LOCK, lend_norms(model):
         saved = {attr: getattr(LycorisNetwork, attr) for attr in _PRESET_ATTRS}
         LycorisNetwork.apply_preset(
             {
@@ -163,8 +166,6 @@ def _lycoris_targets(model: nn.Module, names: tuple[str, ...]) -> Iterator[None]
         finally:
             for attr, value in saved.items():
                 setattr(LycorisNetwork, attr, value)
-            for module in lent:
-                del module._norm
 
 
 def build_network(model: XUT, cfg: AdapterConfig) -> LycorisNetwork:
@@ -231,95 +232,3 @@ def check_base(adapter_base: XUTConfig, model_config: XUTConfig, *, name: str = 
     diffs = adapter_arch_diffs(adapter_base, model_config)
     if diffs:
         raise AdapterError(f"{name} was trained for a different XUT architecture: {'; '.join(diffs)}")
-
-
-def _delta(module: nn.Module, weight: float) -> tuple[Tensor, Tensor | None]:
-    """(ΔW, Δbias) that the library's forward adds to its layer at multiplier `weight`."""
-    if isinstance(module, LokrModule | LohaModule):
-        # lycoris 4.1.3's get_diff_weight scales these by alpha/rank twice while their forward (what was trained)
-        # scales once (tests/core/test_adapter.py checks against the forward); rebuild ΔW as the forward does.
-        return module.get_weight(module.shape) * module.scalar * weight, None
-    if isinstance(module, NormModule):
-        return module.get_diff_weight(weight)
-    return module.get_diff_weight(weight, shape=module.shape)
-
-
-def _adapter_modules(model: XUT, adapter: LoadedAdapter) -> nn.Module:
-    """The adapter's library modules over `model`, loaded strictly from its tensors (not hooked in)."""
-    check_base(adapter.base, model.config, name=f"adapter {adapter.name!r}")
-    holder = nn.Module()
-    for module in build_network(model, adapter.config).loras:
-        holder.add_module(module.lora_name, module)
-    expected, found = set(holder.state_dict()), set(adapter.tensors)
-    if expected != found:
-        missing, unexpected = sorted(expected - found), sorted(found - expected)
-        raise AdapterError(
-            f"adapter {adapter.name!r} does not fit this model: {len(missing)} missing key(s) {missing[:5]}, "
-            f"{len(unexpected)} unexpected key(s) {unexpected[:5]}"
-        )
-    try:
-        holder.load_state_dict(adapter.tensors, strict=True)
-    except RuntimeError as exc:
-        raise AdapterError(f"adapter {adapter.name!r} does not fit this model: {exc}") from exc
-    return holder.eval()
-
-
-@dataclass(eq=False)
-class AppliedAdapters:
-    """Adapters merged into a model's weights; `restore()` puts the original bits back."""
-
-    model: XUT
-    originals: dict[str, Tensor]
-    adapters: tuple[tuple[str, float], ...]
-
-    def restore(self) -> None:
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, original in self.originals.items():
-                params[name].copy_(original)
-        self.originals = {}
-
-    def __enter__(self) -> AppliedAdapters:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.restore()
-
-
-@torch.no_grad()
-def apply_adapters(model: XUT, adapters: Sequence[tuple[LoadedAdapter, float]]) -> AppliedAdapters:
-    """Add sum_i weight_i * ΔW_i to the touched weights of `model` in place (weights may be negative; weight 0
-    skips the adapter). Every delta is computed before any weight changes, so a bad adapter leaves the model as it
-    was. Keep the returned handle and call `restore()` (or use it as a context manager) before the next request."""
-    for i, (_, weight) in enumerate(adapters):
-        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
-            raise AdapterError(f"adapters[{i}].weight must be a finite number, got {weight!r}")
-    names = {id(m): n for n, m in model.named_modules()}
-    params = dict(model.named_parameters())
-    deltas: dict[str, Tensor] = {}
-    for adapter, weight in adapters:
-        if weight == 0:
-            continue
-        for module in _adapter_modules(model, adapter).children():
-            layer = module.org_module[0]
-            dw, db = _delta(module, float(weight))
-            for suffix, d in (("weight", dw), ("bias", db)):
-                if d is None:
-                    continue
-                key = f"{names[id(layer)]}.{suffix}"
-                d = d.detach().to(params[key].device, torch.float32).reshape(params[key].shape)
-                deltas[key] = deltas[key] + d if key in deltas else d
-    originals = {}
-    for key, d in deltas.items():
-        p = params[key]
-        originals[key] = p.detach().clone()
-        p.copy_((p.float() + d).to(p.dtype))
-    return AppliedAdapters(model, originals, tuple((a.name, float(w)) for a, w in adapters))
-
-
-def merge_adapters(model: XUT, adapters: Sequence[tuple[LoadedAdapter, float]]) -> XUT:
-    """A copy of `model` with the adapters merged in, for `hdm_core.checkpoint.save_checkpoint`; `model` is not
-    changed."""
-    merged = copy.deepcopy(model)
-    apply_adapters(merged, adapters)
-    return merged

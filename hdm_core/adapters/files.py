@@ -13,9 +13,10 @@ from lycoris.modules import LoConModule, LohaModule, LokrModule, NormModule
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from .adapter import AdapterConfig, AdapterError, AdapterNetwork
-from .checkpoint import atomic_save_file
-from .config import XUTConfig
+from ..checkpoint import atomic_save_file
+from ..config import XUTConfig
+from .keys import PARAMS
+from .network import AdapterConfig, AdapterError, AdapterNetwork
 
 FORMAT = "hdm-serve-adapter/1"
 # Tensor names each algorithm may write, as the library declares them (`weight_list`), plus trained norms.
@@ -25,6 +26,7 @@ _ALGORITHM_KEYS = {
     "loha": set(LohaModule.weight_list),
 }
 _NORM_KEYS = set(NormModule.weight_list)
+_IMPORTED_KEYS = {p for params in PARAMS.values() for p in params}
 _KEY = re.compile(r"^lycoris_[A-Za-z0-9_]+\.(?P<param>.+)$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -58,11 +60,13 @@ class AdapterInfo:
 
 @dataclass(frozen=True)
 class LoadedAdapter:
-    """A validated adapter file: tensors (LyCORIS keys) + what it is; apply with `hdm_core.adapter`."""
+    """A validated adapter file: tensors (LyCORIS keys) + what it is; apply with `hdm_core.adapters.apply`."""
 
     name: str
     tensors: dict[str, Tensor]
-    config: AdapterConfig
+    config: (
+        AdapterConfig | None
+    )  # None for a file made elsewhere (`imports.convert`): its tensors say what it is
     base: XUTConfig
     info: AdapterInfo
     metadata: dict[str, str] = field(default_factory=dict)
@@ -120,9 +124,10 @@ def _json(meta: dict[str, str], key: str, path: Path) -> object:
         raise AdapterError(f"{path}: metadata {key} is not valid JSON: {exc}") from None
 
 
-def _parse_metadata(meta: dict[str, str], path: Path) -> tuple[AdapterConfig, XUTConfig, AdapterInfo]:
+def _parse_metadata(meta: dict[str, str], path: Path) -> tuple[AdapterConfig | None, XUTConfig, AdapterInfo]:
     if meta.get("format") != FORMAT:
         raise AdapterError(f"{path}: metadata format is {meta.get('format')!r}, expected {FORMAT!r}")
+    imported = "hdm_adapter_source" in meta
     required = (
         "hdm_adapter_algorithm",
         "hdm_adapter_config",
@@ -137,10 +142,11 @@ def _parse_metadata(meta: dict[str, str], path: Path) -> tuple[AdapterConfig, XU
     if missing:
         raise AdapterError(f"{path}: metadata lacks {missing}")
     try:
-        config = AdapterConfig.from_dict(_json(meta, "hdm_adapter_config", path))  # type: ignore[arg-type]
+        raw = _json(meta, "hdm_adapter_config", path)
+        config = None if imported else AdapterConfig.from_dict(raw)  # type: ignore[arg-type]
     except (TypeError, ValueError) as exc:
         raise AdapterError(f"{path}: metadata hdm_adapter_config: {exc}") from None
-    if meta["hdm_adapter_algorithm"] != config.algorithm:
+    if config is not None and meta["hdm_adapter_algorithm"] != config.algorithm:
         raise AdapterError(
             f"{path}: metadata hdm_adapter_algorithm {meta['hdm_adapter_algorithm']!r} != "
             f"hdm_adapter_config.algorithm {config.algorithm!r}"
@@ -167,15 +173,19 @@ def _parse_metadata(meta: dict[str, str], path: Path) -> tuple[AdapterConfig, XU
     return config, base, info
 
 
-def _check_tensors(tensors: dict[str, Tensor], config: AdapterConfig, path: Path) -> None:
+def _check_tensors(tensors: dict[str, Tensor], config: AdapterConfig | None, path: Path) -> None:
     if not tensors:
         raise AdapterError(f"{path} holds no tensors")
-    allowed = _ALGORITHM_KEYS[config.algorithm] | (_NORM_KEYS if config.train_norm else set())
+    if config is None:
+        allowed, what = _IMPORTED_KEYS, "LyCORIS"
+    else:
+        allowed = _ALGORITHM_KEYS[config.algorithm] | (_NORM_KEYS if config.train_norm else set())
+        what = f"LyCORIS {config.algorithm}"
     for key, value in tensors.items():
         m = _KEY.match(key)
         if m is None or m["param"] not in allowed:
             raise AdapterError(
-                f"{path}: tensor {key!r} is not a LyCORIS {config.algorithm} key "
+                f"{path}: tensor {key!r} is not a {what} key "
                 f"(expected 'lycoris_<module>.<one of {sorted(allowed)}>')"
             )
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
@@ -184,7 +194,7 @@ def _check_tensors(tensors: dict[str, Tensor], config: AdapterConfig, path: Path
 
 def load_adapter(path: str | Path, *, name: str | None = None) -> LoadedAdapter:
     """Read and validate an adapter file written by `save_adapter`; `name` defaults to the file's stem. Whether it
-    fits a given model is checked when it is applied (`hdm_core.adapter.apply_adapters`)."""
+    fits a given model is checked when it is applied (`hdm_core.adapters.apply.apply_adapters`)."""
     path = Path(path)
     if not path.is_file():
         raise AdapterError(f"adapter file {path} does not exist")
