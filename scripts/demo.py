@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("demo")
 
 # Two progressive stages (16 px, then 32 px), TREAD on. lr is the muP-style base rate: each parameter gets
-# lr / fan_in (spec §6). Measured on 2 CPU cores (docs/training.md "CPU demo"): about 5 minutes of training.
+# lr / fan_in (spec §6). Measured on 2 idle Intel Xeon cores (docs/training.md "CPU demo"): about 5 minutes of
+# training; README "Quick start" lists the other machines measured.
 STAGES = [
     {
         "resolution": 16,
