@@ -1,12 +1,17 @@
 """CPU benchmark of hdm_core, every number measured in this one run (`make bench` = `python -m bench.core`).
 
 1. XUT forward and train step (flow loss + backward + AdamW), today's tree vs commit 14e55da (the commit before
-   issue 11), at 256 image + 64 text tokens, batch 2: each version runs in its own process with its own PYTHONPATH
-   (the old one from `git archive`), alternating old/new for several rounds; medians, ratio = old / new.
+   issue 11), at 256 image + 64 text tokens, batch 2: each version is one long-lived process with its own PYTHONPATH
+   (the old one from `git archive`) that builds its model once and then answers "time N repeats of X" requests;
+   the two alternate request by request (old first in even rounds, new first in odd ones), so every round is a
+   pair measured under the same load. Ratio = old / new per round; median and IQR over the rounds.
 2. Sampler overhead = sampling time / (steps x one guided forward), per repeat; min / median / max and IQR.
 3. Pipeline level: 8 queued image jobs (same size, steps, sampler, guidance; different prompts and seeds) as one
-   `generate_batch` vs eight `generate` calls: images/s of each and their ratio.
-The CPU may be shared: numbers are medians of repeats, and both versions see the same conditions per round.
+   `generate_batch` vs eight `generate` calls, alternating per round: ratio = sequential time / batched time per
+   round (= the images/s ratio); median and IQR.
+Every time is taken twice: wall clock and the process's CPU time. On a CPU shared with other work a one-thread
+process's wall time mostly measures how long it waited for a core; its CPU time is the work the code did (still
+raised somewhat by other processes sharing caches and memory bandwidth), so the ratios are given for both.
 """
 
 from __future__ import annotations
@@ -46,20 +51,22 @@ CORE_CASES = {
 }
 
 
+def _timed(fn) -> tuple[float, float]:
+    """(wall s, CPU s of this process) of one call."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
 def _median_time(fn, repeats: int, warmup: int = 2) -> list[float]:
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
+    return [_timed(fn)[0] for _ in range(repeats)]
 
 
-def core_case(name: str, repeats: int) -> dict:
-    """Runs against whichever hdm_core is on PYTHONPATH (today's or 14e55da's): only APIs both have."""
-    import hdm_core
+def core_case(name: str) -> dict:
+    """The measured calls of one case, built against whichever hdm_core is on PYTHONPATH (today's or 14e55da's):
+    only APIs both have."""
     from hdm_core import PRESETS, XUT, XUTConfig
     from hdm_core.flow import flow_loss
 
@@ -93,11 +100,101 @@ def core_case(name: str, repeats: int) -> dict:
         ).backward()
         opt.step()
 
+    return {"forward": forward, "train_step": train_step}
+
+
+def serve_core(name: str) -> None:
+    """Worker loop: build the case, warm it up, then answer "METRIC REPEATS" lines with [[wall, cpu], ...]."""
+    import hdm_core
+
+    calls = core_case(name)
+    for fn in calls.values():
+        fn()
+        fn()
+    print(json.dumps({"hdm_core": str(Path(hdm_core.__file__).parent), "threads": torch.get_num_threads()}))
+    sys.stdout.flush()
+    for line in sys.stdin:
+        metric, repeats = line.split()
+        print(json.dumps([_timed(calls[metric]) for _ in range(int(repeats))]), flush=True)
+
+
+class _CoreWorker:
+    """One long-lived measuring process of one version (see the module docstring)."""
+
+    def __init__(self, case: str, pythonpath: str, threads: int) -> None:
+        # `python -m` puts the working directory first on sys.path: run from the first PYTHONPATH entry.
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.core",
+                "--worker",
+                "core",
+                "--case",
+                case,
+                "--threads",
+                str(threads),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": pythonpath},
+            cwd=pythonpath.split(os.pathsep)[0],
+        )
+        self.info = self._read()
+
+    def _read(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"a measuring process exited (rc {self.proc.wait()})")
+        return json.loads(line)
+
+    def measure(self, metric: str, repeats: int) -> tuple[float, float]:
+        """Median (wall, cpu) of `repeats` calls."""
+        self.proc.stdin.write(f"{metric} {repeats}\n")
+        self.proc.stdin.flush()
+        times = self._read()
+        return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def _summary(old: list[float], new: list[float]) -> dict:
+    """Per-round pairs -> medians and the old / new ratio's median and IQR over the rounds."""
+    ratios = [o / n for o, n in zip(old, new, strict=True)]
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     return {
-        "hdm_core": str(Path(hdm_core.__file__).parent),
-        "forward_s": _median_time(forward, repeats),
-        "train_step_s": _median_time(train_step, repeats),
-        "threads": torch.get_num_threads(),
+        "old": statistics.median(old),
+        "new": statistics.median(new),
+        "ratio": statistics.median(ratios),
+        "ratio_q1": q[0],
+        "ratio_q3": q[2],
+        "ratios": ratios,
+    }
+
+
+def compare_core(
+    case: str, paths: dict[str, str], base: Path, rounds: int, repeats: int, threads: int
+) -> dict:
+    workers = {which: _CoreWorker(case, paths[which], threads) for which in ("old", "new")}
+    try:
+        if not workers["old"].info["hdm_core"].startswith(str(base)):
+            raise RuntimeError(f"the base run imported {workers['old'].info['hdm_core']}, not {base}")
+        times = {(w, m, k): [] for w in workers for m in ("forward", "train_step") for k in ("wall", "cpu")}
+        for r in range(rounds):
+            for metric in ("forward", "train_step"):
+                for which in ("old", "new") if r % 2 == 0 else ("new", "old"):
+                    wall, cpu = workers[which].measure(metric, repeats)
+                    times[which, metric, "wall"].append(wall)
+                    times[which, metric, "cpu"].append(cpu)
+    finally:
+        for w in workers.values():
+            w.close()
+    return {
+        metric: {k: _summary(times["old", metric, k], times["new", metric, k]) for k in ("wall", "cpu")}
+        for metric in ("forward", "train_step")
     }
 
 
@@ -153,23 +250,26 @@ def batched_vs_sequential(rounds: int) -> dict:
     prompts = ["a red circle", "a big square", "a blue square", "a red square"]  # equal token counts
     jobs = [ImageJob(prompts[i % 4], seed=100 + i, negative_prompt="noisy") for i in range(8)]
     kw = dict(width=32, height=32, steps=8, guidance_scale=3.0)
-    seq, bat = [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
+
+    def sequential() -> None:
         for j in jobs:
             pipe.generate(j.prompt, negative_prompt=j.negative_prompt, seed=j.seed, **kw)
-        seq.append(len(jobs) / (time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        pipe.generate_batch(jobs, **kw)
-        bat.append(len(jobs) / (time.perf_counter() - t0))
-    s, b = statistics.median(seq), statistics.median(bat)
+
+    calls = {"sequential": sequential, "batched": lambda: pipe.generate_batch(jobs, **kw)}
+    for fn in calls.values():
+        fn()
+    times = {(c, k): [] for c in calls for k in ("wall", "cpu")}
+    for r in range(rounds):
+        for which in ("sequential", "batched") if r % 2 == 0 else ("batched", "sequential"):
+            wall, cpu = _timed(calls[which])
+            times[which, "wall"].append(wall)
+            times[which, "cpu"].append(cpu)
     return {
         "jobs": len(jobs),
         "size": "32x32 px xut-pixel-debug",
         "steps": 8,
-        "sequential_img_s": s,
-        "batched_img_s": b,
-        "ratio": b / s,
+        # "old" = one at a time, "new" = batched: ratio = sequential time / batched time = the images/s ratio
+        **{k: _summary(times["sequential", k], times["batched", k]) for k in ("wall", "cpu")},
     }
 
 
@@ -202,8 +302,10 @@ def main() -> None:
     )
     parser.add_argument("--worker", choices=["core", "sampler", "batch"], help="internal: one measurement")
     parser.add_argument("--case", choices=sorted(CORE_CASES))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating old/new processes per case")
+    parser.add_argument("--repeats", type=int, default=3, help="calls per version and round (their median)")
+    parser.add_argument(
+        "--rounds", type=int, default=15, help="paired old/new rounds per case (also batched/sequential)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
         "--threads",
@@ -214,7 +316,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker == "core":
-        print(json.dumps(core_case(args.case, args.repeats)))
+        serve_core(args.case)
         return
     if args.worker == "sampler":
         print(json.dumps(sampler_overhead(args.repeats)))
@@ -223,32 +325,29 @@ def main() -> None:
         print(json.dumps(batched_vs_sequential(args.repeats)))
         return
 
-    results: dict = {"base_commit": BASE_COMMIT, "core": {}}
+    results: dict = {
+        "base_commit": BASE_COMMIT,
+        "rounds": args.rounds,
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "load_avg_start": os.getloadavg(),
+        "core": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         base = _extract_base(Path(tmp))
         paths = {"old": f"{base}{os.pathsep}{ROOT}", "new": str(ROOT)}
         print(
-            f"{'case':<11}{'':<6}{'old s':>10}{'new s':>10}{'old/new':>9}   (medians over {args.rounds} rounds "
-            f"x {args.repeats} repeats, batch 2, 256 image + 64 text tokens, {args.threads} thread(s))"
+            f"{'case':<11}{'':<12}{'old ms':>9}{'new ms':>9}{'old/new':>9}{'IQR':>13}   (paired rounds: "
+            f"{args.rounds} x {args.repeats} repeats, batch 2, 256 image + 64 text tokens, {args.threads} thread(s))"
         )
         for case in CORE_CASES:
-            runs: dict[str, list[dict]] = {"old": [], "new": []}
-            for _ in range(args.rounds):
-                for which in ("old", "new"):
-                    r = _child(
-                        ["--worker", "core", "--case", case, "--repeats", str(args.repeats)],
-                        paths[which],
-                        args.threads,
+            row = compare_core(case, paths, base, args.rounds, args.repeats, args.threads)
+            for metric, kinds in row.items():
+                for kind, m in kinds.items():
+                    print(
+                        f"{case:<11}{metric + ' ' + kind:<12}{m['old'] * 1e3:>9.1f}{m['new'] * 1e3:>9.1f}"
+                        f"{m['ratio']:>8.3f}x  {m['ratio_q1']:.3f}-{m['ratio_q3']:.3f}"
                     )
-                    if which == "old" and not r["hdm_core"].startswith(str(base)):
-                        raise RuntimeError(f"the base run imported {r['hdm_core']}, not the extracted {base}")
-                    runs[which].append(r)
-            row = {}
-            for metric in ("forward_s", "train_step_s"):
-                old = statistics.median(t for r in runs["old"] for t in r[metric])
-                new = statistics.median(t for r in runs["new"] for t in r[metric])
-                row[metric] = {"old": old, "new": new, "ratio": old / new}
-                print(f"{case:<11}{metric[:-2]:<6}{old:>10.4f}{new:>10.4f}{old / new:>8.2f}x")
             results["core"][case] = row
     smp = _child(["--worker", "sampler", "--repeats", "9"], str(ROOT), args.threads)
     results["sampler_overhead"] = smp
@@ -256,13 +355,16 @@ def main() -> None:
         f"sampler overhead (xut-debug, {smp['steps']} Euler steps, CFG): min {smp['min']:.3f}  median "
         f"{smp['median']:.3f}  max {smp['max']:.3f}  IQR {smp['iqr']:.3f}  ({len(smp['ratios'])} repeats)"
     )
-    bat = _child(["--worker", "batch", "--repeats", "3"], str(ROOT), args.threads)
+    bat = _child(["--worker", "batch", "--repeats", str(args.rounds)], str(ROOT), args.threads)
     results["pipeline_batching"] = bat
-    print(
-        f"pipeline batching, {bat['jobs']} queued jobs ({bat['size']}, {bat['steps']} steps, CFG): sequential "
-        f"{bat['sequential_img_s']:.2f} img/s, generate_batch {bat['batched_img_s']:.2f} img/s, "
-        f"ratio {bat['ratio']:.2f}x"
-    )
+    for kind in ("wall", "cpu"):
+        m = bat[kind]
+        print(
+            f"pipeline batching, {bat['jobs']} queued jobs ({bat['size']}, {bat['steps']} steps, CFG), {kind}: "
+            f"one at a time {m['old']:.2f} s, generate_batch {m['new']:.2f} s, ratio {m['ratio']:.3f}x "
+            f"(IQR {m['ratio_q1']:.3f}-{m['ratio_q3']:.3f}, {len(m['ratios'])} rounds)"
+        )
+    results["load_avg_end"] = os.getloadavg()
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .linear import Linear
 from .rope import AxialRoPE
 
 
@@ -31,7 +30,7 @@ class BlockModulations(NamedTuple):
 
 def shared_adaln(dim: int) -> nn.Sequential:
     """LayerNorm -> Linear(d, 4d) -> Mish -> Linear(4d, 3d); the last layer starts at zero (spec §1.2 step 4)."""
-    mlp = nn.Sequential(nn.LayerNorm(dim), Linear(dim, 4 * dim), nn.Mish(), Linear(4 * dim, 3 * dim))
+    mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.Mish(), nn.Linear(4 * dim, 3 * dim))
     nn.init.zeros_(mlp[3].weight)
     nn.init.zeros_(mlp[3].bias)
     return mlp
@@ -50,7 +49,7 @@ class TimestepEmbedding(nn.Module):
         half = dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
         self.register_buffer("freqs", freqs[None], persistent=True)  # (1, half); stored in checkpoints
-        self.proj = nn.Sequential(Linear(2 * half, dim), nn.Mish())
+        self.proj = nn.Sequential(nn.Linear(2 * half, dim), nn.Mish())
 
     def forward(self, t: Tensor) -> Tensor:
         """t [B] -> [B, 1, D]."""
@@ -75,7 +74,7 @@ class UnPatch(nn.Module):
     def __init__(self, dim: int, patch_size: int, out_channels: int) -> None:
         super().__init__()
         self.patch_size = patch_size
-        self.proj = Linear(dim, patch_size * patch_size * out_channels)
+        self.proj = nn.Linear(dim, patch_size * patch_size * out_channels)
         nn.init.normal_(self.proj.weight, std=1.0 / dim**2)
 
     def forward(self, x: Tensor, grid_hw: tuple[int, int]) -> Tensor:
@@ -120,8 +119,8 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int) -> None:
         super().__init__()
         self.heads = heads
-        self.qkv = Linear(dim, 3 * dim, bias=False)
-        self.out = Linear(dim, dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim)
         self.rope = AxialRoPE(head_dim, heads)
 
     def forward(self, x: Tensor, pos: Tensor) -> Tensor:
@@ -137,9 +136,9 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int) -> None:
         super().__init__()
         self.heads = heads
-        self.q = Linear(dim, dim, bias=False)
-        self.kv = Linear(dim, 2 * dim, bias=False)
-        self.out = Linear(dim, dim)
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, dim)
         self.rope = AxialRoPE(head_dim, heads)
 
     def forward(self, x: Tensor, skip: Tensor, pos: Tensor) -> Tensor:
@@ -155,8 +154,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.w12 = Linear(dim, 2 * hidden)
-        self.w3 = Linear(hidden, dim)
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.w12(x).chunk(2, dim=-1)

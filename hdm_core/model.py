@@ -18,7 +18,6 @@ from .layers import (
     modulation,
     shared_adaln,
 )
-from .linear import Linear
 from .rope import position_map, resize_position_map
 from .tread import gather_tokens, make_route, scatter_tokens
 
@@ -102,9 +101,11 @@ class XUT(nn.Module):
         self.shared_adaln_attn = shared_adaln(d)
         self.shared_adaln_xattn = shared_adaln(d)
         self.shared_adaln_ffw = shared_adaln(d)
-        self.ctx_proj = Linear(config.ctx_dim, d)
+        self.ctx_proj = nn.Linear(config.ctx_dim, d)
         if config.addon_dim:
-            self.addon_info_embs_proj = nn.Sequential(Linear(config.addon_dim, d), nn.Mish(), Linear(d, d))
+            self.addon_info_embs_proj = nn.Sequential(
+                nn.Linear(config.addon_dim, d), nn.Mish(), nn.Linear(d, d)
+            )
             nn.init.zeros_(self.addon_info_embs_proj[2].weight)
             nn.init.zeros_(self.addon_info_embs_proj[2].bias)
         else:

@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("demo")
 
 # Two progressive stages (16 px, then 32 px), TREAD on. lr is the muP-style base rate: each parameter gets
-# lr / fan_in (spec §6). Measured on 2 CPU cores (docs/training.md "CPU demo"): about 5 minutes of training.
+# lr / fan_in (spec §6). Measured on 2 idle Intel Xeon cores (docs/training.md "CPU demo"): about 5 minutes of
+# training; README "Quick start" lists the other machines measured.
 STAGES = [
     {
         "resolution": 16,
@@ -106,6 +107,10 @@ def service(var: Path, paths: dict[str, Path], port: int, *, keep: bool):
         "HDM_IMAGE_MIN_SIZE": "32",
         "HDM_IMAGE_SIZE_MULTIPLE": "16",
         "PYTHONUNBUFFERED": "1",
+        # torch's OpenMP threads (the trainer's 2 on 2 cores) spin while they wait for each other by default; on a
+        # CPU shared with other work a spinning thread burns the time its partner needs (measured on a loaded
+        # 2-core AMD EPYC: a demo train step took 30 s instead of 0.4 s). PASSIVE waits sleep instead.
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
     }
     log_file = open(var / "service.log", "ab")  # noqa: SIM115 - lives as long as the service
     proc = subprocess.Popen(
