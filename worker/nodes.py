@@ -214,9 +214,9 @@ def run_node_part(job_id: str, rank: int, *, worker: str) -> str:
     attempt, parts, info = found
     part = parts[rank]
     with session_scope() as session:
-        if not all(leases.acquire(session, s, job_id, worker) for s in part):
+        if not all(leases.join(session, s, job_id, worker) for s in part):
             leases.release(session, job_id, worker=worker)
-            log.warning("job %s: a slot of node %d %s is held by another job", job_id, rank, part)
+            log.warning("job %s: node %d %s was taken by another worker or job", job_id, rank, part)
             return "bounced"  # node 0's watch fails the job when this node does not join
     rc: int | None = None
     tree: dict[int, int] = {}

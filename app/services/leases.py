@@ -62,6 +62,22 @@ def acquire(session: Session, slot: int, job_id: str, worker: str) -> bool:
     return res.rowcount == 1  # type: ignore[attr-defined]
 
 
+def join(session: Session, slot: int, job_id: str, worker: str) -> bool:
+    """A further node of a multi-node job takes a slot reserved for its part: held for the job, by no other
+    worker (a second delivery of the node's message must not run the part twice)."""
+    res = session.execute(
+        update(GpuLease)
+        .where(
+            GpuLease.slot == slot,
+            GpuLease.job_id == job_id,
+            or_(GpuLease.worker.is_(None), GpuLease.worker == worker),
+        )
+        .values(worker=worker, acquired_at=utcnow(), heartbeat_at=utcnow())
+    )
+    session.commit()
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
 def beat(session: Session, job_ids: list[str] | str, *, worker: str | None = None) -> None:
     """``worker``: only the leases that worker took and those no worker took yet (a multi-node job's node 0 keeps
     the parts of nodes that have not joined; a joined node beats its own, so its death shows as a stale lease)."""
