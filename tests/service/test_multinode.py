@@ -310,6 +310,23 @@ def test_two_node_run_matches_one_node_and_resumes_after_b_trainer_sigkill(
             print(f"{k:3d}  {ref[k]:.6f}  {got[k]:.6f}")
 
 
+def test_cancel_stops_both_nodes_and_frees_every_lease(cluster: Cluster, dataset: str) -> None:
+    s = cluster.stack
+    with s.client() as c:
+        job = c.post(
+            "/v1/train-jobs", json=_body(dataset, 100000, gpus=1, nodes=2, checkpoint_every=100000)
+        ).json()
+        s.wait_job(job["id"], ("running",), timeout=180, path="/v1/train-jobs", pred=lambda j: j["step"] >= 1)
+        assert [len(_ranks_of(cluster.trainers[h].pid)) for h in ("A", "B")] == [1, 1]
+        assert c.post(f"/v1/train-jobs/{job['id']}/cancel").status_code in (200, 202)
+        done = s.wait_job(job["id"], timeout=90, path="/v1/train-jobs")
+        assert done["status"] == "cancelled", (done, s.logs())
+        deadline = time.monotonic() + 30  # node 1 notices the cancel on its next tick
+        while any(_ranks_of(cluster.trainers[h].pid) for h in ("A", "B")) or _free_leases(c) != [None] * 4:
+            assert time.monotonic() < deadline, (_free_leases(c), s.logs())
+            time.sleep(0.2)
+
+
 def test_a_node_that_never_joins_fails_the_job_and_frees_every_lease(cluster: Cluster, dataset: str) -> None:
     s = cluster.stack
     cluster.kill_trainer("B")  # machine B's trainer is down: nobody takes node 1's part
