@@ -98,10 +98,12 @@ class BrokerView:
 
 
 def _job_id(message: Any) -> str | None:
+    """The job a message starts; None for a further node's part (publish_node), which starts no job."""
     try:
-        return str(message["headers"]["id"]).split(".", 1)[0]
+        tid = str(message["headers"]["id"])
     except (KeyError, TypeError):
         return None
+    return None if ".node" in tid else tid.split(".", 1)[0]
 
 
 def broker_view(settings: Settings, stuck_after_s: float) -> BrokerView | None:

@@ -98,7 +98,9 @@ class TrainMetrics(BaseModel):
 
 
 class TrainNode(BaseModel):
-    rank: int = Field(description="Node rank: node 0 hosts the rendezvous and reports metrics and checkpoints.")
+    rank: int = Field(
+        description="Node rank: node 0 hosts the rendezvous and reports metrics and checkpoints."
+    )
     slots: list[int] = Field(description="The GPU slots of this node's machine leased to the run.")
     worker: str | None = Field(description="The trainer that took this node's part (null: not joined yet).")
 

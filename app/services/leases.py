@@ -63,15 +63,11 @@ def acquire(session: Session, slot: int, job_id: str, worker: str) -> bool:
 
 
 def join(session: Session, slot: int, job_id: str, worker: str) -> bool:
-    """A further node of a multi-node job takes a slot reserved for its part: held for the job, by no other
-    worker (a second delivery of the node's message must not run the part twice)."""
+    """A further node of a multi-node job takes a slot reserved for its part: held for the job and taken by no
+    worker yet (a second delivery of the node's message must not run the part twice)."""
     res = session.execute(
         update(GpuLease)
-        .where(
-            GpuLease.slot == slot,
-            GpuLease.job_id == job_id,
-            or_(GpuLease.worker.is_(None), GpuLease.worker == worker),
-        )
+        .where(GpuLease.slot == slot, GpuLease.job_id == job_id, GpuLease.worker.is_(None))
         .values(worker=worker, acquired_at=utcnow(), heartbeat_at=utcnow())
     )
     session.commit()
