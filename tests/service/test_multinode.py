@@ -343,3 +343,12 @@ def test_a_node_that_never_joins_fails_the_job_and_frees_every_lease(cluster: Cl
         assert _free_leases(c) == [None] * 4
         assert _ranks_of(cluster.trainers["A"].pid) == []
         assert c.get(f"/v1/train-jobs/{job['id']}").json()["nodes"][0]["slots"] == [0]
+
+
+def test_layouts_the_machines_cannot_hold_are_refused(cluster: Cluster, dataset: str) -> None:
+    with cluster.stack.client() as c:
+        before = len(c.get("/v1/train-jobs", params={"limit": 100}).json()["data"])
+        for gpus, nodes, param in ((1, 3, "nodes"), (3, 1, "gpus"), (3, 2, "nodes"), (2, 3, "nodes")):
+            r = c.post("/v1/train-jobs", json=_body(dataset, 4, gpus=gpus, nodes=nodes))
+            assert r.status_code == 422 and r.json()["error"]["param"] == param, (gpus, nodes, r.text)
+        assert len(c.get("/v1/train-jobs", params={"limit": 100}).json()["data"]) == before
