@@ -238,13 +238,13 @@ def run_node_part(job_id: str, rank: int, *, worker: str) -> str:
         log.exception("job %s: node %d's part failed", job_id, rank)
     finally:
         kill_tree(tree, signal.SIGKILL)
-        with session_scope() as session:
-            leases.release(session, job_id, worker=worker)
+        with session_scope() as session:  # said before the leases go: node 0 must not take it for a lost node
             msg = f"node {rank} ({worker}) left: trainer exit {rc}"
             jobs.add_event(
                 session, job_id, "log", {"message": msg, "node": rank, "attempt": attempt, "left": rc}
             )
             session.commit()
+            leases.release(session, job_id, worker=worker)
     return "done" if rc == 0 else "failed"
 
 

@@ -327,6 +327,27 @@ def test_cancel_stops_both_nodes_and_frees_every_lease(cluster: Cluster, dataset
             time.sleep(0.2)
 
 
+def test_sigkill_of_one_rank_on_b_fails_the_job_resumably(cluster: Cluster, dataset: str) -> None:
+    s = cluster.stack
+    with s.client() as c:
+        body = _body(dataset, 100000, gpus=1, nodes=2, checkpoint_every=100000)
+        job = c.post("/v1/train-jobs", json=body).json()
+        s.wait_job(job["id"], ("running",), timeout=180, path="/v1/train-jobs", pred=lambda j: j["step"] >= 1)
+        (rank,) = _ranks_of(cluster.trainers["B"].pid)
+        os.kill(rank["pid"], signal.SIGKILL)
+        done = s.wait_job(job["id"], timeout=90, path="/v1/train-jobs")
+        assert done["status"] == "failed" and done["error"]["code"] == "trainer_failed", done
+        assert done["attempts"] == 1, done  # every node's trainer lived: not a lost node, no automatic retry
+        deadline = time.monotonic() + 30
+        while _free_leases(c) != [None] * 4:
+            assert time.monotonic() < deadline, _free_leases(c)
+            time.sleep(0.2)
+        r = c.post(f"/v1/train-jobs/{job['id']}/resume")
+        assert r.status_code == 202 and r.json()["status"] == "queued", r.text
+        c.post(f"/v1/train-jobs/{job['id']}/cancel")
+        assert s.wait_job(job["id"], timeout=60, path="/v1/train-jobs")["status"] == "cancelled"
+
+
 def test_a_node_that_never_joins_fails_the_job_and_frees_every_lease(cluster: Cluster, dataset: str) -> None:
     s = cluster.stack
     cluster.kill_trainer("B")  # machine B's trainer is down: nobody takes node 1's part
