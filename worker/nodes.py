@@ -39,13 +39,13 @@ class NodeFailure(Exception):
         self.requeue = requeue
 
 
-def _left(session: Any, job_id: str, attempt: int) -> set[int]:
-    """The nodes whose part of this attempt ended (they say so as they go)."""
+def _left(session: Any, job_id: str, attempt: int) -> dict[int, Any]:
+    """The nodes whose part of this attempt ended, with their torchrun's exit status (they say so as they go)."""
     rows = session.scalars(select(JobEvent.data).where(JobEvent.job_id == job_id, JobEvent.type == "log"))
     return {
-        int(d["node"])
+        int(d["node"]): d["left"]
         for d in rows
-        if isinstance(d, dict) and d.get("left") is not None and d.get("attempt") == attempt
+        if isinstance(d, dict) and "left" in d and d.get("attempt") == attempt
     }
 
 
@@ -102,7 +102,8 @@ class NodeWatch:
         ]
 
     def _states(self) -> dict[int, str]:
-        """Per further node: waiting (not joined yet), running, left (said it ended) or lost (stale or gone)."""
+        """Per further node: waiting (not joined yet), running, left (ended, exit 0), failed (ended otherwise) or
+        lost (stale or gone without a word)."""
         stale = jobs.stale_before(get_settings().stale_after_s)
         with session_scope() as session:
             rows = {row.slot: row for row in leases.held(session, self.job_id)}
@@ -112,7 +113,7 @@ class NodeWatch:
                 mine = [rows.get(s) for s in part]
                 taken = [r for r in mine if r is not None and r.worker]
                 if rank in left:
-                    out[rank] = "left"
+                    out[rank] = "left" if left[rank] == 0 else "failed"
                 elif len(taken) == len(part) and all(
                     (as_utc(r.heartbeat_at) or stale) > stale for r in taken
                 ):
@@ -134,6 +135,10 @@ class NodeWatch:
         lost = [r for r, s in states.items() if s == "lost"]
         if lost:
             raise self._lost(lost)
+        if failed := [r for r, s in states.items() if s == "failed"]:
+            # its ranks are gone while node 0's wait in a collective (gloo/NCCL time out only after many minutes)
+            names = ", ".join(nodes.describe(self.parts[r], r) for r in failed)
+            raise NodeFailure("node_failed", f"the trainer of {names} failed; the run stopped on every node")
         waiting = [r for r, s in states.items() if s == "waiting"]
         timeout = get_settings().node_join_timeout_s
         if waiting and time.monotonic() - self.started > timeout:
@@ -153,7 +158,10 @@ class NodeWatch:
             states = self._states()
             if lost := [r for r, s in states.items() if s == "lost"]:
                 raise self._lost(lost)
-            if all(s in ("left", "waiting") for s in states.values()) or time.monotonic() > deadline:
+            if (
+                all(s in ("left", "failed", "waiting") for s in states.values())
+                or time.monotonic() > deadline
+            ):
                 return
             time.sleep(0.5)
 

@@ -336,7 +336,8 @@ def test_sigkill_of_one_rank_on_b_fails_the_job_resumably(cluster: Cluster, data
         (rank,) = _ranks_of(cluster.trainers["B"].pid)
         os.kill(rank["pid"], signal.SIGKILL)
         done = s.wait_job(job["id"], timeout=90, path="/v1/train-jobs")
-        assert done["status"] == "failed" and done["error"]["code"] == "trainer_failed", done
+        assert done["status"] == "failed" and done["error"]["code"] == "node_failed", done
+        assert "node 1 (slots [2]" in done["error"]["message"], done
         assert done["attempts"] == 1, done  # every node's trainer lived: not a lost node, no automatic retry
         deadline = time.monotonic() + 30
         while _free_leases(c) != [None] * 4:
