@@ -177,7 +177,10 @@ def conclude(job_id: str, attempt: int, failure: NodeFailure) -> str:
         job = session.get(Job, job_id)
         if job is None:
             return "failed"
-        if failure.requeue and job.attempts < settings.max_attempts and job.cancel_requested_at is None:
+        if job.cancel_requested_at is not None:  # the other nodes stopped because of the cancel
+            jobs.finish(session, job_id, "cancelled", attempt=attempt)
+            return "cancelled"
+        if failure.requeue and job.attempts < settings.max_attempts:
             log.warning("job %s: %s; re-queueing", job_id, failure.error["message"])
             jobs.add_event(session, job_id, "log", {"message": failure.error["message"]})
             jobs.requeue(session, job, "node_lost")

@@ -307,7 +307,7 @@ def _supervise(
             time.sleep(0.5)
             tree |= process_tree(proc.pid)
             sup.poll()
-            if watch:
+            if watch and cancelled_at is None:  # stopping anyway: the other nodes stop with it
                 watch.check()
             with session_scope() as session:
                 want_cancel = jobs.cancel_requested(session, job_id)
