@@ -25,6 +25,7 @@ TASK_IMAGE = "hdm.image"
 TASK_TRAIN = "hdm.train"
 TASK_DATASET = "hdm.dataset"
 TASK_MERGE = "hdm.merge"
+TASK_TRAIN_NODE = "hdm.train_node"  # a further node's part of a multi-node train job (app/services/nodes.py)
 TASKS = {"image": TASK_IMAGE, "train": TASK_TRAIN, "dataset": TASK_DATASET, "merge": TASK_MERGE}
 FINAL = ("succeeded", "failed", "cancelled")
 
@@ -72,6 +73,21 @@ def publish(kind: str, job_id: str, queue: str, enqueue_count: int, countdown: f
     )
 
 
+def publish_node(job_id: str, rank: int, queue: str, enqueue_count: int) -> None:
+    """Tell the trainer of a multi-node job's node ``rank`` to start its part (one message per node and start)."""
+    settings = get_settings()
+    if settings.embedded:
+        return
+    get_celery().send_task(
+        TASK_TRAIN_NODE,
+        args=[job_id, rank],
+        task_id=f"{task_id(job_id, enqueue_count)}.node{rank}",
+        queue=queue,
+        exchange="",
+        routing_key=queue,
+    )
+
+
 @dataclass(frozen=True)
 class BrokerView:
     """What the Redis broker holds, by job id: ``waiting`` have a message in a queue or one delivered recently;
@@ -82,10 +98,12 @@ class BrokerView:
 
 
 def _job_id(message: Any) -> str | None:
+    """The job a message starts; None for a further node's part (publish_node), which starts no job."""
     try:
-        return str(message["headers"]["id"]).split(".", 1)[0]
+        tid = str(message["headers"]["id"])
     except (KeyError, TypeError):
         return None
+    return None if ".node" in tid else tid.split(".", 1)[0]
 
 
 def broker_view(settings: Settings, stuck_after_s: float) -> BrokerView | None:

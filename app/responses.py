@@ -104,6 +104,14 @@ class TrainMetrics(BaseModel):
     eta_s: Number | None
 
 
+class TrainNode(BaseModel):
+    rank: int = Field(
+        description="Node rank: node 0 hosts the rendezvous and reports metrics and checkpoints."
+    )
+    slots: list[int] = Field(description="The GPU slots of this node's machine leased to the run.")
+    worker: str | None = Field(description="The trainer that took this node's part (null: not joined yet).")
+
+
 class TrainJob(BaseModel):
     id: str = Field(examples=["train_0192f3a1b2c3d4e5f6a7b8"])
     object: Literal["train_job"] = "train_job"
@@ -120,7 +128,8 @@ class TrainJob(BaseModel):
     total_steps: int | None
     epoch: Number | None
     metrics: TrainMetrics
-    gpus: list[int] = Field(description="The GPU slots leased to the run.")
+    gpus: list[int] = Field(description="The GPU slots leased to the run (all nodes, node 0's first).")
+    nodes: list[TrainNode] = Field(description="The machines of the run (one for a single-node job).")
     checkpoints: list[str] = Field(description="Ids of the models this run registered so far.")
     adapters: list[str] = Field(description="Ids of the adapters an adapter run registered so far.")
     error: JobError | None

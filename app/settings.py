@@ -64,9 +64,16 @@ class Settings(BaseSettings):
     slots: str = "0"  # comma-separated GPU indices (or CPU slot numbers) of the whole cluster
     gpu_index: int | None = None  # the slot this worker process serves (worker processes only)
     worker_queues: str = ""  # default: hdm.gpu.<gpu_index>,hdm.images,hdm.train.<gpu_index>
-    # Slots that share a machine, ";"-separated groups ("0,1,2,3;4,5,6,7"); a train job is leased within one group
-    # (torchrun --standalone is one machine). Default: all slots are one machine.
+    # Slots that share a machine, ";"-separated groups ("0,1,2,3;4,5,6,7"): a train job's `gpus` are leased within
+    # one group, its `nodes` on that many groups (docs/deployment.md). Default: all slots are one machine.
     slot_groups: str = ""
+    # Multi-node train jobs (app/services/nodes.py): the address other machines reach this one at (torchrun
+    # --local-addr; the rendezvous endpoint when this machine runs node 0), the rendezvous port base (node 0 listens
+    # on rdzv_port + its first slot, so jobs on one machine never share a port) and how long node 0 waits for the
+    # other nodes' trainers to take their part before the job fails.
+    node_addr: str = ""
+    rdzv_port: int = Field(29400, ge=1024, le=65000)
+    node_join_timeout_s: float = Field(120.0, gt=0)
     # The trainer service (`hdm worker --trainer`, no HDM_GPU_INDEX): the slots of its machine in local GPU order
     # (slot -> CUDA index = position here). Default: the group of HDM_SLOTS it belongs to / all slots.
     local_slots: str = ""

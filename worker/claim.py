@@ -12,7 +12,7 @@ from sqlalchemy import update
 
 from app.db import session_scope
 from app.models import Adapter, Checkpoint, Dataset, Job
-from app.services import jobs, leases
+from app.services import jobs, leases, nodes
 
 log = logging.getLogger(__name__)
 BOUNCE_S = 2.0
@@ -64,7 +64,7 @@ def claim(job_id: str, worker: str, *, slot: int | None = None) -> Claimed | Lit
             log.info("slot %s is leased to another job; job %s goes back to the queue", slot, job_id)
             jobs.enqueue(session, job, countdown=BOUNCE_S)
             return "bounced"
-        slots = list(job.slots or [])
+        slots = nodes.parts(job)[0]  # node 0's part: further nodes take theirs (worker/nodes.py)
         # A train job's reserved slots, taken before the claim: if one went stale and another job holds it now, the
         # job must not start (two trainers on one GPU); it goes back to the scheduler for new slots.
         if slots and not all(leases.acquire(session, s, job_id, worker) for s in slots):

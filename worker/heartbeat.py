@@ -14,8 +14,9 @@ log = logging.getLogger(__name__)
 
 
 class Heartbeat(threading.Thread):
-    def __init__(self, job_ids: str | list[str]) -> None:
+    def __init__(self, job_ids: str | list[str], *, lease_worker: str | None = None) -> None:
         self.job_ids = [job_ids] if isinstance(job_ids, str) else list(job_ids)
+        self.lease_worker = lease_worker  # leases.beat(worker=...): node 0 of a multi-node job
         super().__init__(name=f"heartbeat-{self.job_ids[0]}", daemon=True)
         self.stop_event = threading.Event()
 
@@ -27,7 +28,7 @@ class Heartbeat(threading.Thread):
                     ids = list(self.job_ids)
                     for job_id in ids:
                         jobs.heartbeat(session, job_id)
-                    leases.beat(session, ids)
+                    leases.beat(session, ids, worker=self.lease_worker)
             except Exception as exc:
                 log.warning("heartbeat for %s failed: %s", self.job_ids, exc)
 

@@ -28,6 +28,13 @@ def train_task(self, job_id: str) -> str:  # type: ignore[no-untyped-def]
     return run_train_job(job_id, worker=str(self.request.hostname))
 
 
+@app.task(name="hdm.train_node", bind=True, acks_late=True, ignore_result=True)
+def train_node_task(self, job_id: str, rank: int) -> str:  # type: ignore[no-untyped-def]
+    from worker.nodes import run_node_part
+
+    return run_node_part(job_id, rank, worker=str(self.request.hostname))
+
+
 @app.task(name="hdm.dataset", bind=True, acks_late=True, ignore_result=True)
 def dataset_task(self, job_id: str) -> str:  # type: ignore[no-untyped-def]
     from worker.datasets import run_dataset_job

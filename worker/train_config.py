@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,37 @@ def trainer_config(req: dict[str, Any], codec: str | None) -> dict[str, Any]:
     }
 
 
-def command(config: Path, run_dir: Path, nproc: int, resume: bool) -> list[str]:
+@dataclass(frozen=True)
+class Rendezvous:
+    """One node's part of a multi-node torchrun job (c10d rendezvous, docs/deployment.md). c10d assigns the ranks
+    in the order the nodes join; ``node_rank`` names the part (its slots) and which node hosts the store."""
+
+    nnodes: int
+    node_rank: int
+    endpoint: str  # node 0's HDM_NODE_ADDR:port
+    run_id: str  # new for every attempt: a resumed job must not meet the agents of the one before
+    local_addr: str  # this machine's HDM_NODE_ADDR
+    join_timeout_s: float
+
+    def args(self) -> list[str]:
+        # is_host: node 0 serves the store itself; torch would guess it from the host name, which need not resolve
+        # to the address the other nodes use
+        conf = f"is_host={str(self.node_rank == 0).lower()},join_timeout={int(self.join_timeout_s)}"
+        return [
+            f"--nnodes={self.nnodes}",
+            f"--node-rank={self.node_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={self.endpoint}",
+            f"--rdzv-id={self.run_id}",
+            f"--rdzv-conf={conf}",
+            f"--local-addr={self.local_addr}",
+            "--max-restarts=0",
+        ]
+
+
+def command(
+    config: Path, run_dir: Path, nproc: int, resume: bool, rdzv: Rendezvous | None = None
+) -> list[str]:
     settings = get_settings()
     if settings.train_command:
         cmd = shlex.split(
@@ -95,7 +126,7 @@ def command(config: Path, run_dir: Path, nproc: int, resume: bool) -> list[str]:
             sys.executable,
             "-m",
             "torch.distributed.run",
-            "--standalone",
+            *(rdzv.args() if rdzv else ["--standalone"]),
             f"--nproc_per_node={nproc}",
             "-m",
             "hdm_core.train",

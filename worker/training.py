@@ -26,6 +26,7 @@ from app.settings import get_settings
 from hdm_core.train.config import write_config
 from worker.claim import claim
 from worker.heartbeat import Heartbeat
+from worker.nodes import NodeFailure, NodeWatch, conclude
 from worker.train_config import command, trainer_config, trainer_env
 
 log = logging.getLogger(__name__)
@@ -191,26 +192,26 @@ def run_train_job(job_id: str, *, worker: str) -> str:
     resume = bool(req.get("resume")) or (
         attempt > 1 and (run_dir / "checkpoints" / "manifest.json").is_file()
     )
-    cmd = command(config, run_dir, max(1, len(slots)), resume)
+    watch = NodeWatch(job_id, attempt, worker) if int(req.get("nodes", 1)) > 1 else None
     try:
+        rdzv = watch.rendezvous(resume) if watch else None
+        cmd = command(config, run_dir, max(1, len(slots)), resume, rdzv)
         env = trainer_env(slots, dict(os.environ))
-    except RuntimeError as exc:
+    except (RuntimeError, NodeFailure) as exc:
+        err = exc.error if isinstance(exc, NodeFailure) else {"code": "gpus_not_visible", "message": str(exc)}
         with session_scope() as session:
             leases.release(session, job_id)
-            jobs.finish(
-                session,
-                job_id,
-                "failed",
-                error={"code": "gpus_not_visible", "message": str(exc)},
-                attempt=attempt,
-            )
+            jobs.finish(session, job_id, "failed", error=err, attempt=attempt)
         return "failed"
     log.info("job %s: %s", job_id, shlex.join(cmd))
     sup = _Supervisor(job_id, run_dir)
     if not resume:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if watch:
+        watch.announce()
     tree: dict[int, int] = {}  # every trainer process ever seen (ranks run in sessions of their own)
     failure: dict[str, Any] | None = None
+    node_failure: NodeFailure | None = None
     rc, cancelled, preempted = None, False, False
     try:
         with session_scope() as session:
@@ -220,7 +221,11 @@ def run_train_job(job_id: str, *, worker: str) -> str:
                 for table in (Checkpoint, Adapter)
                 for c in session.query(table).filter_by(train_job_id=job_id)
             }
-        rc, cancelled, preempted = _supervise(sup, cmd, env, tree)
+        rc, cancelled, preempted = _supervise(sup, cmd, env, tree, watch)
+        if watch and rc != 0 and not (cancelled or preempted):
+            watch.settle()  # a lost node re-queues the job (NodeFailure)
+    except NodeFailure as exc:
+        node_failure = exc
     except Exception as exc:
         # A supervisor that cannot go on (database error, a bad metrics line) must not leave the trainer running
         # with its slots held: maintenance would re-queue the job and a second trainer would write into this run
@@ -234,6 +239,8 @@ def run_train_job(job_id: str, *, worker: str) -> str:
                 leases.release(session, job_id)
         except Exception:
             log.exception("job %s: releasing its slots failed (they go stale without heartbeats)", job_id)
+    if node_failure is not None:
+        return conclude(job_id, attempt, node_failure)
     if failure is not None:
         with session_scope() as session:
             jobs.finish(session, job_id, "failed", error=failure, attempt=attempt)
@@ -266,20 +273,27 @@ def run_train_job(job_id: str, *, worker: str) -> str:
             job_id,
             outcome,
             error=error,
-            result={"metrics": sup.latest, "run_dir": str(run_dir), "returncode": rc},
+            result={
+                "metrics": sup.latest,
+                "run_dir": str(run_dir),
+                "returncode": rc,
+                **({"nodes": watch.record()} if watch else {}),
+            },
             attempt=attempt,
         )
     return outcome
 
 
 def _supervise(
-    sup: _Supervisor, cmd: list[str], env: dict[str, str], tree: dict[int, int]
+    sup: _Supervisor, cmd: list[str], env: dict[str, str], tree: dict[int, int], watch: NodeWatch | None
 ) -> tuple[int | None, bool, bool]:
     """Run the trainer to its end; returns (returncode, cancelled, preempted). ``tree`` collects the trainer's
-    processes as they appear, so the caller can kill them whatever happens here."""
+    processes as they appear, so the caller can kill them whatever happens here. ``watch`` (node 0 of a
+    multi-node job) raises NodeFailure when a node does not join in time or is lost."""
     settings = get_settings()
     job_id, run_dir = sup.job_id, sup.run_dir
-    with Heartbeat(job_id), (run_dir / "train.log").open("ab") as logf:
+    lease_worker = watch.worker if watch else None
+    with Heartbeat(job_id, lease_worker=lease_worker), (run_dir / "train.log").open("ab") as logf:
         proc = subprocess.Popen(
             cmd,
             cwd=run_dir,
@@ -297,6 +311,8 @@ def _supervise(
             time.sleep(0.5)
             tree |= process_tree(proc.pid)
             sup.poll()
+            if watch and cancelled_at is None:  # stopping anyway: the other nodes stop with it
+                watch.check()
             with session_scope() as session:
                 want_cancel = jobs.cancel_requested(session, job_id)
             if not preempted and cancelled_at is None and (run_dir / PREEMPT).exists():

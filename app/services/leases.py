@@ -62,12 +62,37 @@ def acquire(session: Session, slot: int, job_id: str, worker: str) -> bool:
     return res.rowcount == 1  # type: ignore[attr-defined]
 
 
-def beat(session: Session, job_ids: list[str] | str) -> None:
+def join(session: Session, slot: int, job_id: str, worker: str) -> bool:
+    """A further node of a multi-node job takes a slot reserved for its part: held for the job and taken by no
+    worker yet (a second delivery of the node's message must not run the part twice)."""
+    res = session.execute(
+        update(GpuLease)
+        .where(GpuLease.slot == slot, GpuLease.job_id == job_id, GpuLease.worker.is_(None))
+        .values(worker=worker, acquired_at=utcnow(), heartbeat_at=utcnow())
+    )
+    session.commit()
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def beat(session: Session, job_ids: list[str] | str, *, worker: str | None = None) -> None:
+    """``worker``: only the leases that worker took and those no worker took yet (a multi-node job's node 0 keeps
+    the parts of nodes that have not joined; a joined node beats its own, so its death shows as a stale lease)."""
     ids = [job_ids] if isinstance(job_ids, str) else job_ids
-    session.execute(update(GpuLease).where(GpuLease.job_id.in_(ids)).values(heartbeat_at=utcnow()))
+    cond = [GpuLease.job_id.in_(ids)]
+    if worker is not None:
+        cond.append(or_(GpuLease.worker.is_(None), GpuLease.worker == worker))
+    session.execute(update(GpuLease).where(*cond).values(heartbeat_at=utcnow()))
     session.commit()
 
 
-def release(session: Session, job_id: str) -> None:
-    session.execute(update(GpuLease).where(GpuLease.job_id == job_id).values(job_id=None, worker=None))
+def release(session: Session, job_id: str, *, worker: str | None = None) -> None:
+    """Every lease of the job, or with ``worker`` only the ones that worker took (a node leaving its part)."""
+    cond = [GpuLease.job_id == job_id]
+    if worker is not None:
+        cond.append(GpuLease.worker == worker)
+    session.execute(update(GpuLease).where(*cond).values(job_id=None, worker=None))
     session.commit()
+
+
+def held(session: Session, job_id: str) -> list[GpuLease]:
+    return list(session.scalars(select(GpuLease).where(GpuLease.job_id == job_id).order_by(GpuLease.slot)))

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from app import queue
 from app.db import session_scope
 from app.models import GpuLease, Job
-from app.services import jobs, storage, training
+from app.services import jobs, nodes, storage, training
 from app.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,8 @@ def republish_lost(session: Session) -> int:
         else:
             log.warning("job %s is queued but not in the broker; publishing it again", job.id)
         jobs.enqueue(session, job)
+        if job.kind == "train" and job.slots and nodes.is_multinode(job):
+            nodes.publish_members(job)  # the further nodes' messages went with it (a spare one finds no slot)
         n += 1
     _last_scan = now
     return n

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.db import as_utc
 from app.models import Adapter, Checkpoint, Dataset, Image, Job, JobEvent
-from app.services import registry
+from app.services import nodes, registry
 from hdm_core.config import SAMPLER_NAMES, SCHEDULE_NAMES
 
 SAMPLERS = list(SAMPLER_NAMES)
@@ -114,6 +114,7 @@ def train_job(session: Session, job: Job) -> dict[str, Any]:
             "eta_s": m.get("eta_s"),
         },
         "gpus": job.slots or [],
+        "nodes": nodes.view(session, job),  # rank, slots and the worker of each machine's part
         "checkpoints": [c.id for c in job_checkpoints(session, job.id)],
         "adapters": list(
             session.scalars(select(Adapter.id).where(Adapter.train_job_id == job.id).order_by(Adapter.id))

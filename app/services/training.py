@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from app.errors import Conflict, Invalid, NotFound
 from app.models import Checkpoint, Dataset, Job
 from app.schemas import TrainRequest
-from app.services import jobs, leases, models, storage, webhooks
+from app.services import jobs, leases, models, nodes, storage, webhooks
 from app.settings import get_settings
 from hdm_core.config import PRESETS, XUTConfig, is_pixel_space, param_count
 from hdm_core.train.config import ADAPTER_RECIPE_LR
@@ -60,13 +60,6 @@ def create(
                 "grad_checkpointing applies to the whole run: give every stage the same value.",
                 param=f"stages.{i}.grad_checkpointing",
             )
-    if req.nodes > 1:
-        raise Invalid(
-            "Multi-node runs are not scheduled by the service yet; launch hdm_core.train with torchrun "
-            "rendezvous on each machine (docs/training.md).",
-            param="nodes",
-            code="unsupported",
-        )
     if not pixel_space(req.arch, base) and not carries_vae(base) and settings.vae is None:
         what = (
             f"Base model {base.name!r} carries no VAE"
@@ -80,17 +73,7 @@ def create(
             param="base_model" if base else "arch",
             code="vae_required",
         )
-    if req.gpus > len(settings.slot_list):
-        raise Invalid(
-            f"This server has {len(settings.slot_list)} GPU slot(s); asked for {req.gpus}.", param="gpus"
-        )
-    biggest = max(len(g) for g in settings.slot_group_list)
-    if req.gpus > biggest:
-        raise Invalid(
-            f"One machine of this server has at most {biggest} GPU slot(s); asked for {req.gpus} "
-            "(multi-node runs are not scheduled).",
-            param="gpus",
-        )
+    check_layout(req.gpus, req.nodes)
     request = req.model_dump(mode="json")
     request["dataset_path"] = ds.path
     request["base_model_path"] = base.path if base else None
@@ -139,6 +122,37 @@ ARCH_LIMITS = {
     "tread_post": 64,
     "addon_dim": 64,
 }
+
+
+def check_layout(gpus: int, nodes: int) -> None:
+    """``gpus`` per machine on ``nodes`` machines (slot groups, HDM_SLOT_GROUPS) must exist on this server."""
+    settings = get_settings()
+    groups = settings.slot_group_list
+    if gpus * nodes > len(settings.slot_list):
+        raise Invalid(
+            f"This server has {len(settings.slot_list)} GPU slot(s); asked for {gpus} x {nodes} node(s).",
+            param="gpus" if nodes == 1 else "nodes",
+        )
+    if nodes > len(groups):
+        raise Invalid(
+            f"This server has {len(groups)} machine(s) (HDM_SLOT_GROUPS); asked for {nodes} nodes.",
+            param="nodes",
+        )
+    fits = sorted((len(g) for g in groups), reverse=True)[nodes - 1]
+    if gpus > fits:
+        where = "One machine" if nodes == 1 else f"Only {sum(len(g) >= gpus for g in groups)} machine(s)"
+        raise Invalid(
+            f"{where} of this server has at most {fits} GPU slot(s) for {nodes} node(s); asked for {gpus} per "
+            "node.",
+            param="gpus",
+        )
+    if nodes > 1 and settings.embedded:
+        raise Invalid(
+            "Multi-node train jobs need the Celery broker (HDM_BROKER_URL redis://...); embedded mode runs on one "
+            "machine.",
+            param="nodes",
+            code="unsupported",
+        )
 
 
 def check_arch(arch: dict[str, Any], max_params: int) -> XUTConfig:
@@ -201,16 +215,15 @@ def schedule(session: Session) -> int:
     )
     n = 0
     for job in pending:
-        need = int(job.request.get("gpus", 1))
+        need, n_nodes = int(job.request.get("gpus", 1)), int(job.request.get("nodes", 1))
         free_all = leases.free_slots(session, settings.slot_list)
-        # one machine: torchrun --standalone cannot span the slot groups (HDM_SLOT_GROUPS)
-        free = next(
-            (f for g in settings.slot_group_list if len(f := [s for s in free_all if s in g]) >= need), []
-        )
-        if len(free) < need:
+        # torchrun --standalone is one machine; a multi-node job gets one part per machine (app/services/nodes.py)
+        placed = nodes.place(settings.slot_group_list, free_all, need, n_nodes)
+        if placed is None:
             break  # FIFO: do not let smaller jobs overtake
-        got = [slot for slot in free[:need] if leases.reserve(session, slot, job.id)]
-        if len(got) < need:
+        want = [slot for part in placed for slot in part]
+        got = [slot for slot in want if leases.reserve(session, slot, job.id)]
+        if len(got) < len(want):
             leases.release(session, job.id)
             break
         res = session.execute(
@@ -223,8 +236,11 @@ def schedule(session: Session) -> int:
             leases.release(session, job.id)
             continue
         session.refresh(job)
-        jobs.add_event(session, job.id, "log", {"message": f"scheduled on slot(s) {got}"})
+        where = "; ".join(f"node {r}: {p}" for r, p in enumerate(placed)) if n_nodes > 1 else f"{got}"
+        jobs.add_event(session, job.id, "log", {"message": f"scheduled on slot(s) {where}"})
         jobs.enqueue(session, job)
+        if n_nodes > 1:
+            nodes.publish_members(job)
         n += 1
     return n
 

@@ -393,6 +393,9 @@ def test_worker_slots_can_be_moved_for_a_second_machine(compose, secrets):
         assert svc["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == [str(i)]
     trainer = env_of(cfg["services"][TRAINER])
     assert trainer["HDM_LOCAL_SLOTS"] == "4,5,6,7"
+    assert trainer["HDM_NODE_ADDR"] == "" and trainer["HDM_RDZV_PORT"] == "29400"  # set per machine in .env
+    moved = yaml.safe_load(compose({**env, "HDM_NODE_ADDR": "10.0.0.11"}, "config").stdout)
+    assert env_of(moved["services"][TRAINER])["HDM_NODE_ADDR"] == "10.0.0.11"
     assert worker_queues(cfg["services"][TRAINER]) == [f"hdm.train.{4 + i}" for i in range(4)]
 
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,13 @@ class Stack:
             stderr=subprocess.DEVNULL,
         )
 
-    def start_api(self, extra_env: dict[str, str] | None = None) -> str:
+    def start_api(
+        self,
+        extra_env: dict[str, str] | None = None,
+        host: str = "127.0.0.1",
+        preexec: Callable[[], None] | None = None,
+    ) -> str:
+        """``host`` and ``preexec`` (e.g. entering a network namespace): an API on another test host."""
         port = free_port()
         self.api = subprocess.Popen(
             [
@@ -87,7 +93,7 @@ class Stack:
                 "uvicorn",
                 "app.main:app",
                 "--host",
-                "127.0.0.1",
+                host,
                 "--port",
                 str(port),
                 "--log-level",
@@ -98,9 +104,9 @@ class Stack:
             stdout=self._log("api"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=die_with_parent(signal.SIGKILL),
+            preexec_fn=preexec or die_with_parent(signal.SIGKILL),
         )
-        self.base_url = f"http://127.0.0.1:{port}"
+        self.base_url = f"http://{host}:{port}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -119,13 +125,25 @@ class Stack:
         embedded: bool = False,
         extra_env: dict[str, str] | None = None,
         trainer: bool = False,
+        queues: str | None = None,
+        preexec: Callable[[], None] | None = None,
+        name: str = "",
     ) -> subprocess.Popen[bytes]:
         """A pinned worker for ``slot`` with `hdm worker`'s default queues (its slot, images, train jobs whose first
-        slot it is), or with ``trainer`` the trainer service (`hdm worker --trainer`: train queues of all slots)."""
+        slot it is) or ``queues``, or with ``trainer`` the trainer service (`hdm worker --trainer`: the train queues
+        of its machine's slots). ``preexec`` replaces die_with_parent (e.g. to enter a network namespace too)."""
         env = {**self.env, "HDM_GPU_INDEX": str(slot), **(extra_env or {})}
         if trainer:
             env.pop("HDM_GPU_INDEX")
-            cmd = [sys.executable, "-m", "app.cli", "worker", "--trainer", "--name", f"trainer-{self._n}@%h"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "app.cli",
+                "worker",
+                "--trainer",
+                "--name",
+                f"{name}trainer-{self._n}@%h",
+            ]
         elif embedded:
             cmd = [sys.executable, "-m", "worker.embedded"]
             env[PARENT_PID_ENV] = str(os.getpid())  # exits on its own if pytest dies
@@ -143,11 +161,11 @@ class Stack:
                 "--prefetch-multiplier",
                 "1",
                 "-Q",
-                f"{prefix}.gpu.{slot},{prefix}.images,{prefix}.train.{slot}",
+                queues or f"{prefix}.gpu.{slot},{prefix}.images,{prefix}.train.{slot}",
                 "--loglevel",
                 "INFO",
                 "-n",
-                f"slot{slot}-{self._n}@%h",
+                f"{name}slot{slot}-{self._n}@%h",
                 "--without-gossip",
                 "--without-mingle",
                 "--without-heartbeat",
@@ -157,10 +175,10 @@ class Stack:
             cmd,
             env=env,
             cwd=ROOT,
-            stdout=self._log(f"worker{slot}"),
+            stdout=self._log(f"{name}{'trainer' if trainer else f'worker{slot}'}"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=die_with_parent(signal.SIGTERM),
+            preexec_fn=preexec or die_with_parent(signal.SIGTERM),
         )
         self.workers.append(proc)
         return proc
