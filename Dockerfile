@@ -11,12 +11,19 @@
 #   TORCH_VERSION    the torch release the image installs.
 #   TORCH_INDEX_URL  optional index torch comes from; no default (empty = pip's default index). For older drivers
 #                    pass PyTorch's cu128 wheel index together with CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04.
+#   TORCH_FIND_LINKS optional folder (or page) of wheels pip also looks in, e.g. a CPU torch wheel mounted into
+#                    the build (`podman build -v /opt/wheels:/wheels:ro --build-arg TORCH_FIND_LINKS=/wheels`); pip
+#                    takes the highest matching version, and a local "2.13.0+cpu" sorts above "2.13.0".
+#   PIP_CERT         optional CA bundle pip trusts, for a network behind a TLS-inspecting proxy (mount it into the
+#                    build with -v); build time only, not kept in the image.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
 
 # --------------------------------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS builder
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL
+ARG TORCH_FIND_LINKS
+ARG PIP_CERT
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -38,7 +45,8 @@ WORKDIR /app
 COPY docker/constraints.txt docker/constraints.txt
 RUN pip install --constraint docker/constraints.txt pip setuptools wheel \
     && pip install --constraint docker/constraints.txt \
-        ${TORCH_INDEX_URL:+--index-url "${TORCH_INDEX_URL}"} "torch==${TORCH_VERSION}"
+        ${TORCH_INDEX_URL:+--index-url "${TORCH_INDEX_URL}"} ${TORCH_FIND_LINKS:+--find-links "${TORCH_FIND_LINKS}"} \
+        "torch==${TORCH_VERSION}"
 
 # Then the project and its pinned dependencies. Installed in place (editable) at /app, the same path as in the
 # runtime stage, so the code that runs is the tree that also holds alembic.ini, migrations/ and configs/.

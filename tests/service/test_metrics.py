@@ -114,7 +114,7 @@ def test_metrics_scraped_during_a_run_with_jobs(stack: Stack, worker_port: int) 
         assert count and count[0].value >= 1, (kind, count)
         assert samples(w, "hdm_job_queue_wait_seconds_count", kind=kind)[0].value >= 1
     image_buckets = samples(w, "hdm_job_run_seconds_bucket", kind="image")
-    assert [s for s in image_buckets if s.labels["le"] == "+Inf"][0].value >= 2
+    assert next(s for s in image_buckets if s.labels["le"] == "+Inf").value >= 2
     assert samples(w, "hdm_worker_images_total")[0].value >= 4  # two jobs of n=2
     assert samples(w, "hdm_worker_images_per_second")[0].value > 0
     assert samples(w, "hdm_worker_batch_size_count")[0].value >= 2
