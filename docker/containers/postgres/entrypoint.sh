@@ -1,0 +1,25 @@
+#!/bin/sh
+# First start on an empty PGDATA: initdb with POSTGRES_USER / POSTGRES_PASSWORD and create POSTGRES_DB, as the
+# official image's entrypoint does; then run the server as the postgres user.
+set -eu
+: "${POSTGRES_PASSWORD:?POSTGRES_PASSWORD is required}"
+POSTGRES_USER=${POSTGRES_USER:-postgres}
+POSTGRES_DB=${POSTGRES_DB:-$POSTGRES_USER}
+as_pg() { setpriv --reuid=postgres --regid=postgres --init-groups "$@"; }
+mkdir -p "$PGDATA" /var/run/postgresql
+chown postgres:postgres "$PGDATA" /var/run/postgresql
+chmod 700 "$PGDATA"
+if [ ! -s "$PGDATA/PG_VERSION" ]; then
+  pwfile=$(mktemp) && printf '%s' "$POSTGRES_PASSWORD" >"$pwfile" && chown postgres "$pwfile"
+  as_pg initdb -D "$PGDATA" -U "$POSTGRES_USER" --pwfile="$pwfile" --auth-local=trust --auth-host=scram-sha-256
+  rm -f "$pwfile"
+  echo "listen_addresses = '*'" >>"$PGDATA/postgresql.conf"
+  echo "host all all all scram-sha-256" >>"$PGDATA/pg_hba.conf"
+  as_pg pg_ctl -D "$PGDATA" -o "-c listen_addresses=''" -w start
+  if [ "$POSTGRES_DB" != postgres ]; then
+    as_pg psql -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d postgres -c "CREATE DATABASE \"$POSTGRES_DB\""
+  fi
+  as_pg pg_ctl -D "$PGDATA" -m fast -w stop
+fi
+[ "$1" = postgres ] && exec setpriv --reuid=postgres --regid=postgres --init-groups "$@"
+exec "$@"
