@@ -15,11 +15,15 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
   rm -f "$pwfile"
   echo "listen_addresses = '*'" >>"$PGDATA/postgresql.conf"
   echo "host all all all scram-sha-256" >>"$PGDATA/pg_hba.conf"
-  as_pg pg_ctl -D "$PGDATA" -o "-c listen_addresses=''" -w start
+  # The set-up server listens on a private socket only, so the healthcheck (pg_isready) fails until the real one
+  # is up: a client never meets a half-made database.
+  sock=$(mktemp -d) && chown postgres "$sock"
+  as_pg pg_ctl -D "$PGDATA" -o "-c listen_addresses='' -c unix_socket_directories=$sock" -w start
   if [ "$POSTGRES_DB" != postgres ]; then
-    as_pg psql -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d postgres -c "CREATE DATABASE \"$POSTGRES_DB\""
+    as_pg psql -h "$sock" -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d postgres -c "CREATE DATABASE \"$POSTGRES_DB\""
   fi
   as_pg pg_ctl -D "$PGDATA" -m fast -w stop
+  rmdir "$sock"
 fi
 [ "$1" = postgres ] && exec setpriv --reuid=postgres --regid=postgres --init-groups "$@"
 exec "$@"
