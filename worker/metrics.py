@@ -55,47 +55,69 @@ def prepare_multiprocess_dir() -> str:
 
 
 class WorkerMetrics:
-    def __init__(self) -> None:
-        from prometheus_client import Counter, Gauge, Histogram
+    def __init__(self, registry: Any = None) -> None:
+        """``registry``: prometheus-client's default one (what the multiprocess files hold) unless given."""
+        from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+
+        reg = registry if registry is not None else REGISTRY
 
         self.queue_wait = Histogram(
             "hdm_job_queue_wait_seconds",
             "From a job's creation to its (latest) start, by kind.",
             ["kind"],
             buckets=WAIT_BUCKETS,
+            registry=reg,
         )
         self.run_time = Histogram(
-            "hdm_job_run_seconds", "From a job's start to its end, by kind.", ["kind"], buckets=JOB_BUCKETS
+            "hdm_job_run_seconds",
+            "From a job's start to its end, by kind.",
+            ["kind"],
+            buckets=JOB_BUCKETS,
+            registry=reg,
         )
         self.finished = Counter(
-            "hdm_jobs_finished", "Jobs this worker finished, by kind and status.", ["kind", "status"]
+            "hdm_jobs_finished",
+            "Jobs this worker finished, by kind and status.",
+            ["kind", "status"],
+            registry=reg,
         )
-        self.images = Counter("hdm_worker_images", "Images sampled.")
-        self.sample_seconds = Counter("hdm_worker_sample_seconds", "Seconds spent sampling images.")
+        self.images = Counter("hdm_worker_images", "Images sampled.", registry=reg)
+        self.sample_seconds = Counter(
+            "hdm_worker_sample_seconds", "Seconds spent sampling images.", registry=reg
+        )
         self.images_per_second = Gauge(
             "hdm_worker_images_per_second",
             "Images per second of the latest batch.",
             multiprocess_mode="livemostrecent",
+            registry=reg,
         )
-        self.batch_size = Histogram("hdm_worker_batch_size", "Jobs per sampled batch.", buckets=BATCH_BUCKETS)
+        self.batch_size = Histogram(
+            "hdm_worker_batch_size", "Jobs per sampled batch.", buckets=BATCH_BUCKETS, registry=reg
+        )
         self.model_cache = Counter(
-            "hdm_worker_model_cache", "Pipeline requests: hit (cached) or load (read from disk).", ["result"]
+            "hdm_worker_model_cache",
+            "Pipeline requests: hit (cached) or load (read from disk).",
+            ["result"],
+            registry=reg,
         )
         self.train_steps_per_second = Gauge(
             "hdm_worker_train_steps_per_second",
             "Optimizer steps per second of the supervised training run (its latest logged step).",
             multiprocess_mode="livemostrecent",
+            registry=reg,
         )
         self.train_images_per_second = Gauge(
             "hdm_worker_train_images_per_second",
             "Training images per second, all ranks (the latest logged step).",
             multiprocess_mode="livemostrecent",
+            registry=reg,
         )
         self.gpu_memory = Gauge(
             "hdm_worker_gpu_memory_bytes",
             "CUDA memory of this worker's pool process: allocated or reserved (only on a CUDA device).",
             ["kind"],
             multiprocess_mode="livemax",
+            registry=reg,
         )
 
     def image_batch(self, jobs: int, images: int, sample_s: float, cache_hit: bool) -> None:
