@@ -8,9 +8,11 @@ task ends (the database, not the broker, is the truth); torch is imported only w
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterable
@@ -49,8 +51,13 @@ def prepare_multiprocess_dir() -> str:
         log.warning(
             "prometheus_client imported before the multiprocess folder was set: pool metrics are lost"
         )
-    path = os.environ.get(MULTIPROC_ENV) or tempfile.mkdtemp(prefix="hdm-metrics-")
-    os.environ[MULTIPROC_ENV] = path
+    path = os.environ.get(MULTIPROC_ENV)
+    if not path:
+        path = tempfile.mkdtemp(prefix="hdm-metrics-")
+        atexit.register(
+            shutil.rmtree, path, True
+        )  # the main process's exit; pool processes leave by os._exit
+        os.environ[MULTIPROC_ENV] = path
     return path
 
 

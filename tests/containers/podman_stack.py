@@ -14,6 +14,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ BASE_IMAGE = "localhost/hdm-debian:bookworm"
 APP_IMAGE = "localhost/hdm-serve:cpu-test"
 STANDINS = {"postgres": "localhost/hdm-standin-postgres:15", "redis": "localhost/hdm-standin-redis:7"}
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-PACKAGES = ("podman", "runc", "debootstrap", "uidmap", "netavark", "aardvark-dns")
+PACKAGES = ("podman", "runc", "debootstrap", "catatonit", "netavark", "aardvark-dns")
 PODMAN = ["podman", "--runtime", "runc"]
 ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 CONTAINERS_CONF = """[containers]
@@ -127,9 +128,8 @@ class Compose:
         (workdir / "containers.conf").write_text(CONTAINERS_CONF)
         (workdir / "machine.yml").write_text(MACHINE_OVERRIDE)
         files = [ROOT / "docker-compose.yml", ROOT / "docker-compose.cpu.yml", workdir / "machine.yml"]
-        self.base = [
-            str(Path(os.environ.get("PODMAN_COMPOSE", shutil.which("podman-compose") or "podman-compose")))
-        ]
+        beside = Path(sys.executable).parent / "podman-compose"  # the test extra, in the venv running pytest
+        self.base = [str(beside) if beside.exists() else shutil.which("podman-compose") or "podman-compose"]
         self.base += ["--env-file", str(self.env_file), "-p", self.project]
         for f in files:
             self.base += ["-f", str(f)]
