@@ -48,12 +48,13 @@ RUN pip install --constraint docker/constraints.txt pip setuptools wheel \
         ${TORCH_INDEX_URL:+--index-url "${TORCH_INDEX_URL}"} ${TORCH_FIND_LINKS:+--find-links "${TORCH_FIND_LINKS}"} \
         "torch==${TORCH_VERSION}"
 
-# Then the project and its pinned dependencies. Installed in place (editable) at /app, the same path as in the
-# runtime stage, so the code that runs is the tree that also holds alembic.ini, migrations/ and configs/.
-COPY . .
-RUN pip install --constraint docker/constraints.txt --editable . \
-    && pip check \
-    && python -I -c "import app, worker, hdm_core" && command -v hdm
+# Then the project's pinned dependencies, read from pyproject.toml alone: a change to the code reuses this layer
+# (and the runtime stage's copy of the venv) instead of reinstalling and copying several GB again.
+COPY pyproject.toml pyproject.toml
+RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && pip install --constraint docker/constraints.txt --requirement /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
 
 # --------------------------------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS runtime
@@ -70,7 +71,14 @@ RUN apt-get update \
     && chown -R hdm:hdm /data
 
 COPY --from=builder /opt/venv /opt/venv
-COPY --from=builder /app /app
+# The project itself, installed in place (editable) at /app: the code that runs is the tree that also holds
+# alembic.ini, migrations/ and configs/. No network: its dependencies are all in the venv already.
+WORKDIR /app
+COPY . .
+RUN PIP_NO_CACHE_DIR=1 /opt/venv/bin/pip install --constraint docker/constraints.txt --no-index --no-deps \
+        --no-build-isolation --editable . \
+    && /opt/venv/bin/pip check \
+    && /opt/venv/bin/python -I -c "import app, worker, hdm_core" && test -x /opt/venv/bin/hdm
 
 # No secrets here: keys, passwords and the webhook secret come from the environment at run time.
 ENV PATH=/opt/venv/bin:$PATH \
@@ -86,7 +94,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     HDM_OUTPUTS_DIR=/data/outputs \
     HDM_RUNS_DIR=/data/runs
 
-WORKDIR /app
 USER ${HDM_UID}:${HDM_UID}
 EXPOSE 8000
 

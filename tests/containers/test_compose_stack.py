@@ -78,12 +78,13 @@ class Stack:
                 detail=lambda s=svc: self.compose.logs(s),
             )
         self.compose("up", "-d", timeout=900)
-        ps.wait_for(
-            lambda: self.compose.state("api")["health"] == "healthy",
-            180,
-            "api healthy",
-            detail=lambda: self.compose.all_logs(),
-        )
+        ps.wait_for(self._api_healthy, 240, "api healthy", detail=self.compose.all_logs)
+
+    def _api_healthy(self) -> bool:
+        migrate = self.compose.state("migrate")
+        if migrate["status"] == "exited" and migrate["exit_code"] != "0":
+            raise AssertionError(f"migrate exited {migrate['exit_code']}:\n{self.compose.logs('migrate')}")
+        return self.compose.state("api")["health"] == "healthy"
 
     def wait_job(
         self, job_id: str, path: str, statuses: tuple[str, ...] = FINAL, timeout: float = 300, pred=None
