@@ -33,11 +33,14 @@ default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
 [engine]
 runtime = "runc"
 """
-# memlock: unlimited on a GPU host (pinned memory); this machine refuses more than 8 MiB.
-MACHINE_OVERRIDE = """services:
-  worker-0: {ulimits: {memlock: 8388608}}
-  worker-1: {ulimits: {memlock: 8388608}}
-  trainer: {ulimits: {memlock: 8388608}}
+# memlock: unlimited on a GPU host (pinned memory); this machine refuses more than 8 MiB. A service with ulimits of
+# its own loses podman's defaults for the rest, so nofile/nproc are named again here.
+MACHINE_OVERRIDE = """x-limits: &limits
+  ulimits: {memlock: 8388608, nofile: {soft: 1024, hard: 1024}, nproc: {soft: 1024, hard: 1024}}
+services:
+  worker-0: *limits
+  worker-1: *limits
+  trainer: *limits
 """
 
 

@@ -27,6 +27,12 @@ pytestmark = pytest.mark.timeout(3000)  # a cold build is ~15 min on two busy co
 UID = 10001
 API_KEY, ADMIN_KEY = "key" + secrets.token_hex(8), "admin" + secrets.token_hex(8)
 FINAL = ("succeeded", "failed", "cancelled")
+SERVICES = (
+    "api",
+    "worker-0",
+    "worker-1",
+    "trainer",
+)  # after migrate, as docker-compose.yml's depends_on says
 
 
 def free_port() -> int:
@@ -67,9 +73,10 @@ class Stack:
         return httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
 
     def up(self) -> None:
-        """Backends first, then everything: podman-compose skips `service_healthy` on podman < 4.6, so the order
-        compose would enforce is kept here; `service_completed_successfully` (migrate) it does enforce."""
-        self.compose("up", "-d", "postgres", "redis")
+        """In the order the compose file's depends_on asks for, one tier at a time with --no-deps: podman 4.3
+        cannot start a container whose --requires dependency has its own (podman-compose turns depends_on into
+        --requires), and podman-compose skips `service_healthy` on podman < 4.6."""
+        self.compose("up", "-d", "--no-deps", "postgres", "redis")
         for svc in ("postgres", "redis"):
             ps.wait_for(
                 lambda s=svc: self.compose.state(s)["health"] == "healthy",
@@ -77,14 +84,17 @@ class Stack:
                 f"{svc} healthy",
                 detail=lambda s=svc: self.compose.logs(s),
             )
-        self.compose("up", "-d", timeout=900)
-        ps.wait_for(self._api_healthy, 240, "api healthy", detail=self.compose.all_logs)
-
-    def _api_healthy(self) -> bool:
+        self.compose("up", "-d", "--no-deps", "migrate")
+        ps.wait_for(lambda: self.compose.state("migrate")["status"] == "exited", 180, "migrate done")
         migrate = self.compose.state("migrate")
-        if migrate["status"] == "exited" and migrate["exit_code"] != "0":
-            raise AssertionError(f"migrate exited {migrate['exit_code']}:\n{self.compose.logs('migrate')}")
-        return self.compose.state("api")["health"] == "healthy"
+        assert migrate["exit_code"] == "0", f"migrate exited {migrate}:\n{self.compose.logs('migrate')}"
+        self.compose("up", "-d", "--no-deps", *SERVICES, timeout=900)
+        ps.wait_for(
+            lambda: self.compose.state("api")["health"] == "healthy",
+            240,
+            "api healthy",
+            detail=self.compose.all_logs,
+        )
 
     def wait_job(
         self, job_id: str, path: str, statuses: tuple[str, ...] = FINAL, timeout: float = 300, pred=None
