@@ -38,6 +38,8 @@ runtime = "runc"
 MACHINE_OVERRIDE = """x-limits: &limits
   ulimits: {memlock: 8388608, nofile: {soft: 1024, hard: 1024}, nproc: {soft: 1024, hard: 1024}}
 services:
+  # the test's small images (32 px; the API's default floor is 256): like the service tests' HDM_IMAGE_MIN_SIZE
+  api: {environment: {HDM_IMAGE_MIN_SIZE: "32"}}
   worker-0: *limits
   worker-1: *limits
   trainer: *limits
