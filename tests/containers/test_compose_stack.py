@@ -183,8 +183,8 @@ def test_image_and_train_jobs_over_http_write_files_owned_by_10001(stack: Stack)
         assert train.status_code == 202, train.text
         system = c.get("/v1/system").json()
     assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
-    heartbeats = [g for g in system["gpus"] if g["worker"] and g["heartbeat_at"]]
-    assert heartbeats, system  # a worker leased its slot and heartbeat on it
+    heartbeats = [g for g in system["gpus"] if g["heartbeat_at"]]
+    assert heartbeats, system  # the worker that ran the job heartbeat on its slot (GET /v1/system)
     done = stack.wait_job(train.json()["id"], "/v1/train-jobs", timeout=600)
     assert done["status"] == "succeeded", done
     outputs = list((stack.storage["outputs"] / job["id"]).iterdir())
