@@ -251,10 +251,17 @@ def test_sigterm_to_the_trainer_saves_and_requeues_its_run(stack: Stack) -> None
         saved = c.get(f"/v1/train-jobs/{job['id']}/checkpoints").json()["data"]
     assert saved, "no checkpoint saved before the requeue"
     # restart: unless-stopped brings the trainer back; the run resumes (second attempt) from its checkpoint
-    resumed = stack.wait_job(
-        job["id"], "/v1/train-jobs", ("running",), 300, pred=lambda j: j["attempts"] >= 2
-    )
-    assert resumed["step"] >= 1
+    stack.wait_job(job["id"], "/v1/train-jobs", ("running",), 300, pred=lambda j: j["attempts"] >= 2)
+    with stack.client() as c:
+
+        def resumed_steps() -> list[int]:
+            events = c.get(f"/v1/train-jobs/{job['id']}/events").json()["data"]
+            cut = max(i for i, e in enumerate(events) if e["data"].get("reason") == "worker_shutdown")
+            return [e["data"]["step"] for e in events[cut:] if e["type"] == "metrics"]
+
+        resumed = ps.wait_for(resumed_steps, 300, "metrics of the resumed run")
+    steps = {k["step"] for k in saved}
+    assert resumed[0] > 1 and resumed[0] - 1 in steps, (resumed, steps)  # from a checkpoint, not from step 1
     with stack.client() as c:
         c.post(f"/v1/train-jobs/{job['id']}/cancel")
     assert stack.wait_job(job["id"], "/v1/train-jobs", timeout=120)["status"] == "cancelled"
