@@ -11,12 +11,19 @@
 #   TORCH_VERSION    the torch release the image installs.
 #   TORCH_INDEX_URL  optional index torch comes from; no default (empty = pip's default index). For older drivers
 #                    pass PyTorch's cu128 wheel index together with CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04.
+#   TORCH_FIND_LINKS optional folder (or page) of wheels pip also looks in, e.g. a CPU torch wheel mounted into
+#                    the build (`podman build -v /opt/wheels:/wheels:ro --build-arg TORCH_FIND_LINKS=/wheels`); pip
+#                    takes the highest matching version, and a local "2.13.0+cpu" sorts above "2.13.0".
+#   PIP_CERT         optional CA bundle pip trusts, for a network behind a TLS-inspecting proxy (mount it into the
+#                    build with -v); build time only, not kept in the image.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
 
 # --------------------------------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS builder
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL
+ARG TORCH_FIND_LINKS
+ARG PIP_CERT
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -38,14 +45,16 @@ WORKDIR /app
 COPY docker/constraints.txt docker/constraints.txt
 RUN pip install --constraint docker/constraints.txt pip setuptools wheel \
     && pip install --constraint docker/constraints.txt \
-        ${TORCH_INDEX_URL:+--index-url "${TORCH_INDEX_URL}"} "torch==${TORCH_VERSION}"
+        ${TORCH_INDEX_URL:+--index-url "${TORCH_INDEX_URL}"} ${TORCH_FIND_LINKS:+--find-links "${TORCH_FIND_LINKS}"} \
+        "torch==${TORCH_VERSION}"
 
-# Then the project and its pinned dependencies. Installed in place (editable) at /app, the same path as in the
-# runtime stage, so the code that runs is the tree that also holds alembic.ini, migrations/ and configs/.
-COPY . .
-RUN pip install --constraint docker/constraints.txt --editable . \
-    && pip check \
-    && python -I -c "import app, worker, hdm_core" && command -v hdm
+# Then the project's pinned dependencies, read from pyproject.toml alone: a change to the code reuses this layer
+# (and the runtime stage's copy of the venv) instead of reinstalling and copying several GB again.
+COPY pyproject.toml pyproject.toml
+RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && pip install --constraint docker/constraints.txt --requirement /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
 
 # --------------------------------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS runtime
@@ -62,7 +71,14 @@ RUN apt-get update \
     && chown -R hdm:hdm /data
 
 COPY --from=builder /opt/venv /opt/venv
-COPY --from=builder /app /app
+# The project itself, installed in place (editable) at /app: the code that runs is the tree that also holds
+# alembic.ini, migrations/ and configs/. No network: its dependencies are all in the venv already.
+WORKDIR /app
+COPY . .
+RUN PIP_NO_CACHE_DIR=1 /opt/venv/bin/pip install --constraint docker/constraints.txt --no-index --no-deps \
+        --no-build-isolation --editable . \
+    && /opt/venv/bin/pip check \
+    && /opt/venv/bin/python -I -c "import app, worker, hdm_core" && test -x /opt/venv/bin/hdm
 
 # No secrets here: keys, passwords and the webhook secret come from the environment at run time.
 ENV PATH=/opt/venv/bin:$PATH \
@@ -78,7 +94,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     HDM_OUTPUTS_DIR=/data/outputs \
     HDM_RUNS_DIR=/data/runs
 
-WORKDIR /app
 USER ${HDM_UID}:${HDM_UID}
 EXPOSE 8000
 

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo bench services clean
+.PHONY: venv test test-containers lint demo bench services clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ lint: $(STAMP)
 test: $(STAMP) services lint
 	bash scripts/browser.sh $(BIN)/python
 	$(BIN)/python -m pytest -q tests
+
+# Only the container test (docs/deployment.md, "The container test"); `make test` runs it with everything else.
+test-containers: $(STAMP)
+	$(BIN)/python -m pytest -q tests/containers
 
 demo: $(STAMP)
 	$(BIN)/python -m scripts.demo $(DEMO_ARGS)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from urllib.parse import parse_qsl
@@ -15,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import console, errors
 from app.db import session_scope
+from app.metrics import ApiMetrics
 from app.routes import adapters, datasets, images, models, openai_compat, png_info, system, training
 from app.services import webhooks
 from app.services.maintenance import MaintenanceThread
@@ -49,14 +49,6 @@ def body_limit(path: str, ctype: bytes = b"") -> int:
     return MAX_BODY_BYTES + 2 * (settings.upload_max_bytes * 4 // 3 + 4)  # two files as base64
 
 
-class HttpStats:
-    """Request counters for /metrics."""
-
-    def __init__(self) -> None:
-        self.counts: dict[tuple[str, str, int], int] = defaultdict(int)
-        self.seconds: dict[tuple[str, str], float] = defaultdict(float)
-
-
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # /metrics labels: bounded
 
 
@@ -64,9 +56,9 @@ class GuardAndCount:
     """Pure ASGI middleware (no per-request task overhead): rejects NUL in URLs, bodies over `body_limit`
     (announced or streamed in chunks), bodies that are not JSON; counts requests by method and route template."""
 
-    def __init__(self, app: ASGIApp, stats: HttpStats) -> None:
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
         self.app = app
-        self.counts, self.seconds = stats.counts, stats.seconds
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -78,7 +70,13 @@ class GuardAndCount:
         bad = _nul_param(scope)
         if bad is not None:  # PostgreSQL cannot store NUL; reject it here for every route
             await self._reject(
-                method, send, 400, "invalid_value", "NUL characters are not allowed in the URL.", bad or None
+                method,
+                start,
+                send,
+                400,
+                "invalid_value",
+                "NUL characters are not allowed in the URL.",
+                bad or None,
             )
             return
         headers = dict(scope.get("headers") or [])
@@ -87,7 +85,9 @@ class GuardAndCount:
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         limit = body_limit(path, ctype)
         if length.isdigit() and int(length) > limit:
-            await self._reject(method, send, 413, "too_large", f"Request body over {limit} bytes.", None)
+            await self._reject(
+                method, start, send, 413, "too_large", f"Request body over {limit} bytes.", None
+            )
             return
         if method in ("POST", "PUT", "PATCH") and (
             length not in (b"", b"0") or b"transfer-encoding" in headers
@@ -100,6 +100,7 @@ class GuardAndCount:
             elif ctype != b"application/json" and not ctype.endswith(b"+json"):
                 await self._reject(
                     method,
+                    start,
                     send,
                     415,
                     "unsupported_media_type",
@@ -120,11 +121,10 @@ class GuardAndCount:
             await self.app(scope, _limited(receive, limit), _send)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.counts[(method, route, status)] += 1
-            self.seconds[(method, route)] += time.perf_counter() - start
+            self.metrics.observe(method, route, status, time.perf_counter() - start)
 
     async def _reject(
-        self, method: str, send: Send, status: int, code: str, message: str, param: str | None
+        self, method: str, start: float, send: Send, status: int, code: str, message: str, param: str | None
     ) -> None:
         body = json.dumps(errors.error_body(code, message, param)).encode()
         await send(
@@ -135,7 +135,7 @@ class GuardAndCount:
             }
         )
         await send({"type": "http.response.body", "body": body})
-        self.counts[(method, "rejected", status)] += 1
+        self.metrics.observe(method, "rejected", status, time.perf_counter() - start)
 
 
 def _limited(receive: Receive, limit: int) -> Receive:
@@ -229,9 +229,9 @@ def create_app() -> FastAPI:
     for module in (png_info, images, openai_compat, training, models, adapters, datasets, system):
         app.include_router(module.router)
     console.mount(app)
-    stats = HttpStats()
-    app.state.http_stats = stats
-    app.add_middleware(GuardAndCount, stats=stats)
+    metrics = ApiMetrics()
+    app.state.metrics = metrics
+    app.add_middleware(GuardAndCount, metrics=metrics)
     return app
 
 

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     # comma-separated keys that may also manage shared models (delete, mark default) and read /metrics
     admin_keys: str = ""
     metrics_open: bool = False  # /metrics without a key (a scraper on a private network); default: admin key
+    worker_metrics_port: int | None = Field(
+        None, ge=1, le=65535
+    )  # a worker's own /metrics (worker/metrics.py)
     max_arch_params: int = 20_000_000_000  # architecture objects of train jobs: parameter count at most this
 
     webhook_secret: str = DEFAULT_WEBHOOK_SECRET

@@ -15,7 +15,7 @@ from app.models import Image
 from app.services import edits, jobs, leases
 from app.settings import get_settings
 from hdm_core import imagefile
-from worker import batcher, model_cache
+from worker import batcher, metrics, model_cache
 from worker.claim import Claimed, claim
 from worker.heartbeat import Heartbeat
 
@@ -43,6 +43,7 @@ def run_image_job(job_id: str, *, worker: str, slot: int | None) -> str:
                     "job %s: finishing as %s was refused (requeued or finished elsewhere)", g.job_id, outcome
                 )
         log.info("job %s %s in %.2fs", g.job_id, outcome, sum(v or 0 for v in result["timings"].values()))
+    _observe(group, outcomes)
     return outcomes[0][0]
 
 
@@ -62,6 +63,21 @@ def _run(
     group = [head, *batcher.claim_companions(head, worker, batcher.Forward.of(pipe), slot)]
     beat.add([g.job_id for g in group[1:]])
     return group, _generate(pipe, group, result)
+
+
+def _observe(group: list[Claimed], outcomes: list[Outcome]) -> None:
+    """worker/metrics.py: the batch's throughput, its model-cache use and each job's run time."""
+    try:
+        result = outcomes[0][2]
+        m = metrics.metrics()
+        if result.get("cache_hit") is not None:
+            images = sum(g.request["n"] for g in group)
+            m.image_batch(
+                len(group), images, result["timings"].get("sample_s", 0.0), bool(result["cache_hit"])
+            )
+        m.jobs_ended(g.job_id for g in group)
+    except Exception:  # a metric must never fail a job that has its images
+        log.exception("image metrics")
 
 
 def _edit_spec(req: dict[str, Any]) -> Any:

@@ -24,6 +24,7 @@ from app.procutil import alive, die_with_parent, kill_tree, process_tree
 from app.services import adapters, jobs, leases, models, registry
 from app.settings import get_settings
 from hdm_core.train.config import write_config
+from worker import metrics
 from worker.claim import claim
 from worker.heartbeat import Heartbeat
 from worker.nodes import NodeFailure, NodeWatch, conclude
@@ -56,6 +57,7 @@ class _Supervisor:
             for rec in new:
                 jobs.add_event(session, self.job_id, "metrics", rec)
             if new:
+                metrics.metrics().train_records(new)
                 self.latest = new[-1]
                 job = session.get(Job, self.job_id)
                 if job is not None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from app.auth import require_admin, require_caller
 from app.deps import CallerDep, SessionDep
+from app.metrics import CONTENT_TYPE
 from app.responses import Health, Readiness, System
 from app.services import system
 from app.settings import get_settings
@@ -42,7 +43,6 @@ def metrics_access(request: Request, session: SessionDep) -> None:
 
 @router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(metrics_access)])
 def metrics(request: Request, session: SessionDep) -> Any:
-    stats = request.app.state.http_stats
-    return PlainTextResponse(
-        system.metrics_text(session, stats.counts, stats.seconds), media_type="text/plain; version=0.0.4"
-    )
+    """Prometheus exposition (app/metrics.py); the workers' metrics are on their own endpoints (worker/metrics.py)."""
+    text = request.app.state.metrics.render(system.counts(session))
+    return Response(text, media_type=CONTENT_TYPE)

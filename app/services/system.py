@@ -1,4 +1,4 @@
-"""System view (slots, workers, queue depths), readiness and Prometheus metrics."""
+"""System view (slots, workers, queue depths), readiness and the job counts /metrics exposes."""
 
 from __future__ import annotations
 
@@ -71,24 +71,3 @@ def system_view(session: Session) -> dict[str, Any]:
         "running": {kind: c.get((kind, "running"), 0) for kind in ("image", "train", "dataset")},
         "disk": storage.folder_usage(),
     }
-
-
-def metrics_text(
-    session: Session, http_counts: dict[tuple[str, str, int], int], http_seconds: dict[tuple[str, str], float]
-) -> str:
-    lines = ["# HELP hdm_jobs Jobs by kind and status.", "# TYPE hdm_jobs gauge"]
-    for (kind, status), n in sorted(counts(session).items()):
-        lines.append(f'hdm_jobs{{kind="{kind}",status="{status}"}} {n}')
-    lines += [
-        "# HELP hdm_http_requests_total HTTP requests by route and status.",
-        "# TYPE hdm_http_requests_total counter",
-    ]
-    for (method, route, status), n in sorted(http_counts.items()):
-        lines.append(f'hdm_http_requests_total{{method="{method}",route="{route}",status="{status}"}} {n}')
-    lines += [
-        "# HELP hdm_http_request_seconds_total Time spent serving requests.",
-        "# TYPE hdm_http_request_seconds_total counter",
-    ]
-    for (method, route), s in sorted(http_seconds.items()):
-        lines.append(f'hdm_http_request_seconds_total{{method="{method}",route="{route}"}} {s:.6f}')
-    return "\n".join(lines) + "\n"
