@@ -251,11 +251,6 @@ def _rank_stacks_on_failure(s: Stack, job_id: str, ranks: dict[int, Any]) -> Ite
 
 
 # -- tests -----------------------------------------------------------------------------------------------------
-# Known intermittent fault, not yet found: in 1 of ~4 full-suite runs the 2-rank gloo trainer stalled in its first
-# step (rank 0 logged its stage, then nothing for 150 s; the same test passes alone in 20 s, and 60 runs of the same
-# 2-rank trainer under torchrun on a loaded machine never stalled). One rerun, so the rest of the suite still gates;
-# a failure now reports every rank's stacks. The stall is an open bug, not a tolerated behaviour.
-@pytest.mark.flaky(reruns=1)
 def test_two_rank_ddp_train_job_streams_metrics_and_serves_its_checkpoint(
     two_workers: Stack, dataset: str
 ) -> None:
