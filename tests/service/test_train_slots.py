@@ -208,7 +208,8 @@ def _worker_of(c: Any, path: str, job_id: str) -> str:
 
 def _image(s: Stack, c: Any, body: dict[str, Any]) -> dict[str, Any]:
     """Create an image job (held up to 60 s, then polled) and require that it succeeded."""
-    r = c.post("/v1/images", json=body, headers={"Prefer": "wait=60"})
+    # the client waits longer than the server holds the request (60 s), or a slow job is a client timeout
+    r = c.post("/v1/images", json=body, headers={"Prefer": "wait=60"}, timeout=90)
     assert r.status_code in (200, 202), r.text
     job = r.json() if r.status_code == 200 else s.wait_job(r.json()["id"], timeout=120)
     assert job["status"] == "succeeded", (job, s.logs())
