@@ -86,7 +86,7 @@ class OpenAIImagesResponse(BaseModel):
 
 class Event(BaseModel):
     id: int
-    type: str = Field(examples=["status", "progress", "metrics", "log", "done"])
+    type: str = Field(examples=["status", "progress", "metrics", "cache", "log", "done"])
     data: dict[str, Any]
     created_at: str
 

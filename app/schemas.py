@@ -21,6 +21,7 @@ from hdm_core.config import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_SEED, SCHEDULE_N
 from hdm_core.train.config import (
     ADAPTER_TARGETS,
     AdapterSection,
+    CacheSection,
     ObjectiveSection,
     SamplingSection,
     StageSection,
@@ -254,6 +255,14 @@ class AdapterSpec(Strict):
         return self
 
 
+class TrainCache(Strict):
+    """The trainer's [cache] (CacheSection): VAE latents and text-encoder states encoded once into the run's folder
+    (every rank its share, docs/training.md) instead of at every step."""
+
+    latents: _core(CacheSection, "latents") = False  # type: ignore[valid-type]
+    text: _core(CacheSection, "text") = False  # type: ignore[valid-type]
+
+
 class TrainRequest(Strict):
     model_config = ConfigDict(
         extra="forbid",
@@ -306,6 +315,7 @@ class TrainRequest(Strict):
     adapter: AdapterSpec | None = Field(
         None, description="Train an adapter on base_model instead of fine-tuning the whole model."
     )
+    cache: TrainCache | None = Field(None, description="Cache latents and/or text states before training.")
     webhook: WebhookUrl = None
 
     @field_validator("arch")

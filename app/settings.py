@@ -109,6 +109,8 @@ class Settings(BaseSettings):
     key_storage_bytes: int = Field(0, ge=0)
     sync_timeout_s: int = 600  # /v1/images/generations
     train_kill_grace_s: float = 15.0  # SIGTERM to the trainer's process group, then SIGKILL after this
+    # the trainer's process-group timeout ([train] dist_timeout_s): the longest a rank waits for the others
+    dist_timeout_s: int = Field(1800, ge=1)
     cpu_threads: int = (
         0  # torch intra-op threads per trainer process ([train] num_threads); 0 = torch's default
     )

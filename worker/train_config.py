@@ -56,6 +56,7 @@ def trainer_config(req: dict[str, Any], codec: str | None) -> dict[str, Any]:
         "checkpoint_every": req.get("checkpoint_every", 1000),
         "keep_last_n": req.get("keep_last_n", 3),
         "device": "cpu" if settings.device.startswith("cpu") else "cuda",
+        "dist_timeout_s": settings.dist_timeout_s,
     }
     if settings.cpu_threads > 0:
         train["num_threads"] = settings.cpu_threads
@@ -74,6 +75,7 @@ def trainer_config(req: dict[str, Any], codec: str | None) -> dict[str, Any]:
             "max_length": int(req.get("text_max_length", 256)),
         },
         "data": {"path": req["dataset_path"]},
+        "cache": {k: bool((req.get("cache") or {}).get(k)) for k in ("latents", "text")},
         "codec": codec_section,
         "objective": {
             "t_logit_mean": req.get("t_logit_mean", 0.0),

@@ -42,29 +42,39 @@ class _Supervisor:
         # log up to its checkpoint and runs the steps after it again: those lines are skipped, and only those, so
         # lines an attempt wrote but its dead supervisor never read still become events (issue 10, item 17).
         self.stored: set[int] = set()
+        self.cache_stored: set[Any] = set()  # `time` of the cache records already stored as `cache` events
         self.registered: set[str] = set()
         self.latest: dict[str, Any] = {}
 
     def load_stored(self, session: Any) -> None:
-        rows = session.scalars(
-            select(JobEvent.data).where(JobEvent.job_id == self.job_id, JobEvent.type == "metrics")
+        rows = session.execute(
+            select(JobEvent.type, JobEvent.data).where(
+                JobEvent.job_id == self.job_id, JobEvent.type.in_(("metrics", "cache"))
+            )
         )
-        self.stored = {d["step"] for d in rows if isinstance(d, dict) and isinstance(d.get("step"), int)}
+        for type_, d in rows:
+            key = "step" if type_ == "metrics" else "time"
+            if isinstance(d, dict) and isinstance(d.get(key), int | float):
+                (self.stored if type_ == "metrics" else self.cache_stored).add(d[key])
 
     def poll(self) -> None:
         new = self._read_metrics()
+        cache = [r for r in new if r.get("kind") == "cache"]
+        steps = [r for r in new if r.get("kind") != "cache"]
         with session_scope() as session:
-            for rec in new:
-                jobs.add_event(session, self.job_id, "metrics", rec)
-            if new:
-                metrics.metrics().train_records(new)
-                self.latest = new[-1]
+            for rec in new:  # cache build records (progress, every rank's built counts): events of their own
+                kind = "cache" if rec.get("kind") == "cache" else "metrics"
+                jobs.add_event(session, self.job_id, kind, rec)
+            if steps:
+                metrics.metrics().train_records(steps)
+                self.latest = steps[-1]
                 job = session.get(Job, self.job_id)
                 if job is not None:
                     job.progress_step = int(self.latest.get("step", job.progress_step))
                     job.result = {**(job.result or {}), "metrics": self.latest, "run_dir": str(self.run_dir)}
             session.commit()
-            self.stored |= {r["step"] for r in new if isinstance(r.get("step"), int)}
+            self.stored |= {r["step"] for r in steps if isinstance(r.get("step"), int)}
+            self.cache_stored |= {r.get("time") for r in cache}
             self._register(session)
 
     def _read_metrics(self) -> list[dict[str, Any]]:
@@ -90,8 +100,10 @@ class _Supervisor:
                 continue
             if not isinstance(rec, dict):
                 continue
-            step = rec.get("step")
-            if not (isinstance(step, int) and step in self.stored):
+            if rec.get("kind") == "cache":
+                if rec.get("time") not in self.cache_stored:
+                    out.append(rec)
+            elif not (isinstance(step := rec.get("step"), int) and step in self.stored):
                 out.append(rec)
         return out
 

@@ -11,7 +11,8 @@ encoder never reads these entries. The latent cache stores the encoder's distrib
 sample: the trainer draws the latent with the step's own seed, as the uncached path does. A text file holds the
 processed variants of one raw caption (tag shuffle/dropout, caption dropout), at most `max_variants` of them; the
 planner (`plan_run`) lists the exact crops and variants a run's deterministic sample stream reads, so caching
-changes no sample, and what is not cached is encoded online.
+changes no sample, and what is not cached is encoded online. Under torchrun each rank hashes its share of the files
+(`scan_facts`) and builds the keys it `owned` (about 1/world_size of the records); reads are memory maps (`TensorStore`).
 """
 
 from __future__ import annotations
@@ -57,33 +58,72 @@ def module_identity(module: nn.Module, config: object) -> str:
 
 
 class TensorStore:
-    """One safetensors file per key (sharded by its first two hex digits), each holding named tensors; files are
-    read once and kept in memory, and rewritten atomically when entries are added."""
+    """One safetensors file per key (sharded by its first two hex digits), each holding named tensors.
+
+    Reads go through safetensors' memory map (`safe_open`): a lookup maps the file, takes the one tensor it needs
+    (a view of the map, no copy) and keeps nothing, so a rank holds only the micro-batch it reads and every rank
+    shares the page cache. A file is rewritten atomically when entries are added (readers keep the old inode);
+    each key is written by one rank only (`owned`)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._loaded: dict[str, dict[str, Tensor]] = {}
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
 
-    def entries(self, key: str) -> dict[str, Tensor]:
-        if key not in self._loaded:
-            path = self.path(key)
-            found: dict[str, Tensor] = {}
-            if path.is_file():
-                with safe_open(str(path), framework="pt", device="cpu") as f:
-                    found = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-            self._loaded[key] = found
-        return self._loaded[key]
+    def names(self, key: str) -> set[str]:
+        """The entry names of a key's file (its header only; empty when there is no file)."""
+        path = self.path(key)
+        if not path.is_file():
+            return set()
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return set(f.keys())
+
+    def get(self, key: str, name: str) -> Tensor | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return f.get_tensor(name) if name in f.keys() else None  # noqa: SIM118
 
     def add(self, key: str, tensors: dict[str, Tensor]) -> None:
         from hdm_core.checkpoint import atomic_save_file
 
-        merged = {**self.entries(key), **{k: v.detach().cpu().contiguous() for k, v in tensors.items()}}
+        old: dict[str, Tensor] = {}
+        if self.path(key).is_file():
+            with safe_open(str(self.path(key)), framework="pt", device="cpu") as f:
+                old = {name: f.get_tensor(name).clone() for name in f.keys()}  # noqa: SIM118
+        merged = {**old, **{k: v.detach().cpu().contiguous() for k, v in tensors.items()}}
         self.path(key).parent.mkdir(parents=True, exist_ok=True)
         atomic_save_file(merged, self.path(key), {})
-        self._loaded[key] = merged
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """What planning needs of one image file: its content hash, its size (None: unreadable) and raw caption."""
+
+    sha256: str
+    size: tuple[int, int] | None
+    caption: str
+
+
+def scan_facts(files: list[Path], indices: Iterable[int]) -> dict[int, FileFacts]:
+    """Hash, measure (header only) and read the caption of `files[i]` for each i: a rank scans its share."""
+    out = {}
+    for i in indices:
+        try:
+            with Image.open(files[i]) as img:
+                size: tuple[int, int] | None = img.size
+        except OSError:
+            size = None
+        out[i] = FileFacts(file_sha256(files[i]), size, read_caption(files[i]))
+    return out
+
+
+def owned(keys: list[str], rank: int, world_size: int) -> set[str]:
+    """The cache keys one rank builds: the i-th key (in the order the run first reads them) goes to rank
+    i mod world_size, so every rank builds about 1/world_size of the records and no file has two writers."""
+    return {k for i, k in enumerate(keys) if i % world_size == rank}
 
 
 @dataclass
@@ -93,6 +133,14 @@ class RunPlan:
     image_sha: list[str]  # per file index
     crops: dict[int, set[tuple[int, int]]] = field(default_factory=dict)  # file index -> {(size, offset)}
     variants: dict[str, dict[str, str]] = field(default_factory=dict)  # raw caption -> {variant sha: text}
+
+    def image_keys(self) -> list[str]:
+        """Image hashes in the order of the first file index read (one key per distinct content)."""
+        return list(dict.fromkeys(self.image_sha[i] for i in sorted(self.crops)))
+
+    def caption_keys(self) -> list[str]:
+        """Raw caption hashes in the order the stream first reads them."""
+        return [text_sha256(raw) for raw in self.variants]
 
 
 @dataclass(frozen=True)
@@ -105,31 +153,24 @@ class StagePlan:
 
 
 def plan_run(
-    files: list[Path], stages: Iterable[StagePlan], *, seed: int, shuffle: bool, max_variants: int
+    facts: list[FileFacts], stages: Iterable[StagePlan], *, seed: int, shuffle: bool, max_variants: int
 ) -> RunPlan:
-    """Replay the stages' sample streams (`StageSampler`, the dataset's crop draw and caption transform) without
-    decoding an image: the crops and caption variants the run will read. Unreadable images are left out (the
-    trainer skips them)."""
-    plan = RunPlan(image_sha=[file_sha256(f) for f in files])
-    sizes: dict[int, tuple[int, int] | None] = {}
-    raw = {i: read_caption(f) for i, f in enumerate(files)}
+    """Replay the stages' sample streams (`StageSampler`, the dataset's crop draw and caption transform) from the
+    files' facts, without opening a file: the crops and caption variants the run will read. Unreadable images are
+    left out (the trainer skips them)."""
+    plan = RunPlan(image_sha=[f.sha256 for f in facts])
     for st in stages:
-        sampler = StageSampler(len(files), st.layout, rank=0, seed=seed, stage=st.stage, shuffle=shuffle)
+        sampler = StageSampler(len(facts), st.layout, rank=0, seed=seed, stage=st.stage, shuffle=shuffle)
         for pos in range(st.steps * st.layout.global_batch):
             index = sampler.index_at(pos)
-            if index not in sizes:
-                try:
-                    with Image.open(files[index]) as img:
-                        sizes[index] = img.size
-                except OSError:
-                    sizes[index] = None
-            if sizes[index] is None:
+            size, raw = facts[index].size, facts[index].caption
+            if size is None:
                 continue
             rng = random.Random(sampler.sample_seed(pos))
-            plan.crops.setdefault(index, set()).add((st.size, crop_offset(*sizes[index], st.size, rng)))
-            variants = plan.variants.setdefault(raw[index], {})
+            plan.crops.setdefault(index, set()).add((st.size, crop_offset(*size, st.size, rng)))
+            variants = plan.variants.setdefault(raw, {})
             if len(variants) < max_variants:
-                text = process_caption(raw[index], st.captions, rng)
+                text = process_caption(raw, st.captions, rng)
                 variants.setdefault(text_sha256(text), text)
     return plan
 
@@ -145,16 +186,21 @@ class LatentCache:
         return f"{size}_{offset}"
 
     def get(self, image_sha: str, size: int, offset: int) -> Tensor | None:
-        return self.store.entries(image_sha).get(self.name(size, offset))
+        return self.store.get(image_sha, self.name(size, offset))
 
-    def missing(self, plan: RunPlan) -> dict[int, list[tuple[int, int]]]:
-        """file index -> crops not cached yet."""
+    def missing(self, plan: RunPlan, keys: set[str]) -> dict[str, tuple[int, list[tuple[int, int]]]]:
+        """image sha (of `keys`) -> (a file index with that content, crops not cached yet)."""
+        wanted: dict[str, tuple[int, set[tuple[int, int]]]] = {}
+        for index in sorted(plan.crops):
+            sha = plan.image_sha[index]
+            if sha in keys:
+                wanted.setdefault(sha, (index, set()))[1].update(plan.crops[index])
         out = {}
-        for index, crops in plan.crops.items():
-            have = self.store.entries(plan.image_sha[index])
+        for sha, (index, crops) in wanted.items():
+            have = self.store.names(sha)
             todo = sorted(c for c in crops if self.name(*c) not in have)
             if todo:
-                out[index] = todo
+                out[sha] = (index, todo)
         return out
 
     def add(self, image_sha: str, moments: dict[tuple[int, int], Tensor]) -> None:
@@ -164,25 +210,28 @@ class LatentCache:
 class TextCache:
     """Text-encoder states per processed caption, grouped by raw caption, for one encoder identity and length."""
 
-    def __init__(self, root: Path, encoder_id: str, max_length: int) -> None:
+    def __init__(self, root: Path, encoder_id: str, max_length: int, plan: RunPlan) -> None:
         self.store = TensorStore(root / "text" / f"{encoder_id[:32]}-L{max_length}")
-        self._owner: dict[str, str] = {}  # variant sha -> raw caption sha, for lookups by processed text
+        # variant sha -> raw caption sha: every variant the run plans to read, for lookups by processed text
+        self._owner = {v: text_sha256(raw) for raw, vs in plan.variants.items() for v in vs}
+        self._plan = plan
 
     def get(self, text: str) -> Tensor | None:
         variant = text_sha256(text)
         owner = self._owner.get(variant)
-        return None if owner is None else self.store.entries(owner).get(variant)
+        return None if owner is None else self.store.get(owner, variant)
 
-    def missing(self, plan: RunPlan) -> dict[str, dict[str, str]]:
-        """raw caption sha -> {variant sha: text} not cached yet; registers every planned variant for `get`."""
+    def missing(self, keys: set[str]) -> dict[str, dict[str, str]]:
+        """raw caption sha (of `keys`) -> {variant sha: text} not cached yet."""
         out: dict[str, dict[str, str]] = {}
-        for raw, variants in plan.variants.items():
+        for raw, variants in self._plan.variants.items():
             owner = text_sha256(raw)
-            have = self.store.entries(owner)
-            for variant, text in variants.items():
-                self._owner[variant] = owner
-                if variant not in have:
-                    out.setdefault(owner, {})[variant] = text
+            if owner not in keys:
+                continue
+            have = self.store.names(owner)
+            todo = {v: t for v, t in variants.items() if v not in have}
+            if todo:
+                out[owner] = todo
         return out
 
     def add(self, owner: str, states: dict[str, Tensor]) -> None:

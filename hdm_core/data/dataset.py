@@ -6,6 +6,7 @@ never fatal. Samples are indexed by `(image_index, sample_seed)` from `StageSamp
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import random
 import signal
@@ -137,15 +138,22 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _ignore_sigterm(_worker_id: int) -> None:
+def _init_worker(_worker_id: int) -> None:
     """A SIGTERM to the rank's process group (torchrun stopping its ranks) is the rank's to handle: it writes a
-    snapshot, which needs the next batches. The workers end with the rank (DataLoader's parent watchdog)."""
+    snapshot, which needs the next batches. The workers end with the rank (DataLoader's parent watchdog).
+    `kill -USR1` dumps a worker's stacks as it does the rank's (hdm_core/train/__main__.py)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def make_loader(
     dataset: CaptionedImageDataset, sampler: StageSampler, *, num_workers: int, pin_memory: bool = False
 ) -> DataLoader:
+    """Workers are spawned (a fresh interpreter), not forked from the rank: by the first step a rank runs
+    threads (gloo's loop and work threads, tqdm's monitor), and a child forked while one of them holds a lock can
+    hang before its first batch, an alive worker the DataLoader waits for without end while the other ranks wait
+    in the first gradient all-reduce (Python's `os.fork` docs: fork in a multi-threaded process may deadlock the
+    child; Python 3.14 stops forking by default for this reason)."""
     return DataLoader(
         dataset,
         batch_size=sampler.layout.micro_batch,
@@ -155,5 +163,6 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
-        worker_init_fn=_ignore_sigterm,
+        worker_init_fn=_init_worker,
+        multiprocessing_context="spawn" if num_workers > 0 else None,
     )

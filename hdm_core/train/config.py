@@ -97,10 +97,7 @@ class ModelSection(Section):
 def _xut(build: Any) -> None:
     try:
         build()
-    except (
-        ValueError,
-        TypeError,
-    ) as exc:  # XUTConfig's own checks; TypeError = an unknown field for replace()
+    except (ValueError, TypeError) as exc:  # TypeError: replace() got an unknown field
         raise ValueError(str(exc)) from None
 
 
@@ -172,8 +169,6 @@ ADAPTER_TARGETS: tuple[str, ...] = ("*.attn.qkv", "*.attn.out", "*.xattn.*", "*.
 ADAPTER_RECIPE_LR = 0.1
 ADAPTER_RECIPE_BETAS = (0.9, 0.95)
 ADAPTER_RECIPE_WARMUP = 100
-
-
 AdapterSaveDtype = Literal["fp16", "bf16", "fp32"]
 
 
@@ -234,6 +229,7 @@ class TrainSection(Section):
     tensorboard: bool = False
     matmul_precision: Literal["highest", "high", "medium"] = "high"
     num_threads: NonNegativeInt = 0  # torch intra-op threads per process; 0 = torch's default
+    dist_timeout_s: PositiveInt = 1800  # init_process_group's timeout (the cache build waits in it)
 
 
 class StageSection(Section):
@@ -282,8 +278,7 @@ class TrainConfig(Section):
         """With [adapter], unset lr / betas / warmup take HDM's fine-tuning recipe instead of pretraining's."""
         if not isinstance(data, dict) or data.get("adapter") is None:
             return data
-        data = dict(data)
-        opt = dict(data.get("optimizer") or {})
+        data, opt = dict(data), dict(data.get("optimizer") or {})
         opt.setdefault("betas", list(ADAPTER_RECIPE_BETAS))
         sched = dict(data.get("schedule") or {})
         sched.setdefault("warmup_steps", ADAPTER_RECIPE_WARMUP)
@@ -342,6 +337,9 @@ def _error_text(exc: ValidationError) -> str:
     return "; ".join(lines)
 
 
+PATH_FIELDS = {"model": "init_from", "text_encoder": "path", "codec": "path", "data": "path", "cache": "dir"}
+
+
 def _resolve(path: str | None, base: Path) -> str | None:
     if not path:
         return path
@@ -360,17 +358,11 @@ def config_from_dict(
     except ValidationError as exc:
         raise TrainConfigError(_error_text(exc)) from None
     base = Path(base_dir) if base_dir is not None else Path.cwd()
-    return cfg.model_copy(
-        update={
-            "model": cfg.model.model_copy(update={"init_from": _resolve(cfg.model.init_from, base)}),
-            "text_encoder": cfg.text_encoder.model_copy(
-                update={"path": _resolve(cfg.text_encoder.path, base)}
-            ),
-            "codec": cfg.codec.model_copy(update={"path": _resolve(cfg.codec.path, base)}),
-            "data": cfg.data.model_copy(update={"path": _resolve(cfg.data.path, base)}),
-            "cache": cfg.cache.model_copy(update={"dir": _resolve(cfg.cache.dir, base)}),
-        }
-    )
+    update = {}
+    for name, key in PATH_FIELDS.items():  # relative paths: against base_dir
+        section = getattr(cfg, name)
+        update[name] = section.model_copy(update={key: _resolve(getattr(section, key), base)})
+    return cfg.model_copy(update=update)
 
 
 def load_config(path: str | Path, *, base_dir: str | Path | None = None) -> TrainConfig:

@@ -6,6 +6,7 @@ import hashlib
 import os
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -31,8 +32,11 @@ class DistInfo:
         return self.world_size > 1
 
 
-def setup_distributed(device_name: DeviceName) -> tuple[DistInfo, bool]:
-    """Reads torchrun's environment; returns the info and whether this call created the process group."""
+def setup_distributed(device_name: DeviceName, timeout_s: float) -> tuple[DistInfo, bool]:
+    """Reads torchrun's environment; returns the info and whether this call created the process group.
+
+    `timeout_s` bounds every collective (gloo and NCCL alike), explicitly rather than the backend's default: a rank
+    that waits longer for the others, e.g. at the barrier after its share of the cache build, fails the run."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -45,7 +49,9 @@ def setup_distributed(device_name: DeviceName) -> tuple[DistInfo, bool]:
     created = False
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(
-            backend="nccl" if want_cuda else "gloo", device_id=device if want_cuda else None
+            backend="nccl" if want_cuda else "gloo",
+            device_id=device if want_cuda else None,
+            timeout=timedelta(seconds=timeout_s),
         )
         created = True
     if dist.is_initialized():

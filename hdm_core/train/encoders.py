@@ -3,6 +3,7 @@
 `BatchEncoder.encode` turns a micro-batch into (x0, ctx). With the caches on, the latent of a sample is drawn from
 its cached Gaussian with the same seed as `VaeCodec.encode` draws it, and its caption's states come from the text
 cache; what is not cached (an unreadable image's replacement, variants over the bound) is encoded online.
+Under torchrun every rank builds its share of the caches (`BatchEncoder.open_caches`).
 The pixel codec has nothing to cache (its "latent" is the crop itself): `[cache] latents` is ignored there.
 """
 
@@ -18,7 +19,17 @@ import torch
 from torch import Tensor
 
 from hdm_core.codec import Codec, VaeCodec
-from hdm_core.data.cache import LatentCache, RunPlan, StagePlan, TextCache, module_identity, plan_run
+from hdm_core.data.cache import (
+    FileFacts,
+    LatentCache,
+    RunPlan,
+    StagePlan,
+    TextCache,
+    module_identity,
+    owned,
+    plan_run,
+    scan_facts,
+)
 from hdm_core.data.crops import square_crop
 from hdm_core.data.dataset import load_image
 from hdm_core.text import TextEncoder
@@ -44,23 +55,12 @@ class BatchEncoder:
         self.built = {"latents": 0, "text": 0}
 
     def open_caches(self, run_root: Path, files: list[Path], info: DistInfo, progress: Progress) -> None:
-        """Rank 0 builds what the caches lack (`progress` records go to metrics.jsonl); then every rank opens them."""
-        stages = cache_stages(self.cfg, len(files), info.world_size)
+        """Plan the run's samples, open the caches and build what they lack, every rank its share.
 
-        def report(record: dict[str, Any]) -> None:
-            logger.info("building cache: %s", record)
-            progress(record)
-
-        if info.is_main:
-            self.prepare(run_root, files, stages, build=True, progress=report)
-        distributed.barrier(info)
-        if not info.is_main:
-            self.prepare(run_root, files, stages, build=False, progress=report)
-
-    def prepare(
-        self, run_root: Path, files: list[Path], stages: list[StagePlan], *, build: bool, progress: Progress
-    ) -> None:
-        """Plan the run's samples, open the caches and (when `build`, rank 0) encode what they lack."""
+        Each rank hashes and measures 1/world_size of the files (`scan_facts`); the facts are gathered, so every
+        rank replays the same sample stream (`plan_run`) and encodes only the cache keys it owns (`owned`). The
+        barrier after the build waits for the slowest share, within the process group's timeout ([train]
+        dist_timeout_s); rank 0 then logs how many records each rank built (a `"cache": "built"` record)."""
         c = self.cfg.cache
         want_latents = c.latents and isinstance(self.codec, VaeCodec)
         if c.latents and not want_latents:
@@ -70,9 +70,19 @@ class BatchEncoder:
             return
         root = Path(c.dir) if c.dir else run_root / "cache"
         t0 = time.perf_counter()
+
+        def report(record: dict[str, Any]) -> None:
+            logger.info("building cache: %s", record)
+            progress({**record, "rank": info.rank})
+
+        facts: dict[int, FileFacts] = {}
+        for part in distributed.gather(
+            scan_facts(files, range(info.rank, len(files), info.world_size)), info
+        ):
+            facts.update(part)
         self.plan = plan_run(
-            files,
-            stages,
+            [facts[i] for i in range(len(files))],
+            cache_stages(self.cfg, len(files), info.world_size),
             seed=self.cfg.seed,
             shuffle=self.cfg.data.shuffle,
             max_variants=c.text_variants if want_text else 1,
@@ -81,26 +91,34 @@ class BatchEncoder:
             assert isinstance(self.codec, VaeCodec)
             vae = self.codec
             self.latents = LatentCache(root, module_identity(vae, [vae.config_json(), str(vae.vae.dtype)]))
-            todo = self.latents.missing(self.plan)
-            if build:
-                self._build_latents(files, todo, progress)
+            mine = owned(self.plan.image_keys(), info.rank, info.world_size)
+            self._build_latents(files, self.latents.missing(self.plan, mine), report)
         if want_text:
             te = self.text_encoder
             identity = module_identity(
                 te.model, [sorted(te.tokenizer.get_vocab().items()), str(te.model.dtype)]
             )
-            self.text = TextCache(root, identity, self.max_length)
-            todo_text = self.text.missing(self.plan)
-            if build:
-                self._build_text(todo_text, progress)
-        logger.info("caches ready in %.1fs: built %s", time.perf_counter() - t0, self.built)
+            self.text = TextCache(root, identity, self.max_length, self.plan)
+            mine = owned(self.plan.caption_keys(), info.rank, info.world_size)
+            self._build_text(self.text.missing(mine), report)
+        distributed.barrier(info)  # every share is written before any rank reads the caches
+        counts = distributed.gather(dict(self.built), info)
+        progress(
+            {
+                "cache": "built",
+                "latents": [n["latents"] for n in counts],  # per rank, in rank order
+                "text": [n["text"] for n in counts],
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+        )
+        logger.info("caches ready in %.1fs: built per rank %s", time.perf_counter() - t0, counts)
 
     def _build_latents(
-        self, files: list[Path], todo: dict[int, list[tuple[int, int]]], progress: Progress
+        self, files: list[Path], todo: dict[str, tuple[int, list[tuple[int, int]]]], progress: Progress
     ) -> None:
-        assert self.latents is not None and self.plan is not None and isinstance(self.codec, VaeCodec)
+        assert self.latents is not None and isinstance(self.codec, VaeCodec)
         total = len(todo)
-        for done, (index, crops) in enumerate(sorted(todo.items()), 1):
+        for done, (sha, (index, crops)) in enumerate(todo.items(), 1):
             img = load_image(files[index], self.cfg.data.max_image_pixels)
             moments: dict[tuple[int, int], Tensor] = {}
             chunks = [
@@ -113,7 +131,7 @@ class BatchEncoder:
                 pixels = torch.stack([square_crop(img, s, o).pixels for s, o in chunk]).to(self.device)
                 for key, m in zip(chunk, self.codec.encode_moments(pixels), strict=True):
                     moments[key] = m
-            self.latents.add(self.plan.image_sha[index], moments)
+            self.latents.add(sha, moments)
             self.built["latents"] += len(crops)
             if done == total or done % 50 == 0:
                 progress({"cache": "latents", "done": done, "total": total, "crops": self.built["latents"]})

@@ -133,11 +133,8 @@ class Trainer:
             self.run_dir.truncate_metrics(self.step)
         logger.info(
             "resumed from %s (step %d, stage %d, step in stage %d)",
-            snap.path,
-            self.step,
-            self.stage,
-            self.step_in_stage,
-        )
+            snap.path, self.step, self.stage, self.step_in_stage,
+        )  # fmt: skip
         return True
 
     def save(self) -> None:
@@ -384,9 +381,8 @@ class Trainer:
     def _should_stop(self) -> bool:
         if self.max_steps is not None and self.step >= self.max_steps:
             return True
-        return distributed.any_rank(
-            bool(self.stop_check()) if self.stop_check is not None else False, self.info
-        )
+        asked = self.stop_check is not None and bool(self.stop_check())
+        return distributed.any_rank(asked, self.info)  # every rank calls it: the answer is collective
 
     def _preview(self) -> None:
         save_preview(

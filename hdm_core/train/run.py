@@ -69,7 +69,7 @@ def run_training(
     """
     cfg = config if isinstance(config, TrainConfig) else load_config(config)
     folder = RunDir(run_dir, keep_last_n=cfg.train.keep_last_n)
-    info, created_pg = distributed.setup_distributed(cfg.train.device)
+    info, created_pg = distributed.setup_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     try:
         torch.set_float32_matmul_precision(cfg.train.matmul_precision)
         if cfg.train.num_threads > 0:

@@ -220,24 +220,27 @@ def test_weighted_adapters_equal_the_library_forward(tmp_path, variant):
         assert torch.equal(model(x, t, ctx), base)
 
 
-def test_restore_and_weight_zero_are_bit_identical(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_restore_after_a_nonzero_weight_and_weight_zero_are_bit_identical(tmp_path, dtype):
+    """Weight 0 merges nothing (by design), so what can go wrong is the way back: after adapters were merged at
+    non-zero weights, restoring them (or switching to weight 0) must give the base's bits, not base + d - d."""
     model = _model()
     a = _random_adapter(model, AdapterConfig(), tmp_path / "a.safetensors", seed=21)
     b = _random_adapter(model, VARIANTS["lora"], tmp_path / "b.safetensors", seed=22)
+    model.to(dtype)
     fresh = copy.deepcopy(model)
     base_latents = _sample(fresh)
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
-    zero = apply_adapters(model, [(a, 0.0), (b, 0.0)])
-    assert zero.originals == {}
-    assert torch.equal(_sample(model), base_latents)
-
-    applied = apply_adapters(model, [(a, 1.0), (b, -1.5)])
-    assert set(applied.originals) and (_sample(model) - base_latents).abs().max() > 1e-3
-    applied.restore()
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, state[k]), k
-    assert torch.equal(_sample(model), base_latents)  # a request without adapters == a fresh worker's image
+    for weights in ((1.0, -1.5), (0.7, 0.0), (-2.0, 3.0)):
+        applied = apply_adapters(model, [(a, weights[0]), (b, weights[1])])
+        assert set(applied.originals) and (_sample(model) - base_latents).abs().max() > 1e-3, weights
+        applied.restore()
+        changed = [k for k, v in model.state_dict().items() if not torch.equal(v, state[k])]
+        assert changed == [], (weights, changed[:5])
+        assert torch.equal(_sample(model), base_latents), weights  # no adapters == a fresh worker's image
+        zero = apply_adapters(model, [(a, 0.0), (b, 0.0)])  # weight 0 right after a non-zero merge
+        assert zero.originals == {} and torch.equal(_sample(model), base_latents), weights
 
 
 def test_bad_weight_leaves_the_model_unchanged(tmp_path):

@@ -117,3 +117,14 @@ def test_time_distribution_reaches_the_trainer(settings_env, tmp_path: Path) -> 
     assert (cfg.objective.t_logit_mean, cfg.objective.t_logit_std) == (1.0, 0.5)
     default = _load(trainer_config(_request(), None), tmp_path).objective
     assert (default.t_logit_mean, default.t_logit_std) == (0.0, 1.0)  # spec §6
+
+
+def test_dist_timeout_and_caches_reach_the_trainer(settings_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings_env(HDM_DIST_TIMEOUT_S=None)
+    cfg = _load(trainer_config(_request(), None), tmp_path)
+    assert cfg.train.dist_timeout_s == 1800 and not (cfg.cache.latents or cfg.cache.text)
+    settings_env(HDM_DIST_TIMEOUT_S="7200")
+    cfg = _load(trainer_config(_request(cache={"text": True}), None), tmp_path)
+    assert cfg.train.dist_timeout_s == 7200 and cfg.cache.text and not cfg.cache.latents
+    with pytest.raises(ValueError, match=r"cache\.texts"):  # unknown fields are refused
+        _request(cache={"texts": True})
