@@ -199,7 +199,9 @@ class Stack:
             stop_group(self.api)
 
     # -- HTTP --------------------------------------------------------------------------------------------------
-    def client(self, key: str | None = "default", timeout: float = 30) -> httpx.Client:
+    def client(self, key: str | None = "default", timeout: float = 90) -> httpx.Client:
+        """An HTTP client of the stack; its timeout outlasts the longest ``Prefer: wait`` the tests ask the server to
+        hold a request (60 s), so a slow machine shows the job's own status, not a client ReadTimeout."""
         k = self.api_key if key == "default" else key
         headers = {"Authorization": f"Bearer {k}"} if k else {}
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
