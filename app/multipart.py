@@ -92,6 +92,15 @@ class _Reader:
             self.form.fields[self._name] = self._buf.decode("utf-8", "replace")
 
 
+async def _feed(request: Request, boundary: bytes, reader: Any) -> None:
+    """Stream the body through python-multipart into ``reader``'s ``on_*`` callbacks."""
+    callbacks = {name: getattr(reader, name) for name in dir(reader) if name.startswith("on_")}
+    parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+    async for chunk in request.stream():
+        parser.write(chunk)
+    parser.finalize()
+
+
 async def read_form(request: Request, file_fields: tuple[str, ...], limits: UploadLimits) -> Form:
     ctype, options = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or b"boundary" not in options:
@@ -99,12 +108,8 @@ async def read_form(request: Request, file_fields: tuple[str, ...], limits: Uplo
             "Send multipart/form-data (curl -F, the openai client's images.edit).", param="Content-Type"
         )
     reader = _Reader(file_fields, limits)
-    callbacks = {name: getattr(reader, name) for name in dir(reader) if name.startswith("on_")}
     try:
-        parser = MultipartParser(options[b"boundary"], callbacks)  # type: ignore[arg-type]
-        async for chunk in request.stream():
-            parser.write(chunk)
-        parser.finalize()
+        await _feed(request, options[b"boundary"], reader)
     except FormParserError as exc:
         raise BadRequest(f"Malformed multipart body: {exc}") from None
     return reader.form
@@ -178,12 +183,8 @@ async def read_form_to_disk(request: Request, file_field: str, folder: Path, max
     if declared.isdigit() and int(declared) > max_bytes + MAX_PARTS * MAX_TEXT_BYTES:
         raise TooLarge(f"{file_field} is over the upload limit of {max_bytes} bytes.", param=file_field)
     reader = _DiskReader(file_field, folder, max_bytes)
-    callbacks = {name: getattr(reader, name) for name in dir(reader) if name.startswith("on_")}
     try:
-        parser = MultipartParser(options[b"boundary"], callbacks)  # type: ignore[arg-type]
-        async for chunk in request.stream():
-            parser.write(chunk)
-        parser.finalize()
+        await _feed(request, options[b"boundary"], reader)
     except FormParserError as exc:
         reader.discard()
         raise BadRequest(f"Malformed multipart body: {exc}") from None
