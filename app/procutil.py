@@ -9,8 +9,10 @@ import contextlib
 import ctypes
 import os
 import signal
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 PR_SET_PDEATHSIG = 1
 PARENT_PID_ENV = "HDM_PARENT_PID"  # an embedded worker exits when its parent is no longer this pid
@@ -30,6 +32,22 @@ def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
             os.kill(os.getpid(), sig)
 
     return _preexec
+
+
+def start_run(
+    cmd: Sequence[str], *, cwd: Path, log: IO[bytes], env: Mapping[str, str]
+) -> subprocess.Popen[bytes]:
+    """A trainer process in a session of its own (so its whole tree can be signalled, process_tree/kill_tree) that
+    gets SIGTERM when this process dies; stdout and stderr into ``log``."""
+    return subprocess.Popen(
+        list(cmd),
+        cwd=cwd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(env),
+        start_new_session=True,
+        preexec_fn=die_with_parent(signal.SIGTERM),
+    )
 
 
 def parent_gone() -> bool:

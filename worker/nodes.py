@@ -13,7 +13,6 @@ import logging
 import os
 import shlex
 import signal
-import subprocess
 import time
 from typing import Any
 
@@ -21,7 +20,7 @@ from sqlalchemy import select
 
 from app.db import as_utc, session_scope
 from app.models import Job, JobEvent
-from app.procutil import die_with_parent, kill_tree, process_tree
+from app.procutil import kill_tree, process_tree, start_run
 from app.services import jobs, leases, nodes
 from app.settings import get_settings
 from worker.train_config import Rendezvous, command, trainer_env
@@ -272,15 +271,7 @@ def _run(
     again, SIGKILL after HDM_TRAIN_KILL_GRACE_S."""
     settings = get_settings()
     with log_path.open("ab") as logf:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=log_path.parent,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            preexec_fn=die_with_parent(signal.SIGTERM),
-        )
+        proc = start_run(cmd, cwd=log_path.parent, log=logf, env=env)
         tree |= process_tree(proc.pid)
         stop_at: float | None = None
         while proc.poll() is None:

@@ -11,7 +11,6 @@ import os
 import shlex
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from sqlalchemy import select
 
 from app.db import session_scope
 from app.models import Adapter, Checkpoint, Job, JobEvent
-from app.procutil import alive, die_with_parent, kill_tree, process_tree
+from app.procutil import alive, kill_tree, process_tree, start_run
 from app.services import adapters, jobs, leases, models, registry
 from app.settings import get_settings
 from hdm_core.train.config import write_config
@@ -308,15 +307,7 @@ def _supervise(
     job_id, run_dir = sup.job_id, sup.run_dir
     lease_worker = watch.worker if watch else None
     with Heartbeat(job_id, lease_worker=lease_worker), (run_dir / "train.log").open("ab") as logf:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=run_dir,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            preexec_fn=die_with_parent(signal.SIGTERM),
-        )
+        proc = start_run(cmd, cwd=run_dir, log=logf, env=env)
         tree |= process_tree(proc.pid)
         cancelled_at: float | None = None
         preempted = False
