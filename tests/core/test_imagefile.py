@@ -35,7 +35,7 @@ def test_sd_parsers_reads_every_field_back(tmp_path):
     assert info.full_prompt == REQ["prompt"]
     assert info.full_negative_prompt == REQ["negative_prompt"]
     (sampler,) = info.samplers
-    assert sampler.name == "euler"
+    assert sampler.name == "Euler"  # A1111's name of the sampler (hdm_core.config.SAMPLER_INFO)
     assert sampler.parameters == {"steps": "24", "cfg_scale": "5.5", "seed": "1234"}
     assert sampler.model is not None and sampler.model.name == "hdm-xut-340m"
     assert sampler.model.hash == "ababababab"
