@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import save, save_file
-from service_stack import API_KEY, OTHER_KEY, Stack, own_database, stack_env
+from service_stack import ADMIN_KEY, API_KEY, OTHER_KEY, Stack, own_database, stack_env
 
 import hdm_core
 from hdm_core.adapters.apply import apply_adapters
@@ -230,12 +230,12 @@ def test_cli_import_takes_the_same_formats_and_shares(ustack, tmp_path):
     assert out.returncode == 0, out.stderr
     adapter_id, name = out.stdout.split()
     assert name == "cli-k"
-    with ustack.client(OTHER_KEY) as c:
+    with ustack.client(OTHER_KEY) as c:  # shared: every key sees it, a plain key without the server's path
         row = c.get(f"/v1/adapters/{adapter_id}").json()
-    assert (
-        row["source"] == "import"
-        and Path(row["path"]).parent == Path(ustack.env["HDM_MODELS_DIR"]) / "adapters"
-    )
+    assert row["source"] == "import" and Path(row["path"]).parent == Path("models/adapters")
+    with ustack.client(ADMIN_KEY) as c:
+        seen_by_admin = c.get(f"/v1/adapters/{adapter_id}").json()["path"]
+    assert Path(seen_by_admin) == Path(ustack.env["HDM_MODELS_DIR"]) / "adapters" / Path(row["path"]).name
     assert (_stored_output(ustack, row, tmp_path) - hooked).abs().max() <= 1e-4
     bad = subprocess.run(
         [
