@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("demo")
 
 # Two progressive stages (16 px, then 32 px), TREAD on. lr is the muP-style base rate: each parameter gets
-# lr / fan_in (spec §6). Measured on 2 idle Intel Xeon cores (docs/training.md "CPU demo"): about 5 minutes of
-# training; README "Quick start" lists the other machines measured.
+# lr / fan_in (spec §6). Shorter or faster-learning variants cost shape accuracy (docs/training.md "CPU demo":
+# 1,300 steps 0.70, lr 1.0 0.54, batch 8 0.46); README "Quick start" lists the machines measured.
 STAGES = [
     {
         "resolution": 16,
@@ -60,11 +60,41 @@ ARCH = dataclasses.asdict(PRESETS["xut-pixel-debug"].replace(patch_size=4))
 # Flat shapes on plain backgrounds are recognisable through a lot of noise, so where they go and what colour they
 # are is decided in the first, noisiest sampling steps; the reference's logit-normal(0, 1) rarely trains there.
 T_LOGIT_MEAN = 1.0
-TEXT_MAX_LENGTH = (
-    16  # the captions are ~12 tokens; padding to the spec's 256 would make every step 10x longer
-)
+# The captions are 11-12 tokens: padding to the spec's 256 would make every step 10x longer, and each pad token
+# goes through every block (TREAD routes image tokens only).
+TEXT_MAX_LENGTH = 12
 IMAGE_SIZE = 32
 DATASET_SIZE = 2000
+
+
+def omp_wait_policy() -> str | None:
+    """PASSIVE when the CPU is already busy at start, else OpenMP's default (None).
+
+    torch's OpenMP threads (the trainer's 2 on 2 cores) spin a while before they sleep when they wait for each
+    other. On a CPU shared with other work a spinning thread burns the time its partner needs (measured on a loaded
+    2-core AMD EPYC: a demo train step took 30 s instead of 0.4 s), so PASSIVE waits, which sleep at once, win
+    there; on an idle CPU they cost a quarter of every step (0.33 s vs 0.25 s per 32 px step, docs/training.md
+    "CPU demo"). One second of /proc/stat before the demo starts work tells the two apart (the load average
+    would still count the `make venv` that just ran)."""
+    busy = cpu_busy_fraction()
+    return "PASSIVE" if busy is not None and busy > 0.4 else None
+
+
+def cpu_busy_fraction(seconds: float = 1.0) -> float | None:
+    """Fraction of all cores' time spent busy over `seconds` (Linux /proc/stat); None where there is none."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1 - (idle1 - idle0) / max(total1 - total0, 1)
 
 
 def _free_port() -> int:
@@ -107,11 +137,10 @@ def service(var: Path, paths: dict[str, Path], port: int, *, keep: bool):
         "HDM_IMAGE_MIN_SIZE": "32",
         "HDM_IMAGE_SIZE_MULTIPLE": "16",
         "PYTHONUNBUFFERED": "1",
-        # torch's OpenMP threads (the trainer's 2 on 2 cores) spin while they wait for each other by default; on a
-        # CPU shared with other work a spinning thread burns the time its partner needs (measured on a loaded
-        # 2-core AMD EPYC: a demo train step took 30 s instead of 0.4 s). PASSIVE waits sleep instead.
-        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
     }
+    policy = os.environ.get("OMP_WAIT_POLICY") or omp_wait_policy()
+    if policy:
+        env["OMP_WAIT_POLICY"] = policy
     log_file = open(var / "service.log", "ab")  # noqa: SIM115 - lives as long as the service
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
@@ -222,6 +251,8 @@ def train(client: httpx.Client, dataset_id: str) -> dict:
         "keep_last_n": 2,
         "text_max_length": TEXT_MAX_LENGTH,
         "t_logit_mean": T_LOGIT_MEAN,
+        # The 2,000 captions (and their dropped-caption variant) encoded once, not at every step.
+        "cache": {"text": True},
     }
     job = _check(client.post("/v1/train-jobs", json=body))
     print(
