@@ -64,6 +64,30 @@ def draw(
     return out
 
 
+def references(
+    pipe: HDMPipeline,
+    ckpt: Path,
+    sets: dict[str, list[ShapeSpec]],
+    seeds: int,
+    *,
+    size: int,
+    cfg: float,
+    cache_dir: Path,
+) -> dict[str, torch.Tensor]:
+    """The 400-step Euler solutions of every prompt set, kept under cache_dir (keyed by checkpoint and settings)."""
+    key = [str(ckpt.resolve()), ckpt.stat().st_mtime, size, cfg, seeds]
+    key += [[s.caption for s in v] for v in sets.values()]
+    cache = cache_dir / f"reference-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.pt"
+    if cache.exists():
+        return torch.load(cache)
+    refs = draw(
+        pipe, sets, seeds, steps=REFERENCE_STEPS, sampler="euler", schedule="uniform", size=size, cfg=cfg
+    )
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(refs, cache)
+    return refs
+
+
 def rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).square().mean(dim=(1, 2, 3)).sqrt().mean().item()
 
@@ -116,17 +140,7 @@ def main() -> int:
     }
     common = {"size": args.size, "cfg": args.cfg}
     t0 = time.perf_counter()
-    key = [str(ckpt.resolve()), ckpt.stat().st_mtime, args.size, args.cfg, args.seeds]
-    key += [[s.caption for s in v] for v in sets.values()]
-    cache = args.cache / f"reference-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.pt"
-    if cache.exists():
-        refs = torch.load(cache)
-    else:
-        refs = draw(
-            pipe, sets, args.seeds, steps=REFERENCE_STEPS, sampler="euler", schedule="uniform", **common
-        )
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(refs, cache)
+    refs = references(pipe, ckpt, sets, args.seeds, cache_dir=args.cache, **common)
     log.info("references: %.0f s", time.perf_counter() - t0)
     rows = []
     out = args.out or Path("bench/results") / f"samplers-cpu-{time.strftime('%Y%m%d')}.json"

@@ -12,7 +12,7 @@ from typing import Any, Literal, get_args
 SkipSource = Literal["last", "mirrored"]
 SamplerName = Literal["euler", "heun", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "euler_a"]
 SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)  # hdm_core.sampler.SAMPLERS maps each to its stepper
-ScheduleName = Literal["uniform", "karras", "sd3"]
+ScheduleName = Literal["uniform", "karras", "sd3", "tuned"]
 SCHEDULE_NAMES: tuple[str, ...] = get_args(ScheduleName)  # hdm_core.samplers.schedules
 
 

@@ -23,6 +23,7 @@ from .model import XUT
 from .precision import cast_model, resolve_dtype
 from .rope import position_map
 from .sampler import Conditioning, StepCallback, get_sampler, guided_velocity, timesteps
+from .samplers.schedules import explicit_timesteps
 from .text import TextEncoder
 
 
@@ -274,6 +275,7 @@ class HDMPipeline:
         tread: TreadGuidance = TreadGuidance(),
         callback: BatchCallback | None = None,
         decode: bool = True,
+        sigmas: Sequence[float] | None = None,
     ) -> list[GenerationResult | None]:
         """Several jobs that share every setting but prompt, negative prompt, seed and n, as one network batch.
 
@@ -283,10 +285,15 @@ class HDMPipeline:
         `callback(step, total, active)` gets the indices of the jobs still sampling in the current sub-batch and
         returns the indices to cancel (or None): their rows leave the batch at once and their result is None.
         Raising SamplingCancelled from it stops every job. A job with an `edit` (its own init image and start time)
-        runs as a sub-batch of its own."""
+        runs as a sub-batch of its own. `sigmas`: explicit times from 1 to 0, in place of steps, schedule and shift
+        (as diffusers pipelines take `sigmas`; `bench/schedule_search.py` tunes schedules with it)."""
         self.check_size(width, height)
         entry = get_sampler(sampler)
-        ts_full = timesteps(steps, shift=shift, schedule=schedule or entry.default_schedule)
+        ts_full = (
+            timesteps(steps, shift=shift, schedule=schedule or entry.default_schedule)
+            if sigmas is None
+            else explicit_timesteps(sigmas)
+        )
         h, w = height // self.downsample, width // self.downsample
         encoded = []
         for job in jobs:

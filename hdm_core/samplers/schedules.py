@@ -6,11 +6,17 @@
   (diffusers maps Karras sigmas to flow sigmas the same way, sigma / (1 + sigma)).
 - sd3: uniform warped by SD3's shift 3 (Esser et al. 2024, t' = 3t / (1 + 2t)): more steps at high noise, where a
   flat image's composition (and the guidance's bend of the path) is decided.
+- tuned: a spacing found by search on a model's training prompts, as Align Your Steps does (Sabour et al. 2024):
+  `TUNED_KNOTS` are the TUNED_STEPS + 1 times that `bench/schedule_search.py` found best for UniPC at that many
+  steps on the demo model; any other step count reads them off piecewise-linearly at k / steps (AYS interpolates its
+  tuned schedules to other step counts the same way, in log sigma; t is used here because its ends, 1 and 0, are
+  finite). docs/service.md "Samplers" has the search and what it measured.
 - Every schedule is then warped by `shift` (SD3's t' = s·t / (1 + (s - 1)·t)); shift > 1 moves steps to high noise.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import get_args
 
 import torch
@@ -19,6 +25,8 @@ from torch import Tensor
 from ..config import ScheduleName
 
 KARRAS_RHO = 7.0
+TUNED_STEPS = 8
+TUNED_KNOTS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0)
 KARRAS_SIGMA_MIN, KARRAS_SIGMA_MAX = 0.002, 80.0
 SD3_SHIFT = 3.0
 
@@ -34,6 +42,22 @@ def _karras(steps: int) -> Tensor:
     t = sigma / (1 + sigma)
     t[0] = 1.0
     return torch.cat([t, t.new_zeros(1)])
+
+
+def _tuned(steps: int) -> Tensor:
+    knots = torch.tensor(TUNED_KNOTS, dtype=torch.float64)
+    pos = torch.linspace(0, TUNED_STEPS, steps + 1, dtype=torch.float64)
+    lo = pos.floor().long().clamp(max=TUNED_STEPS - 1)
+    frac = pos - lo
+    return knots[lo] + frac * (knots[lo + 1] - knots[lo])
+
+
+def explicit_timesteps(sigmas: Sequence[float]) -> Tensor:
+    """Given times (diffusers pipelines' `sigmas`), checked: from 1 down to 0, strictly decreasing."""
+    t = torch.tensor(list(sigmas), dtype=torch.float64)
+    if t.ndim != 1 or len(t) < 2 or t[0] != 1.0 or t[-1] != 0.0 or bool((t[1:] >= t[:-1]).any()):
+        raise ValueError(f"sigmas must run strictly down from 1 to 0, got {list(sigmas)}")
+    return t.to(torch.float32)
 
 
 def timesteps(
@@ -52,6 +76,8 @@ def timesteps(
         t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     elif schedule == "karras":
         t = _karras(steps)
+    elif schedule == "tuned":
+        t = _tuned(steps)
     elif schedule == "sd3":
         t = _shifted(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), SD3_SHIFT)
     else:

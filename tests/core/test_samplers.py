@@ -66,6 +66,29 @@ def test_karras_and_sd3_move_steps_to_the_ends_uniform_is_the_reference():
     torch.testing.assert_close(sd3, timesteps(8, shift=3.0))
 
 
+def test_tuned_schedule_is_its_knots_at_their_step_count_and_read_off_them_at_others():
+    from hdm_core.samplers.schedules import TUNED_KNOTS, TUNED_STEPS
+
+    knots = torch.tensor(TUNED_KNOTS)
+    torch.testing.assert_close(timesteps(TUNED_STEPS, schedule="tuned"), knots)
+    torch.testing.assert_close(timesteps(TUNED_STEPS // 2, schedule="tuned"), knots[::2])
+    doubled = timesteps(2 * TUNED_STEPS, schedule="tuned")
+    torch.testing.assert_close(doubled[::2], knots)
+    torch.testing.assert_close(doubled[1::2], (knots[:-1] + knots[1:]) / 2)  # midpoints between the knots
+
+
+def test_explicit_sigmas_replace_the_schedule_and_are_checked(pipe):
+    job = [ImageJob("a red circle", seed=3)]
+    kw = dict(width=16, height=16, guidance_scale=2.0, sampler="unipc", decode=False)
+    ts = timesteps(5, schedule="karras").tolist()
+    (a,) = pipe.generate_batch(job, steps=5, schedule="karras", **kw)
+    (b,) = pipe.generate_batch(job, sigmas=ts, **kw)
+    torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=0)
+    for bad in ([1.0, 0.5], [0.9, 0.5, 0.0], [1.0, 0.5, 0.6, 0.0], [1.0]):
+        with pytest.raises(ValueError, match="sigmas"):
+            pipe.generate_batch(job, sigmas=bad, **kw)
+
+
 @pytest.mark.parametrize("name", DETERMINISTIC)
 @pytest.mark.parametrize("schedule", SCHEDULE_NAMES)
 def test_ode_samplers_solve_a_straight_flow_exactly(name, schedule):
