@@ -112,7 +112,7 @@ def main() -> int:
     p.add_argument("--schedules", default=",".join(SCHEDULE_NAMES))
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--train-every", type=int, default=19, help="every Nth training combination (12 of 228)")
-    p.add_argument("--heldout-every", type=int, default=3, help="every Nth held-out combination (14 of 42)")
+    p.add_argument("--heldout-every", type=int, default=1, help="every Nth held-out combination (all 42)")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--out", type=Path, default=None)

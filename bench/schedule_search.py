@@ -79,7 +79,7 @@ def main() -> int:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--train-every", type=int, default=19, help="as bench.samplers (12 of 228)")
     p.add_argument(
-        "--heldout-every", type=int, default=3, help="as bench.samplers (only for the shared cache)"
+        "--heldout-every", type=int, default=1, help="as bench.samplers (only for the shared cache)"
     )
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--cfg", type=float, default=3.0)

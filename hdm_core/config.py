@@ -33,10 +33,10 @@ class SamplerInfo:
 SAMPLER_INFO: dict[str, SamplerInfo] = {
     "euler": SamplerInfo("Euler"),
     "heun": SamplerInfo("Heun", evaluations_per_step=2),
-    "dpmpp_2m": SamplerInfo("DPM++ 2M"),
+    "dpmpp_2m": SamplerInfo("DPM++ 2M", default_schedule="tuned"),
     "dpmpp_3m": SamplerInfo("DPM++ 3M"),
     "dpmpp_2m_sde": SamplerInfo("DPM++ 2M SDE"),
-    "unipc": SamplerInfo("UniPC"),
+    "unipc": SamplerInfo("UniPC", default_schedule="tuned"),
     "euler_a": SamplerInfo("Euler a"),
 }
 # The service's and console's defaults, chosen on `python -m bench.samplers` (docs/service.md "Samplers").
