@@ -7,8 +7,8 @@ does the image still follow the prompt (`python -m bench.samplers`).
 Method. A budget is a number of model evaluations (NFE: guided forwards, each one batched CFG pass; Heun costs 2
 per step except the last, so it runs the most steps that fit). For each prompt set (training prompts: every
 `--train-every`th training combination of `hdm_demo.shapes`; held-out prompts: every `--heldout-every`th held-out
-one) x `--seeds` seeds, the
-reference is a 400-step Euler solution of the same guided ODE from the same noise. Distance = RMS over pixels
+one, by default all 42) x `--seeds` seeds, the reference is a 400-step Euler solution of the same guided ODE from
+the same noise. Distance = RMS over pixels
 ([0, 1] scale) of the decoded final image minus the reference's, averaged over images (lower is better); accuracy =
 the demo scorer's colour / shape accuracy (`hdm_demo.scoring.score`, as `bench/demo_eval.py`) on held-out prompts.
 Each sampler's best schedule is chosen on the TRAINING prompts (geometric mean of its distances over the budgets),
