@@ -102,14 +102,11 @@ def euler_nfe_for(distance: float, curve: dict[int, float]) -> float:
     return float(pts[0][0])
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_setup_args(p: argparse.ArgumentParser) -> None:
+    """The checkpoint, prompt sets and image settings this bench and `bench.schedule_search` share."""
     p.add_argument("--run-dir", type=Path, default=Path("var/runs/demo"), help="a training run (config.json)")
     p.add_argument("--checkpoint", type=Path, default=None, help="default RUN_DIR/final.safetensors")
     p.add_argument("--text-encoder", type=Path, default=None, help="default: the run's")
-    p.add_argument("--nfe", default="4,6,8,12,16,24")
-    p.add_argument("--samplers", default=",".join(SAMPLER_NAMES))
-    p.add_argument("--schedules", default=",".join(SCHEDULE_NAMES))
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--train-every", type=int, default=19, help="every Nth training combination (12 of 228)")
     p.add_argument("--heldout-every", type=int, default=1, help="every Nth held-out combination (all 42)")
@@ -117,6 +114,25 @@ def main() -> int:
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--cache", type=Path, default=Path("var/bench-samplers"), help="the references, kept")
+
+
+def set_up(args: argparse.Namespace) -> tuple[HDMPipeline, Path, dict[str, list[ShapeSpec]]]:
+    """(pipeline, checkpoint, prompt sets) from `add_setup_args`' arguments."""
+    ckpt = args.checkpoint or args.run_dir / "final.safetensors"
+    te = args.text_encoder or json.loads((args.run_dir / "config.json").read_text())["text_encoder"]["path"]
+    sets = {
+        "train": all_specs(heldout=False)[:: args.train_every],
+        "heldout": all_specs(heldout=True)[:: args.heldout_every],
+    }
+    return HDMPipeline.from_paths(ckpt, te), ckpt, sets
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_setup_args(p)
+    p.add_argument("--nfe", default="4,6,8,12,16,24")
+    p.add_argument("--samplers", default=",".join(SAMPLER_NAMES))
+    p.add_argument("--schedules", default=",".join(SCHEDULE_NAMES))
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--merge", type=Path, nargs="+", default=None, help="summarise these results files as one")
     args = p.parse_args()
@@ -129,15 +145,9 @@ def main() -> int:
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)
-    ckpt = args.checkpoint or args.run_dir / "final.safetensors"
-    te = args.text_encoder or json.loads((args.run_dir / "config.json").read_text())["text_encoder"]["path"]
-    pipe = HDMPipeline.from_paths(ckpt, te)
+    pipe, ckpt, sets = set_up(args)
     budgets = [int(n) for n in args.nfe.split(",")]
     samplers, schedules = args.samplers.split(","), args.schedules.split(",")
-    sets = {
-        "train": all_specs(heldout=False)[:: args.train_every],
-        "heldout": all_specs(heldout=True)[:: args.heldout_every],
-    }
     common = {"size": args.size, "cfg": args.cfg}
     t0 = time.perf_counter()
     refs = references(pipe, ckpt, sets, args.seeds, cache_dir=args.cache, **common)

@@ -25,9 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench.samplers import SEED_STRIDE, draw, references, rms
-from hdm_core.pipeline import HDMPipeline
-from hdm_demo.shapes import all_specs
+from bench.samplers import SEED_STRIDE, add_setup_args, draw, references, rms, set_up
 
 log = logging.getLogger("bench.schedule_search")
 
@@ -71,33 +69,14 @@ def search(objective, steps: int, *, min_delta: float) -> tuple[list[float], flo
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run-dir", type=Path, default=Path("var/runs/demo"), help="a training run (config.json)")
-    p.add_argument("--checkpoint", type=Path, default=None, help="default RUN_DIR/final.safetensors")
-    p.add_argument("--text-encoder", type=Path, default=None, help="default: the run's")
+    add_setup_args(p)  # the same checkpoint, prompt sets and cached references as bench.samplers
     p.add_argument("--sampler", default="unipc")
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--train-every", type=int, default=19, help="as bench.samplers (12 of 228)")
-    p.add_argument(
-        "--heldout-every", type=int, default=1, help="as bench.samplers (only for the shared cache)"
-    )
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--min-delta", type=float, default=0.06)
-    p.add_argument(
-        "--cache", type=Path, default=Path("var/bench-samplers"), help="bench.samplers' references"
-    )
-    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_grad_enabled(False)
-    ckpt = args.checkpoint or args.run_dir / "final.safetensors"
-    te = args.text_encoder or json.loads((args.run_dir / "config.json").read_text())["text_encoder"]["path"]
-    pipe = HDMPipeline.from_paths(ckpt, te)
-    sets = {
-        "train": all_specs(heldout=False)[:: args.train_every],
-        "heldout": all_specs(heldout=True)[:: args.heldout_every],
-    }
+    pipe, ckpt, sets = set_up(args)
     common = {"size": args.size, "cfg": args.cfg}
     t0 = time.perf_counter()
     target = references(pipe, ckpt, sets, args.seeds, cache_dir=args.cache, **common)["train"]

@@ -73,8 +73,8 @@ def omp_wait_policy() -> str | None:
     torch's OpenMP threads (the trainer's 2 on 2 cores) spin a while before they sleep when they wait for each
     other. On a CPU shared with other work a spinning thread burns the time its partner needs (measured on a loaded
     2-core AMD EPYC: a demo train step took 30 s instead of 0.4 s), so PASSIVE waits, which sleep at once, win
-    there; on an idle CPU they cost a quarter of every step (0.33 s vs 0.25 s per 32 px step, docs/training.md
-    "CPU demo"). One second of /proc/stat before the demo starts work tells the two apart (the load average
+    there; on an idle CPU they cost the trainer run alone a quarter of every step (0.33 s vs 0.25 s per 32 px step,
+    docs/training.md "CPU demo"). One second of /proc/stat before the demo starts work tells the two apart (the load average
     would still count the `make venv` that just ran)."""
     busy = cpu_busy_fraction()
     return "PASSIVE" if busy is not None and busy > 0.4 else None

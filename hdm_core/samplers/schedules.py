@@ -25,8 +25,8 @@ from torch import Tensor
 from ..config import ScheduleName
 
 KARRAS_RHO = 7.0
-TUNED_STEPS = 8
 TUNED_KNOTS = (1.0, 0.9203, 0.7939, 0.625, 0.4688, 0.292, 0.1596, 0.0596, 0.0)
+TUNED_STEPS = len(TUNED_KNOTS) - 1
 KARRAS_SIGMA_MIN, KARRAS_SIGMA_MAX = 0.002, 80.0
 SD3_SHIFT = 3.0
 
