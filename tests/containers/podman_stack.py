@@ -25,7 +25,8 @@ BASE_IMAGE = "localhost/hdm-debian:bookworm"
 APP_IMAGE = "localhost/hdm-serve:cpu-test"
 STANDINS = {"postgres": "localhost/hdm-standin-postgres:15", "redis": "localhost/hdm-standin-redis:7"}
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-PACKAGES = ("podman", "runc", "debootstrap", "catatonit", "netavark", "aardvark-dns")
+# netavark (podman's network backend) runs iptables to set up a build's or container's network.
+PACKAGES = ("podman", "runc", "debootstrap", "catatonit", "netavark", "aardvark-dns", "iptables")
 PODMAN = ["podman", "--runtime", "runc"]
 ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 CONTAINERS_CONF = """[containers]
@@ -56,12 +57,14 @@ def run(
 
 
 def install_tools() -> None:
-    """podman, runc and debootstrap from Debian's packages when missing (CI runs as root on a fresh machine)."""
-    if all(shutil.which(t) for t in ("podman", "runc", "debootstrap")):
+    """podman, runc, debootstrap and iptables from Debian's packages when missing (CI runs as root on a fresh
+    machine; one seen here had podman but no iptables, and every `RUN` of a build failed in netavark)."""
+    if all(shutil.which(t) for t in ("podman", "runc", "debootstrap", "iptables")):
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         raise AssertionError(
-            "the container test needs podman, runc and debootstrap: apt-get install " + " ".join(PACKAGES)
+            "the container test needs podman, runc, debootstrap and iptables: apt-get install "
+            + " ".join(PACKAGES)
         )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     run(["apt-get", "update", "-q"], env=env, check=False)
