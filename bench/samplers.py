@@ -156,6 +156,10 @@ def main() -> int:
     out = args.out or Path("bench/results") / f"samplers-cpu-{time.strftime('%Y%m%d')}.json"
     meta = {"checkpoint": str(ckpt), "size": args.size, "guidance_scale": args.cfg, "seeds": args.seeds}
     meta |= {"prompts": {k: len(v) for k, v in sets.items()}, "reference": f"euler {REFERENCE_STEPS} uniform"}
+    # What the exact ODE solution itself scores: the ceiling a sampler converging to it approaches.
+    meta["reference_colour_shape"] = {
+        k: [(sc := score(to_pil(refs[k]), specs * args.seeds)).colour, sc.shape] for k, specs in sets.items()
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     for sampler in samplers:
         # Euler is the reference's sampler and keeps its schedule (the baseline row).
