@@ -109,7 +109,6 @@ dpmpp_3m = _flow(DPMSolverMultistepScheduler, algorithm_type="dpmsolver++", solv
 dpmpp_2m_sde = _flow(DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver++", solver_order=2)
 # UniPC (Zhao et al. 2023): predictor + corrector, B(h) = expm1(h) ("bh2"), as Wan and SANA ship it.
 unipc = _flow(UniPCMultistepScheduler, solver_type="bh2", solver_order=2)
-unipc_3 = _flow(UniPCMultistepScheduler, solver_type="bh2", solver_order=3)
 
 
 def euler_ancestral() -> SchedulerMixin:
