@@ -1,4 +1,4 @@
-"""``hdm`` command line: serve, worker, migrate, generate, models import, adapters import/merge, train."""
+"""``hdm`` command line: serve, worker, migrate, generate, tune-schedule, models import, adapters import/merge, train."""
 
 from __future__ import annotations
 
@@ -176,6 +176,83 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune_schedule(args: argparse.Namespace) -> int:
+    """Search the model's own `tuned` knots on the given prompts and write them beside the checkpoint."""
+    import time
+
+    import torch
+
+    from hdm_core.batching import ImageJob
+    from hdm_core.files import sha256_file
+    from hdm_core.pipeline import HDMPipeline
+    from hdm_core.samplers.schedules import write_tuned_schedule
+    from hdm_core.samplers.tuning import reference_latents, tune_schedule
+
+    settings = load_settings()
+    te = args.text_encoder or settings.text_encoder
+    if te is None:
+        log.error("give --text-encoder or set HDM_TEXT_ENCODER")
+        return 2
+    text = Path(args.prompts).read_text(encoding="utf-8")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        log.error("--prompts %s holds no prompt (one per line)", args.prompts)
+        return 2
+    torch.set_grad_enabled(False)
+    pipe = HDMPipeline.from_paths(
+        args.model, te, device=args.device or settings.device, dtype=args.dtype or settings.dtype
+    )
+    pipe.check_size(args.width, args.height)
+    jobs = [ImageJob(prompts, seed=args.seed + k * len(prompts)) for k in range(args.seeds)]
+    generate = {"width": args.width, "height": args.height, "guidance_scale": args.guidance_scale}
+    t0 = time.perf_counter()
+    reference = reference_latents(pipe, jobs, steps=args.reference_steps, **generate)
+    log.info("references: %d images, %.0f s", len(reference), time.perf_counter() - t0)
+    schedule = tune_schedule(
+        pipe, jobs, reference, samplers=args.samplers, steps=args.steps, min_delta=args.min_delta, **generate
+    )
+    path = Path(args.model)
+    schedule.meta.update(
+        checkpoint_sha256=sha256_file(path) if path.is_file() else None,
+        prompts=len(prompts),
+        seeds=args.seeds,
+        reference=f"euler {args.reference_steps} uniform",
+        seconds=round(time.perf_counter() - t0, 1),
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    for sampler, found in schedule.meta["found"].items():
+        knots = ", ".join(f"{k:.4f}" for k in schedule.knots[sampler])
+        ratio = found["distance"] / found["uniform_distance"]
+        print(f"{sampler}: {ratio:.2f}x the uniform schedule's distance at {args.steps} steps; knots {knots}")
+    print(write_tuned_schedule(path, schedule))
+    return 0
+
+
+def _at_least(lo: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        return value
+
+    return parse
+
+
+def _min_delta(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 0.5:
+        raise argparse.ArgumentTypeError(f"must be in (0, 0.5], got {value}")
+    return value
+
+
+def _sampler_list(text: str) -> list[str]:
+    names = [s for s in text.split(",") if s]
+    unknown = [s for s in names if s not in SAMPLER_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown sampler(s) {unknown}; choose from {list(SAMPLER_NAMES)}")
+    return names
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     argv = [sys.executable, "-m", "hdm_core.train", args.config, "--run-dir", args.run_dir]
     if args.resume:
@@ -234,6 +311,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default=None, choices=DTYPES, help="default HDM_DTYPE (auto: bf16 on CUDA, fp32 on CPU)"
     )
     g.set_defaults(func=cmd_generate)
+    ts = sub.add_parser(
+        "tune-schedule",
+        help="search the model's own `tuned` schedule on your prompts; written beside the checkpoint "
+        '(docs/service.md "Samplers")',
+    )
+    ts.add_argument("--model", required=True, help="checkpoint .safetensors (or a diffusers-style folder)")
+    ts.add_argument("--prompts", required=True, help="a text file, one prompt per line (training captions)")
+    ts.add_argument("--text-encoder", default=None)
+    ts.add_argument(
+        "--samplers",
+        type=_sampler_list,
+        default=["unipc", "dpmpp_2m"],
+        help="comma-separated, one set of knots each (default unipc,dpmpp_2m; the others use the first's)",
+    )
+    ts.add_argument("--steps", type=_at_least(2), default=8, help="the step count the knots are searched at")
+    ts.add_argument("--seeds", type=_at_least(1), default=2, help="noise draws per prompt")
+    ts.add_argument("--seed", type=_at_least(0), default=0)
+    ts.add_argument("--width", type=int, default=1024)
+    ts.add_argument("--height", type=int, default=1024)
+    ts.add_argument("--guidance-scale", type=float, default=3.0)
+    ts.add_argument(
+        "--reference-steps", type=_at_least(1), default=400, help="Euler steps of the exact solution"
+    )
+    ts.add_argument(
+        "--min-delta", type=_min_delta, default=0.06, help="the search's finest move, in logit(t)"
+    )
+    ts.add_argument("--device", default=None)
+    ts.add_argument("--dtype", default=None, choices=DTYPES)
+    ts.set_defaults(func=cmd_tune_schedule)
     mo = sub.add_parser("models", help="model registry")
     mos = mo.add_subparsers(dest="models_command", required=True)
     imp = mos.add_parser("import", help="register a checkpoint file")

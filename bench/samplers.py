@@ -3,6 +3,7 @@ does the image still follow the prompt (`python -m bench.samplers`).
 
     python -m bench.samplers [--run-dir var/runs/demo] [--checkpoint FILE] [--text-encoder DIR]
                              [--nfe 4,6,8,12,16,24] [--seeds 2] [--size 32] [--cfg 3.0] [--out FILE]
+                             [--tune auto|always|never]
 
 Method. A budget is a number of model evaluations (NFE: guided forwards, each one batched CFG pass; Heun costs 2
 per step except the last, so it runs the most steps that fit). For each prompt set (training prompts: every
@@ -12,7 +13,10 @@ the same noise. Distance = RMS over pixels
 ([0, 1] scale) of the decoded final image minus the reference's, averaged over images (lower is better); accuracy =
 the demo scorer's colour / shape accuracy (`hdm_demo.scoring.score`, as `bench/demo_eval.py`) on held-out prompts.
 Each sampler's best schedule is chosen on the TRAINING prompts (geometric mean of its distances over the budgets),
-so the held-out numbers are not what was tuned on. The stochastic samplers (euler_a, dpmpp_2m_sde) solve an SDE,
+so the held-out numbers are not what was tuned on. The `tuned` schedule is the model's own: unless the checkpoint
+already has one (`--tune auto`), the bench first searches it on the training prompts and their references, as
+`hdm tune-schedule` does (hdm_core.samplers.tuning: UniPC and DPM++ 2M at 8 steps), and writes it beside the
+checkpoint, where the service's `tuned` reads it. The stochastic samplers (euler_a, dpmpp_2m_sde) solve an SDE,
 not the ODE: their distance to the ODE solution does not go to zero; they are scored on accuracy.
 Writes the JSON (default bench/results/samplers-cpu-<date>.json) and prints the held-out table.
 """
@@ -33,6 +37,8 @@ import torch
 from hdm_core.batching import ImageJob
 from hdm_core.config import SAMPLER_INFO, SAMPLER_NAMES, SCHEDULE_NAMES
 from hdm_core.pipeline import HDMPipeline, to_pil
+from hdm_core.samplers.schedules import TUNED_KNOTS, read_tuned_schedule, write_tuned_schedule
+from hdm_core.samplers.tuning import tune_schedule
 from hdm_demo.scoring import score
 from hdm_demo.shapes import ShapeSpec, all_specs
 
@@ -47,21 +53,31 @@ def steps_for(sampler: str, nfe: int) -> int:
     return max(s for s in range(1, nfe + 1) if info.evaluations(s) <= nfe)
 
 
+def jobs_for(specs: list[ShapeSpec], seeds: int) -> list[ImageJob]:
+    """One job per seed, every prompt of the set in it; image order = the set's prompts, seed after seed."""
+    return [ImageJob([s.caption for s in specs], seed=SEED_STRIDE * k) for k in range(seeds)]
+
+
+def draw_latents(
+    pipe: HDMPipeline, sets: dict[str, list[ShapeSpec]], seeds: int, *, size: int, cfg: float, **kw
+) -> dict[str, torch.Tensor]:
+    """Final latents [N, C, h, w] per prompt set: every prompt with every seed, all in one batch."""
+    jobs = [job for specs in sets.values() for job in jobs_for(specs, seeds)]
+    results = pipe.generate_batch(jobs, width=size, height=size, guidance_scale=cfg, decode=False, **kw)
+    it = iter(results)
+    return {name: torch.cat([next(it).latents.float() for _ in range(seeds)]) for name in sets}  # type: ignore[union-attr]
+
+
+def decode(pipe: HDMPipeline, latents: torch.Tensor) -> torch.Tensor:
+    """[N, 3, H, W] in [0, 1]."""
+    return pipe.codec.decode(latents.to(pipe.dtype)).float().clamp(0, 1)
+
+
 def draw(
     pipe: HDMPipeline, sets: dict[str, list[ShapeSpec]], seeds: int, *, size: int, cfg: float, **kw
 ) -> dict[str, torch.Tensor]:
-    """Decoded images [N, 3, H, W] in [0, 1] per prompt set: every prompt with every seed, all in one batch."""
-    jobs = [
-        ImageJob([s.caption for s in specs], seed=SEED_STRIDE * k)
-        for specs in sets.values()
-        for k in range(seeds)
-    ]
-    results = pipe.generate_batch(jobs, width=size, height=size, guidance_scale=cfg, decode=False, **kw)
-    out, it = {}, iter(results)
-    for name in sets:
-        latents = torch.cat([next(it).latents for _ in range(seeds)])  # type: ignore[union-attr]
-        out[name] = pipe.codec.decode(latents.to(pipe.dtype)).float().clamp(0, 1)
-    return out
+    """Decoded images [N, 3, H, W] in [0, 1] per prompt set (`draw_latents`, decoded)."""
+    return {k: decode(pipe, v) for k, v in draw_latents(pipe, sets, seeds, size=size, cfg=cfg, **kw).items()}
 
 
 def references(
@@ -74,13 +90,14 @@ def references(
     cfg: float,
     cache_dir: Path,
 ) -> dict[str, torch.Tensor]:
-    """The 400-step Euler solutions of every prompt set, kept under cache_dir (keyed by checkpoint and settings)."""
-    key = [str(ckpt.resolve()), ckpt.stat().st_mtime, size, cfg, seeds]
+    """The 400-step Euler solutions' final latents of every prompt set, kept under cache_dir (keyed by checkpoint
+    and settings)."""
+    key = ["latents", str(ckpt.resolve()), ckpt.stat().st_mtime, size, cfg, seeds]
     key += [[s.caption for s in v] for v in sets.values()]
     cache = cache_dir / f"reference-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.pt"
     if cache.exists():
         return torch.load(cache)
-    refs = draw(
+    refs = draw_latents(
         pipe, sets, seeds, steps=REFERENCE_STEPS, sampler="euler", schedule="uniform", size=size, cfg=cfg
     )
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +120,7 @@ def euler_nfe_for(distance: float, curve: dict[int, float]) -> float:
 
 
 def add_setup_args(p: argparse.ArgumentParser) -> None:
-    """The checkpoint, prompt sets and image settings this bench and `bench.schedule_search` share."""
+    """The checkpoint, prompt sets and image settings."""
     p.add_argument("--run-dir", type=Path, default=Path("var/runs/demo"), help="a training run (config.json)")
     p.add_argument("--checkpoint", type=Path, default=None, help="default RUN_DIR/final.safetensors")
     p.add_argument("--text-encoder", type=Path, default=None, help="default: the run's")
@@ -135,6 +152,14 @@ def main() -> int:
     p.add_argument("--schedules", default=",".join(SCHEDULE_NAMES))
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--merge", type=Path, nargs="+", default=None, help="summarise these results files as one")
+    p.add_argument(
+        "--tune",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="search the model's own `tuned` schedule on the training prompts first: auto = when it has none",
+    )
+    p.add_argument("--tune-samplers", default="unipc,dpmpp_2m")
+    p.add_argument("--tune-steps", type=int, default=8)
     args = p.parse_args()
     if args.merge:
         runs = [json.loads(f.read_text()) for f in args.merge]
@@ -150,7 +175,8 @@ def main() -> int:
     samplers, schedules = args.samplers.split(","), args.schedules.split(",")
     common = {"size": args.size, "cfg": args.cfg}
     t0 = time.perf_counter()
-    refs = references(pipe, ckpt, sets, args.seeds, cache_dir=args.cache, **common)
+    ref_latents = references(pipe, ckpt, sets, args.seeds, cache_dir=args.cache, **common)
+    refs = {k: decode(pipe, v) for k, v in ref_latents.items()}
     log.info("references: %.0f s", time.perf_counter() - t0)
     rows = []
     out = args.out or Path("bench/results") / f"samplers-cpu-{time.strftime('%Y%m%d')}.json"
@@ -160,6 +186,7 @@ def main() -> int:
     meta["reference_colour_shape"] = {
         k: [(sc := score(to_pil(refs[k]), specs * args.seeds)).colour, sc.shape] for k, specs in sets.items()
     }
+    meta["tuned"] = tuned_schedule(pipe, ckpt, sets["train"], ref_latents["train"], args)
     out.parent.mkdir(parents=True, exist_ok=True)
     for sampler in samplers:
         # Euler is the reference's sampler and keeps its schedule (the baseline row).
@@ -188,6 +215,39 @@ def main() -> int:
                 out.write_text(json.dumps({"meta": meta, "partial": True, "rows": rows}, indent=1) + "\n")
     meta["seconds"] = time.perf_counter() - t0
     return report(rows, meta, out)
+
+
+def tuned_schedule(
+    pipe: HDMPipeline, ckpt: Path, train: list[ShapeSpec], reference: torch.Tensor, args: argparse.Namespace
+) -> dict:
+    """Make `pipe.tuned` the model's own schedule, searched on the training prompts only (see the docstring);
+    returns what the results file records of it."""
+    own = read_tuned_schedule(ckpt)
+    searched = args.tune == "always" or (args.tune == "auto" and own is None)
+    if searched:
+        t0 = time.perf_counter()
+        own = tune_schedule(
+            pipe,
+            jobs_for(train, args.seeds),
+            reference,
+            samplers=args.tune_samplers.split(","),
+            steps=args.tune_steps,
+            width=args.size,
+            height=args.size,
+            guidance_scale=args.cfg,
+        )
+        own.meta.update(prompts=len(train), seeds=args.seeds, source="bench.samplers training prompts")
+        own.meta["seconds"] = round(time.perf_counter() - t0, 1)
+        log.info("tuned schedule searched in %.0f s: %s", own.meta["seconds"], own.knots)
+        write_tuned_schedule(ckpt, own)
+    pipe.refresh_tuned_schedule()
+    if own is None:
+        return {"source": "shipped TUNED_KNOTS", "knots": {"*": list(TUNED_KNOTS)}}
+    return {
+        "source": "searched now" if searched else "the checkpoint's",
+        "knots": own.knots,
+        "meta": own.meta,
+    }
 
 
 def summarise(rows: list[dict]) -> tuple[dict[str, str], dict[str, dict[int, dict]], dict]:

@@ -16,6 +16,7 @@ from .codec import Codec, PixelCodec, VaeCodec
 from .config import XUTConfig
 from .files import atomic_write
 from .model import XUT
+from .samplers.schedules import schedule_file
 
 MODEL_PREFIX = "unet.model."
 FORMAT = "hdm-serve/1"
@@ -214,4 +215,6 @@ def save_checkpoint(
         meta["vae_config"] = codec.config_json()
     meta.update(metadata or {})
     atomic_save_file(tensors, path, meta)
+    # A tuned schedule beside the file was searched for the weights just replaced (hdm_core.samplers.tuning).
+    schedule_file(path).unlink(missing_ok=True)
     return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Sequence
@@ -23,8 +24,10 @@ from .model import XUT
 from .precision import cast_model, resolve_dtype
 from .rope import position_map
 from .sampler import Conditioning, StepCallback, get_sampler, guided_velocity, timesteps
-from .samplers.schedules import explicit_timesteps
+from .samplers.schedules import TunedSchedule, explicit_timesteps, load_schedule_file, schedule_file
 from .text import TextEncoder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,9 +91,11 @@ def sample_latents(
     schedule: ScheduleName | None = None,
     callback: StepCallback | None = None,
     seeds: list[int] | None = None,
+    tuned: TunedSchedule | None = None,
 ) -> Tensor:
     """Integrate the guided velocity field from noise [B, C, h, w] (t = 1) to a latent (t = 0). `schedule` None is
-    the sampler's default; `seeds` (one per row, default 0..B-1) seed a stochastic sampler's noise."""
+    the sampler's default; `seeds` (one per row, default 0..B-1) seed a stochastic sampler's noise; `tuned`: the
+    model's own knots for the `tuned` schedule (None: the shipped ones)."""
     entry = get_sampler(sampler)
     velocity = guided_velocity(model, cond, uncond, guidance_scale)
     dtype = next(model.parameters()).dtype
@@ -99,7 +104,12 @@ def sample_latents(
     return entry(
         lambda x, t: velocity(x.to(dtype), t).float(),
         noise.float(),
-        timesteps(steps, shift=shift, schedule=schedule or entry.default_schedule),
+        timesteps(
+            steps,
+            shift=shift,
+            schedule=schedule or entry.default_schedule,
+            tuned_knots=None if tuned is None else tuned.for_sampler(sampler),
+        ),
         callback=callback,
         generators=gens,
     )
@@ -117,14 +127,19 @@ class HDMPipeline:
         device: torch.device | str = "cpu",
         dtype: torch.dtype | str | None = "auto",
         text_length: int | None = None,
+        tuned: TunedSchedule | None = None,
     ) -> None:
-        """`text_length`: pad (and truncate) the prompt and the negative prompt to this many tokens, as the model was
+        """`tuned`: the model's own knots for the `tuned` schedule (hdm_core.samplers.tuning; None: the shipped
+        ones). `text_length`: pad (and truncate) the prompt and the negative prompt to this many tokens, as the model was
         trained (spec §4: training pads every caption to max_length, and pad states enter XUT unmasked, so a model
         trained on short captions reads them). None: the reference's inference padding (to the longest prompt; no
         padding for one prompt), right for the released weights. `dtype`: see `precision.resolve_dtype`."""
         if text_length is not None and text_length < 1:
             raise ValueError(f"text_length must be >= 1 or None, got {text_length}")
         self.text_length = text_length
+        self.tuned = tuned
+        self._schedule_file: Path | None = None
+        self._schedule_mtime: int | None = None
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = cast_model(model, self.dtype, self.device).eval()
@@ -158,7 +173,7 @@ class HDMPipeline:
         if isinstance(codec, VaeCodec) and dtype != torch.float32:
             codec.vae.to(dtype)
         te = TextEncoder.from_pretrained(text_encoder, device=device, dtype=dtype)
-        return cls(
+        pipe = cls(
             loaded.model,
             codec,
             te,
@@ -166,6 +181,30 @@ class HDMPipeline:
             dtype=dtype,
             text_length=trained_text_length(loaded.metadata),
         )
+        pipe._schedule_file = schedule_file(checkpoint)
+        pipe.refresh_tuned_schedule()
+        return pipe
+
+    def refresh_tuned_schedule(self) -> bool:
+        """Re-read the checkpoint's tuned schedule (`schedule_file`) if the file changed since it was read, so a
+        long-lived pipeline picks up `hdm tune-schedule`'s result without reloading the model. A malformed file is
+        logged and ignored (`tuned` then uses the shipped knots): a schedule never stops a model from sampling.
+        Returns whether `tuned` was re-read."""
+        if self._schedule_file is None:
+            return False
+        try:
+            mtime: int | None = self._schedule_file.stat().st_mtime_ns
+        except FileNotFoundError:
+            mtime = None
+        if mtime == self._schedule_mtime:
+            return False
+        self._schedule_mtime = mtime
+        try:
+            self.tuned = load_schedule_file(self._schedule_file)
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring the tuned schedule: %s", exc)
+            self.tuned = None
+        return True
 
     def _encode(self, prompts: list[str]) -> Tensor:
         if self.text_length is None:
@@ -286,11 +325,16 @@ class HDMPipeline:
         returns the indices to cancel (or None): their rows leave the batch at once and their result is None.
         Raising SamplingCancelled from it stops every job. A job with an `edit` (its own init image and start time)
         runs as a sub-batch of its own. `sigmas`: explicit times from 1 to 0, in place of steps, schedule and shift
-        (as diffusers pipelines take `sigmas`; `bench/schedule_search.py` tunes schedules with it)."""
+        (as diffusers pipelines take `sigmas`; hdm_core.samplers.tuning searches schedules with it)."""
         self.check_size(width, height)
         entry = get_sampler(sampler)
         ts_full = (
-            timesteps(steps, shift=shift, schedule=schedule or entry.default_schedule)
+            timesteps(
+                steps,
+                shift=shift,
+                schedule=schedule or entry.default_schedule,
+                tuned_knots=None if self.tuned is None else self.tuned.for_sampler(sampler),
+            )
             if sigmas is None
             else explicit_timesteps(sigmas)
         )

@@ -48,6 +48,8 @@ def get_pipeline(
     key = (checkpoint, str(text_encoder), device, str(vae or ""), dtype, compile_mode)
     with _lock:
         if _current is not None and _current[0] == key:
+            if _current[1].refresh_tuned_schedule():  # `hdm tune-schedule` wrote the model's knots since
+                log.info("re-read the tuned schedule of %s", checkpoint)
             return _current[1], False
         if _current is not None:
             log.info("evicting %s", _current[0][0])
