@@ -180,8 +180,6 @@ def cmd_tune_schedule(args: argparse.Namespace) -> int:
     """Search the model's own `tuned` knots on the given prompts and write them beside the checkpoint."""
     import time
 
-    import torch
-
     from hdm_core.batching import ImageJob
     from hdm_core.files import sha256_file
     from hdm_core.pipeline import HDMPipeline
@@ -198,8 +196,7 @@ def cmd_tune_schedule(args: argparse.Namespace) -> int:
     if not prompts:
         log.error("--prompts %s holds no prompt (one per line)", args.prompts)
         return 2
-    torch.set_grad_enabled(False)
-    pipe = HDMPipeline.from_paths(
+    pipe = HDMPipeline.from_paths(  # sampling runs without autograd (generate_batch is no_grad)
         args.model, te, device=args.device or settings.device, dtype=args.dtype or settings.dtype
     )
     pipe.check_size(args.width, args.height)

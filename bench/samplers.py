@@ -283,6 +283,15 @@ def summarise(rows: list[dict]) -> tuple[dict[str, str], dict[str, dict[int, dic
         "euler_nfe_for_same_distance": euler_nfe_for(c8["heldout_distance"], euler),
         "its_heldout_colour_shape_at_8": [c8["heldout_colour"], c8["heldout_shape"]],
     }
+    # The same comparison with the sampler too chosen on the training prompts (nothing picked on held-out ones).
+    by_train = min(ode, key=lambda s: table[s][8]["train_distance"])
+    summary["chosen_on_train_at_8"] = {
+        "sampler": by_train,
+        "schedule": best[by_train],
+        "heldout_distance": table[by_train][8]["heldout_distance"],
+        "ratio_to_euler": table[by_train][8]["heldout_distance"] / euler[8],
+        "heldout_colour_shape": [table[by_train][8]["heldout_colour"], table[by_train][8]["heldout_shape"]],
+    }
     if 24 in table["euler"]:
         summary["euler_heldout_colour_shape_at_24"] = [
             table["euler"][24]["heldout_colour"],

@@ -145,6 +145,9 @@ def test_hdm_tune_schedule_writes_the_knots_it_scored_for_each_sampler(
     base += ["--text-encoder", str(toy_text_encoder), "--width", "16", "--height", "16", "--seed", "7"]
     settings = ["--guidance-scale", "2.0", "--reference-steps", "24", "--steps", "3", "--min-delta", "0.5"]
     assert cli.main([*base, *settings, "--samplers", "unipc,euler"]) == 0
+    assert (
+        torch.is_grad_enabled()
+    )  # the command leaves no global torch state behind (it runs in-process here)
     assert str(schedule_file(ckpt)) in capsys.readouterr().out
     body = json.loads(schedule_file(ckpt).read_text())
     assert set(body["knots"]) == {"unipc", "euler"}
