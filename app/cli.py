@@ -181,6 +181,7 @@ def cmd_tune_schedule(args: argparse.Namespace) -> int:
     import time
 
     from hdm_core.batching import ImageJob
+    from hdm_core.data.captions import distinct_prompts
     from hdm_core.files import sha256_file
     from hdm_core.pipeline import HDMPipeline
     from hdm_core.samplers.schedules import write_tuned_schedule
@@ -191,10 +192,16 @@ def cmd_tune_schedule(args: argparse.Namespace) -> int:
     if te is None:
         log.error("give --text-encoder or set HDM_TEXT_ENCODER")
         return 2
-    text = Path(args.prompts).read_text(encoding="utf-8")
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    try:
+        prompts = distinct_prompts(args.prompts, limit=args.max_prompts)
+    except (OSError, UnicodeDecodeError) as exc:
+        log.error("--prompts: %s", exc)
+        return 2
     if not prompts:
-        log.error("--prompts %s holds no prompt (one per line)", args.prompts)
+        log.error(
+            "--prompts %s holds no prompt (a text file, one per line, or a data folder with captions)",
+            args.prompts,
+        )
         return 2
     pipe = HDMPipeline.from_paths(  # sampling runs without autograd (generate_batch is no_grad)
         args.model, te, device=args.device or settings.device, dtype=args.dtype or settings.dtype
@@ -314,7 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
         '(docs/service.md "Samplers")',
     )
     ts.add_argument("--model", required=True, help="checkpoint .safetensors (or a diffusers-style folder)")
-    ts.add_argument("--prompts", required=True, help="a text file, one prompt per line (training captions)")
+    ts.add_argument(
+        "--prompts",
+        required=True,
+        help="a text file, one prompt per line, or a training-data folder (its images' .txt captions)",
+    )
+    ts.add_argument(
+        "--max-prompts", type=_at_least(1), default=16, help="thin more prompts than this, evenly"
+    )
     ts.add_argument("--text-encoder", default=None)
     ts.add_argument(
         "--samplers",

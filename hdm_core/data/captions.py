@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from .scan import read_caption, scan_images
 
 KEEP_SEPARATOR = "|||"
 GROUP_SEPARATOR = "%%"
@@ -82,3 +85,20 @@ def clean_caption(text: str, separator: str) -> str:
     """The caption with the grammar's markers removed and nothing dropped or shuffled (used for previews)."""
     parsed = parse_caption(text, separator)
     return JOINER.join([*parsed.keep, *(tag for group in parsed.groups for tag in group)])
+
+
+def distinct_prompts(source: str | Path, *, limit: int) -> list[str]:
+    """Prompts to sample a model with (`hdm tune-schedule`): the lines of a text file, or the captions of a
+    training-data folder (each image's same-stem `.txt`, hdm_core.data.scan; the caption grammar's markers removed,
+    as for previews). Empty and repeated ones are dropped; more than `limit` are thinned to `limit` spread evenly
+    over the list (file order; a folder's images sorted by path), so a large data set costs `limit` prompts."""
+    source = Path(source)
+    if source.is_dir():
+        separator = CaptionConfig().tag_separator
+        texts = [clean_caption(read_caption(img), separator) for img in scan_images(source)]
+    else:
+        texts = source.read_text(encoding="utf-8").splitlines()
+    prompts = list(dict.fromkeys(t.strip() for t in texts if t.strip()))  # first-seen order
+    if len(prompts) > limit:
+        prompts = [prompts[i * len(prompts) // limit] for i in range(limit)]
+    return prompts

@@ -11,11 +11,13 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 
 from app import cli
 from hdm_core import PRESETS, XUT, save_checkpoint
 from hdm_core.batching import ImageJob
 from hdm_core.codec import PixelCodec
+from hdm_core.data.captions import distinct_prompts
 from hdm_core.pipeline import HDMPipeline
 from hdm_core.samplers.schedules import (
     TUNED_KNOTS,
@@ -188,3 +190,26 @@ def test_hdm_tune_schedule_refuses_bad_arguments_by_name(flag, value, message, t
     with pytest.raises(SystemExit) as exc:
         cli.main(["tune-schedule", "--model", "m", "--prompts", "p", flag, value])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_prompts_come_from_a_text_file_or_a_data_folders_captions(tmp_path, capsys):
+    lines = tmp_path / "p.txt"
+    lines.write_text("b cat\n\n a dog \nb cat\n")
+    assert distinct_prompts(lines, limit=10) == ["b cat", "a dog"]
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    for i, (folder, caption) in enumerate([(data, "1girl ||| red $$ hat %% smile"), (data / "sub", "a dog")]):
+        Image.new("RGB", (8, 8)).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(caption)
+    Image.new("RGB", (8, 8)).save(data / "uncaptioned.png")
+    (data / "notes.txt").write_text("not a caption: no image of that name")
+    assert distinct_prompts(data, limit=10) == ["1girl, red, hat, smile", "a dog"]
+    many = tmp_path / "many.txt"
+    many.write_text("\n".join(f"prompt {i:03d}" for i in range(100)))
+    thinned = distinct_prompts(many, limit=8)
+    assert thinned == [f"prompt {i:03d}" for i in (0, 12, 25, 37, 50, 62, 75, 87)]  # evenly over the 100
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for source in (empty, tmp_path / "missing.txt"):
+        args = ["tune-schedule", "--model", "m.safetensors", "--prompts", str(source), "--text-encoder", "x"]
+        assert cli.main(args) == 2
