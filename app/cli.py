@@ -169,7 +169,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 seed=seed,
                 model_name=Path(args.model).stem,
                 model_hash=None,
-                extra=(f"Dtype: {dtype_name(pipe.dtype)}",),
+                extra=(*imagefile.schedule_fields(schedule, res.times), f"Dtype: {dtype_name(pipe.dtype)}"),
             ),
         )
         print(path)

@@ -3,8 +3,8 @@ such a text back.
 
 Values are quoted as A1111 quotes them (``generation_parameters_copypaste.quote``: a value holding a comma, colon or
 newline is written as a JSON string). Readers that split the line at every comma (sd-parsers 0.6) still cut a
-quoted value, so the multi-part values written here (Camera, TREAD guidance) hold no comma: ``x_shift 0.25 y_shift
-0 zoom 1``."""
+quoted value, so the multi-part values written here (Camera, TREAD guidance, Schedule times) hold no comma:
+``x_shift 0.25 y_shift 0 zoom 1``, ``1 0.9368 0.8318 ... 0``."""
 
 from __future__ import annotations
 
@@ -37,6 +37,14 @@ def _a1111_sampler(name: str) -> str:
     """A1111's name of a sampler ("DPM++ 2M", "UniPC", "Euler a"), as its infotext parser reads it back."""
     info = SAMPLER_INFO.get(name)
     return info.a1111 if info is not None else name
+
+
+def schedule_fields(schedule: str | None, times: Sequence[float]) -> tuple[str, ...]:
+    """`Schedule times` for the `tuned` schedule, whose times are the model's own (its schedule file, which may be
+    searched again), so the image says which times drew it; the other schedules are formulas of the steps."""
+    if schedule != "tuned" or not times:
+        return ()
+    return ("Schedule times: " + " ".join(f"{t:.6g}" for t in times),)
 
 
 def parameters_text(

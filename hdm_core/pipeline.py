@@ -54,6 +54,8 @@ class GenerationResult:
     latents: Tensor
     # Set for image-to-image / inpainting: mode, strength, ... for the parameters text.
     edit: EditInfo | None = None
+    # The schedule's times from 1 to 0 (an edit starts part-way along them): what `tuned` meant for this model.
+    times: tuple[float, ...] = ()
 
 
 def to_pil(images: Tensor) -> list[Image.Image]:
@@ -139,7 +141,7 @@ class HDMPipeline:
         self.text_length = text_length
         self.tuned = tuned
         self._schedule_file: Path | None = None
-        self._schedule_mtime: int | None = None
+        self._schedule_stamp: tuple[int, int, int] | None = None
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = cast_model(model, self.dtype, self.device).eval()
@@ -193,12 +195,14 @@ class HDMPipeline:
         if self._schedule_file is None:
             return False
         try:
-            mtime: int | None = self._schedule_file.stat().st_mtime_ns
+            st = self._schedule_file.stat()
+            # write_tuned_schedule replaces the file, so a new search is a new inode even within one mtime tick
+            stamp: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_ino, st.st_size)
         except FileNotFoundError:
-            mtime = None
-        if mtime == self._schedule_mtime:
+            stamp = None
+        if stamp == self._schedule_stamp:
             return False
-        self._schedule_mtime = mtime
+        self._schedule_stamp = stamp
         try:
             self.tuned = load_schedule_file(self._schedule_file)
         except (OSError, ValueError) as exc:
@@ -403,5 +407,9 @@ class HDMPipeline:
                 pixels = self.codec.decode(lat.to(self.dtype))
                 images = to_pil(pixels if plan is None else plan.composite(pixels))
             info = None if plan is None else plan.info
-            results.append(GenerationResult(images=images, seeds=job.seeds, latents=lat, edit=info))
+            results.append(
+                GenerationResult(
+                    images=images, seeds=job.seeds, latents=lat, edit=info, times=tuple(ts_full.tolist())
+                )
+            )
         return results

@@ -253,6 +253,7 @@ def _save(c: Claimed, generated: Any, shared: dict[str, Any]) -> Outcome:
                     adapters=[(a.name, a.weight, a.sha256) for a in adapters],
                     extra=(
                         *(generated.edit.parameters_fields() if generated.edit else ()),
+                        *imagefile.schedule_fields(req.get("schedule"), generated.times),
                         f"Dtype: {shared.get('dtype')}",
                     ),
                 ),

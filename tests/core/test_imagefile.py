@@ -55,3 +55,15 @@ def test_values_are_quoted_as_a1111_quotes_them_and_read_back(tmp_path):
     assert fields["Model"] == "hdm, v2" and fields["Lora hashes"] == "style: cdcdcdcdcd"
     assert imagefile.named_numbers(fields["Camera"]) == REQ["camera"]
     assert imagefile.named_numbers(fields["TREAD guidance"]) == {"cond": 0.5, "uncond": 0.25}
+
+
+def test_the_tuned_schedules_times_are_written_and_read_back_by_both_readers(tmp_path):
+    times = (1.0, 0.9368, 0.8318, 0.625, 0.0670, 0.0)
+    assert imagefile.schedule_fields("karras", times) == ()  # a formula of the steps: nothing to record
+    fields = imagefile.schedule_fields("tuned", times)
+    path = _png(tmp_path, extra=fields)
+    info = ParserManager().parse(Image.open(path))
+    assert info is not None and info.metadata["Schedule times"] == "1 0.9368 0.8318 0.625 0.067 0"
+    _, _, ours = imagefile.parse_parameters(Image.open(path).info["parameters"])
+    assert [float(t) for t in ours["Schedule times"].split()] == list(times)
+    assert ours["Seed"] == "1234" and ours["Version"] == "hdm-serve"

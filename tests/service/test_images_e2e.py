@@ -153,3 +153,40 @@ def test_model_cache_hit_and_eviction(live_worker: Stack, tmp_path: Path) -> Non
             assert r.json()["status"] == "succeeded", r.text
             hits.append(r.json()["model_cache_hit"])
     assert hits[1:] == [True, False, True, False], hits
+
+
+def test_a_models_own_tuned_schedule_reaches_the_running_worker(
+    live_worker: Stack, assets: dict[str, Path]
+) -> None:
+    """`hdm tune-schedule`'s file beside the checkpoint: the worker holding the model uses it from its next job on,
+    and the image's parameters text names the times that drew it."""
+    from hdm_core.samplers.schedules import TunedSchedule, schedule_file, write_tuned_schedule
+
+    def times(schedule: str) -> str:
+        body = {
+            "prompt": "own times",
+            "seed": 3,
+            "sampler": "unipc",
+            "schedule": schedule,
+            **SMALL,
+            "steps": 4,
+        }
+        with live_worker.client() as c:
+            r = c.post("/v1/images", json=body, headers={"Prefer": "wait=30"})
+            assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text
+            params = Image.open(io.BytesIO(c.get(f"/v1/images/{r.json()['id']}/files/0").content)).text
+        fields = dict(f.split(": ", 1) for f in params["parameters"].splitlines()[-1].split(", "))
+        return fields.get("Schedule times", "")
+
+    try:
+        schedule_file(assets["model"]).unlink(missing_ok=True)
+        assert times("tuned") == "1 0.7939 0.4688 0.1596 0"  # the shipped knots, read off at 4 steps
+        write_tuned_schedule(
+            assets["model"], TunedSchedule({"unipc": (1.0, 0.9, 0.8, 0.6, 0.5, 0.3, 0.2, 0.1, 0.0)})
+        )
+        assert times("tuned") == "1 0.8 0.5 0.2 0"
+        write_tuned_schedule(assets["model"], TunedSchedule({"dpmpp_2m": (1.0, 0.95, 0.7, 0.65, 0.0)}))
+        assert times("tuned") == "1 0.95 0.7 0.65 0"  # a sampler not searched takes the first one's
+        assert times("karras") == ""  # a formula of the steps: not written
+    finally:
+        schedule_file(assets["model"]).unlink(missing_ok=True)
