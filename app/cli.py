@@ -206,7 +206,11 @@ def cmd_tune_schedule(args: argparse.Namespace) -> int:
     pipe = HDMPipeline.from_paths(  # sampling runs without autograd (generate_batch is no_grad)
         args.model, te, device=args.device or settings.device, dtype=args.dtype or settings.dtype
     )
-    pipe.check_size(args.width, args.height)
+    try:
+        pipe.check_size(args.width, args.height)
+    except ValueError as exc:
+        log.error("--width/--height: %s", exc)
+        return 2
     jobs = [ImageJob(prompts, seed=args.seed + k * len(prompts)) for k in range(args.seeds)]
     generate = {"width": args.width, "height": args.height, "guidance_scale": args.guidance_scale}
     t0 = time.perf_counter()

@@ -146,6 +146,10 @@ def test_hdm_tune_schedule_writes_the_knots_it_scored_for_each_sampler(
     base = ["tune-schedule", "--model", str(ckpt), "--prompts", str(prompts)]
     base += ["--text-encoder", str(toy_text_encoder), "--width", "16", "--height", "16", "--seed", "7"]
     settings = ["--guidance-scale", "2.0", "--reference-steps", "24", "--steps", "3", "--min-delta", "0.5"]
+    assert (
+        cli.main([*base, *settings, "--width", "17"]) == 2
+    )  # not a multiple of the patch: refused, nothing written
+    assert not schedule_file(ckpt).exists()
     assert cli.main([*base, *settings, "--samplers", "unipc,euler"]) == 0
     assert (
         torch.is_grad_enabled()
