@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from app.registry_commands import (
     cmd_adapters_import,
@@ -18,7 +19,7 @@ from app.registry_commands import (
     cmd_models_import,
     load_settings,
 )
-from app.settings import DTYPES
+from app.settings import DTYPES, Settings
 from hdm_core.config import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_INFO, SAMPLER_NAMES, SCHEDULE_NAMES
 
 log = logging.getLogger("hdm")
@@ -119,18 +120,32 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from hdm_core import imagefile
-    from hdm_core.pipeline import Camera, HDMPipeline
-    from hdm_core.precision import dtype_name
-
-    settings = load_settings()
+def _text_encoder(args: argparse.Namespace, settings: Settings) -> str | Path | None:
+    """--text-encoder, else HDM_TEXT_ENCODER; None (logged) when neither is set."""
     te = args.text_encoder or settings.text_encoder
     if te is None:
         log.error("give --text-encoder or set HDM_TEXT_ENCODER")
-        return 2
+    return te
+
+
+def _local_pipeline(args: argparse.Namespace, settings: Settings, te: str | Path) -> Any:
+    """The pipeline of --model on --device / --dtype (else HDM_DEVICE / HDM_DTYPE), for the local commands."""
+    from hdm_core.pipeline import HDMPipeline
+
     device, dtype = args.device or settings.device, args.dtype or settings.dtype
-    pipe = HDMPipeline.from_paths(args.model, te, device=device, dtype=dtype)
+    return HDMPipeline.from_paths(args.model, te, device=device, dtype=dtype)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from hdm_core import imagefile
+    from hdm_core.pipeline import Camera
+    from hdm_core.precision import dtype_name
+
+    settings = load_settings()
+    te = _text_encoder(args, settings)
+    if te is None:
+        return 2
+    pipe = _local_pipeline(args, settings, te)
     schedule = args.schedule or SAMPLER_INFO[args.sampler].default_schedule
     res = pipe.generate(
         args.prompt,
@@ -183,14 +198,12 @@ def cmd_tune_schedule(args: argparse.Namespace) -> int:
     from hdm_core.batching import ImageJob
     from hdm_core.data.captions import distinct_prompts
     from hdm_core.files import sha256_file
-    from hdm_core.pipeline import HDMPipeline
     from hdm_core.samplers.schedules import write_tuned_schedule
     from hdm_core.samplers.tuning import reference_latents, tune_schedule
 
     settings = load_settings()
-    te = args.text_encoder or settings.text_encoder
+    te = _text_encoder(args, settings)
     if te is None:
-        log.error("give --text-encoder or set HDM_TEXT_ENCODER")
         return 2
     try:
         prompts = distinct_prompts(args.prompts, limit=args.max_prompts)
@@ -203,9 +216,7 @@ def cmd_tune_schedule(args: argparse.Namespace) -> int:
             args.prompts,
         )
         return 2
-    pipe = HDMPipeline.from_paths(  # sampling runs without autograd (generate_batch is no_grad)
-        args.model, te, device=args.device or settings.device, dtype=args.dtype or settings.dtype
-    )
+    pipe = _local_pipeline(args, settings, te)  # sampling runs without autograd (generate_batch is no_grad)
     try:
         pipe.check_size(args.width, args.height)
     except ValueError as exc:

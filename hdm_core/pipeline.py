@@ -397,6 +397,7 @@ class HDMPipeline:
                 if j in rows_job:
                     latents[j] = out[[r for r, owner in enumerate(rows_job) if owner == j]]
         results: list[GenerationResult | None] = []
+        times = tuple(ts_full.tolist())
         for j, (job, lat) in enumerate(zip(jobs, latents, strict=True)):
             if lat is None:
                 results.append(None)
@@ -408,8 +409,6 @@ class HDMPipeline:
                 images = to_pil(pixels if plan is None else plan.composite(pixels))
             info = None if plan is None else plan.info
             results.append(
-                GenerationResult(
-                    images=images, seeds=job.seeds, latents=lat, edit=info, times=tuple(ts_full.tolist())
-                )
+                GenerationResult(images=images, seeds=job.seeds, latents=lat, edit=info, times=times)
             )
         return results
