@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .backward import hand_backward
 from .rope import AxialRoPE
 
 
@@ -103,10 +104,44 @@ class ModulatedNorm(nn.Module):
             # An adapter library (LyCORIS, hdm_core.adapters) has wrapped the norm's forward to train its weight:
             # call it, or the folded path below would bypass the adapter.
             return torch.addcmul(mod.shift, self.norm(x), mod.factor)
-        # The mean square in fp32 whatever x's dtype, as nn.RMSNorm does; one fused reduction pass.
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)  # (B, L, 1)
-        inv_rms = torch.rsqrt(norm.square() / x.shape[-1] + self.norm.eps).to(x.dtype)
-        return torch.addcmul(mod.shift, x * inv_rms, self.norm.weight * mod.factor)
+        gain = self.norm.weight * mod.factor  # (B, 1, D)
+        if hand_backward(x, mod.shift, gain):
+            return _ModulatedRMSNorm.apply(x, mod.shift, gain, self.norm.eps)
+        return torch.addcmul(mod.shift, x * _inv_rms(x, self.norm.eps), gain)
+
+
+def _inv_rms(x: Tensor, eps: float) -> Tensor:
+    """[B, L, D] -> 1 / sqrt(mean x^2 + eps), [B, L, 1] in x's dtype; the mean square in fp32 whatever x's dtype, as
+    nn.RMSNorm does, in one fused reduction pass."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc)
+    return torch.rsqrt(norm.square() / x.shape[-1] + eps).to(x.dtype)
+
+
+class _ModulatedRMSNorm(torch.autograd.Function):
+    """shift + RMSNorm(x) * gain with the analytic backward: with n = x * r, r = (mean x^2 + eps)^-1/2 and
+    h = grad * gain, dx = r * (h - n * mean(h * n)). Five passes over [B, L, D] where autograd's chain of the forward's
+    ops takes about twelve; it saves n (as the chain does) and not x."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, shift: Tensor, gain: Tensor, eps: float) -> Tensor:
+        inv_rms = _inv_rms(x, eps)  # (B, L, 1)
+        normed = x * inv_rms
+        ctx.save_for_backward(normed, inv_rms, gain)
+        ctx.shift_shape = shift.shape
+        return torch.addcmul(shift, normed, gain)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        normed, inv_rms, gain = ctx.saved_tensors
+        grad_shift = grad.sum_to_size(ctx.shift_shape) if ctx.needs_input_grad[1] else None
+        grad_gain = (grad * normed).sum_to_size(gain.shape) if ctx.needs_input_grad[2] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            h = grad * gain
+            mean_hn = torch.linalg.vecdot(h, normed, dim=-1).unsqueeze(-1) / normed.shape[-1]  # (B, L, 1)
+            grad_x = torch.addcmul(h, normed, mean_hn, value=-1).mul_(inv_rms)
+        return grad_x, grad_shift, grad_gain, None
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -123,11 +158,16 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.rope = AxialRoPE(head_dim, heads)
 
-    def forward(self, x: Tensor, pos: Tensor) -> Tensor:
-        """x [B, L, D], pos [B, L, 2] -> [B, L, D]."""
-        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b l h d", three=3, h=self.heads)
-        rot = self.rope.rotation(pos)  # once for q and k
-        return self.out(_attention(self.rope.apply(q, rot), self.rope.apply(k, rot), v))
+    def forward(self, x: Tensor, pos: Tensor, out_rows: int | None = None) -> Tensor:
+        """x [B, L, D], pos [B, L, 2] -> [B, L, D], or [B, out_rows, D]: only the first out_rows tokens query (all
+        of them are still keys and values)."""
+        # Unbound along the packed axis: the backward stacks the q, k, v grads straight into the [B, L, 3D] layout
+        # that qkv's weight-gradient GEMM reads, with no extra permuting copy.
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(2)  # each (B, L, H, Dh)
+        if out_rows is not None:
+            q = q[:, :out_rows]
+        q, k = self.rope.rotate_qk(q, k, pos)
+        return self.out(_attention(q, k, v))
 
 
 class CrossAttention(nn.Module):
@@ -144,9 +184,35 @@ class CrossAttention(nn.Module):
     def forward(self, x: Tensor, skip: Tensor, pos: Tensor) -> Tensor:
         """x [B, L, D], skip [B, L, D] (same tokens and positions), pos [B, L, 2] -> [B, L, D]."""
         q = rearrange(self.q(x), "b l (h d) -> b l h d", h=self.heads)
-        k, v = rearrange(self.kv(skip), "b l (two h d) -> two b l h d", two=2, h=self.heads)
-        rot = self.rope.rotation(pos)
-        return self.out(_attention(self.rope.apply(q, rot), self.rope.apply(k, rot), v))
+        k, v = self.kv(skip).unflatten(-1, (2, self.heads, -1)).unbind(2)  # each (B, L, H, Dh), as qkv
+        q, k = self.rope.rotate_qk(q, k, pos)
+        return self.out(_attention(q, k, v))
+
+
+class _GatedSiLU(torch.autograd.Function):
+    """[..., 2H] packed [gate; up] -> silu(gate) * up, [..., H].
+
+    The same maths as `F.silu(gate) * up` on the two chunks; its backward writes the gate and up gradients into one
+    [..., 2H] buffer, where autograd's chunk backward would concatenate them in an extra pass over the widest
+    activation of the block.
+    """
+
+    @staticmethod
+    def forward(ctx, gate_up: Tensor) -> Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate)
+        ctx.save_for_backward(gate_up, act)
+        return act * up
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        gate_up, act = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        grad_gate_up = torch.empty_like(gate_up, memory_format=torch.contiguous_format)
+        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+        torch.mul(grad, act, out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        return grad_gate_up
 
 
 class SwiGLU(nn.Module):
@@ -158,7 +224,11 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.w12(x).chunk(2, dim=-1)
+        """x [B, L, D] -> [B, L, D]."""
+        gate_up = self.w12(x)  # (B, L, 2H)
+        if hand_backward(gate_up):
+            return self.w3(_GatedSiLU.apply(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.w3(F.silu(gate) * up)
 
 
@@ -182,10 +252,26 @@ class TransformerBlock(nn.Module):
     def has_cross(self) -> bool:
         return hasattr(self, "xattn")
 
-    def forward(self, x: Tensor, pos: Tensor, mods: BlockModulations, skip: Tensor | None = None) -> Tensor:
-        """x [B, L, D], pos [B, L, 2], skip [B, L, D] or None -> [B, L, D]."""
+    def forward(
+        self,
+        x: Tensor,
+        pos: Tensor,
+        mods: BlockModulations,
+        skip: Tensor | None = None,
+        out_rows: int | None = None,
+    ) -> Tensor:
+        """x [B, L, D], pos [B, L, 2], skip [B, L, D] or None -> [B, L, D].
+
+        out_rows: compute only the first out_rows tokens' outputs, [B, out_rows, D]; the others still serve as keys
+        and values. For the last block, whose text-token outputs nothing reads.
+        """
         m = self.attn_pre_norm(x, mods.attn)
-        x = torch.addcmul(m, mods.attn.gain, self.attn(m, pos))
+        if out_rows is not None:
+            if self.has_cross:
+                raise ValueError("out_rows is for the self-attention-only blocks after the backbone")
+            x = torch.addcmul(m[:, :out_rows], mods.attn.gain, self.attn(m, pos, out_rows))
+        else:
+            x = torch.addcmul(m, mods.attn.gain, self.attn(m, pos))
         if self.has_cross:
             if skip is None:
                 raise ValueError("a cross-attention block needs the encoder skip tensor")

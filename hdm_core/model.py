@@ -38,10 +38,11 @@ class _Runner(nn.Module):
         pos: Tensor,
         mods: BlockModulations,
         skip: Tensor | None = None,
+        out_rows: int | None = None,
     ) -> Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, x, pos, mods, skip, use_reentrant=False)
-        return block(x, pos, mods, skip)
+            return checkpoint(block, x, pos, mods, skip, out_rows, use_reentrant=False)
+        return block(x, pos, mods, skip, out_rows)
 
 
 class BlockStack(_Runner):
@@ -51,9 +52,11 @@ class BlockStack(_Runner):
         super().__init__()
         self.blocks = nn.ModuleList([_block(cfg) for _ in range(depth)])
 
-    def forward(self, x: Tensor, pos: Tensor, mods: BlockModulations) -> Tensor:
-        for block in self.blocks:
-            x = self._run(block, x, pos, mods)
+    def forward(self, x: Tensor, pos: Tensor, mods: BlockModulations, out_rows: int | None = None) -> Tensor:
+        """x [B, L, D], pos [B, L, 2] -> [B, L, D]; with out_rows the last block returns [B, out_rows, D]."""
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = self._run(block, x, pos, mods, None, out_rows if i == last else None)
         return x
 
 
@@ -193,7 +196,8 @@ class XUT(nn.Module):
             seq = scatter_tokens(seq, routed, route)
         else:
             seq = self.backbone(seq, pos, mods)
-        seq = self.post_tread_trns(seq, pos, mods)
+        # Only image tokens reach the output head: the last block computes no text-token outputs.
+        seq = self.post_tread_trns(seq, pos, mods, out_rows=n_img)
         return self.out_patch(seq[:, :n_img], (gh, gw))
 
 

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .backward import hand_backward
+
 
 def _cell_centres(n: int, span: float, *, dtype: torch.dtype, device: torch.device | str | None) -> Tensor:
     edges = torch.linspace(-span, span, n + 1, dtype=torch.float64, device=device)
@@ -98,6 +100,52 @@ class AxialRoPE(nn.Module):
             pairs = pairs.contiguous()
         return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2).to(x.dtype)
 
+    def rotate_qk(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """q [B, Lq, H, Dh] at the first Lq <= L positions, k [B, L, H, Dh], pos [B, L, 2] -> both rotated.
+
+        fp32 training takes `_RotateQK` (hdm_core.backward), whose backward reads the rotated outputs instead of
+        autograd's chain through the complex product, torch.complex, cos and sin.
+        """
+        if pos.shape[0] > 1 and pos.stride(0) == 0:
+            pos = pos[:1]  # an expanded map: the rotations of one row, broadcast over the batch
+        theta = self.angles(pos, torch.float32)  # (B or 1, L, H, Dh/2)
+        if hand_backward(q, k):
+            return _RotateQK.apply(q, k, theta)
+        rot = torch.complex(theta.cos(), theta.sin())
+        return self.apply(q, rot[:, : q.shape[1]]), self.apply(k, rot)
+
     def forward(self, x: Tensor, pos: Tensor) -> Tensor:
         """x [B, L, H, Dh], pos [B, L, 2] -> x rotated, same shape."""
         return self.apply(x, self.rotation(pos))
+
+
+def _angle_grad(rotated: Tensor, grad: Tensor) -> Tensor:
+    """d loss / d theta of out = x e^(i theta), from out itself: Im(conj(out) * grad) per pair, [B, L, H, Dh/2]."""
+    out = rotated.unflatten(-1, (-1, 2))
+    g = grad.unflatten(-1, (-1, 2))
+    return torch.addcmul(out[..., 0] * g[..., 1], out[..., 1], g[..., 0], value=-1)
+
+
+class _RotateQK(torch.autograd.Function):
+    """(q, k, theta) -> q, k rotated by theta (q by its first Lq rows); see `AxialRoPE.rotate_qk`."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
+        rot = torch.complex(theta.cos(), theta.sin())
+        q_out = AxialRoPE.apply(q, rot[:, : q.shape[1]])
+        k_out = AxialRoPE.apply(k, rot)
+        ctx.save_for_backward(rot, q_out, k_out)
+        return q_out, k_out
+
+    @staticmethod
+    def backward(ctx, grad_q: Tensor, grad_k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        rot, q_out, k_out = ctx.saved_tensors
+        n_q = q_out.shape[1]
+        back = rot.conj().resolve_conj()  # rotating by -theta is the transpose of rotating by theta
+        grad_theta = _angle_grad(k_out, grad_k)  # (B, L, H, Dh/2)
+        grad_theta[:, :n_q] += _angle_grad(q_out, grad_q)
+        return (
+            AxialRoPE.apply(grad_q, back[:, :n_q]),
+            AxialRoPE.apply(grad_k, back),
+            grad_theta.sum_to_size(rot.shape),
+        )
