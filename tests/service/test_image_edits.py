@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import struct
-import time
 import zlib
 from typing import Any
 
@@ -209,7 +208,7 @@ def _bad_cases() -> list[tuple[str, dict[str, Any], int, str]]:
     ]
 
 
-def test_bad_uploads_are_4xx_fast_and_create_no_job(stack: Stack, pg_url: str) -> None:
+def test_bad_uploads_are_4xx_and_create_no_job(stack: Stack, pg_url: str) -> None:
     engine = sa.create_engine(pg_url)
     uploads = stack.workdir / "outputs" / "uploads"
 
@@ -219,18 +218,12 @@ def test_bad_uploads_are_4xx_fast_and_create_no_job(stack: Stack, pg_url: str) -
         return n, len(list(uploads.glob("*"))) if uploads.is_dir() else 0
 
     before = state()
-    timings = {}
     with stack.client(timeout=30) as c:
         for name, kwargs, status, param in _bad_cases():
-            req = c.build_request("POST", kwargs.pop("url"), **kwargs)
-            req.read()  # the client's own encoding is not the server's time
-            t0 = time.perf_counter()
-            r = c.send(req)
-            timings[name] = elapsed = time.perf_counter() - t0
+            r = c.post(kwargs.pop("url"), **kwargs)
             assert r.status_code == status, (name, r.status_code, r.text)
             err = r.json()["error"]
             assert err["param"] == param, (name, err)
-            assert elapsed < 1.0, (name, elapsed)
-    print("bad upload timings (s):", {k: round(v, 3) for k, v in timings.items()})
+    # That the bomb is refused from its header, without decoding, is tests/service/test_uploads.py's check.
     assert state() == before  # no job, no stored upload: nothing reached a worker
     engine.dispose()
