@@ -130,8 +130,10 @@ def _text_encoder(args: argparse.Namespace, settings: Settings) -> str | Path | 
 
 def _local_pipeline(args: argparse.Namespace, settings: Settings, te: str | Path) -> Any:
     """The pipeline of --model on --device / --dtype (else HDM_DEVICE / HDM_DTYPE), for the local commands."""
+    from hdm_core.allocator import keep_freed_memory
     from hdm_core.pipeline import HDMPipeline
 
+    keep_freed_memory()  # as the workers (hdm_core/allocator.py)
     device, dtype = args.device or settings.device, args.dtype or settings.dtype
     return HDMPipeline.from_paths(args.model, te, device=device, dtype=dtype)
 

@@ -8,7 +8,8 @@
 2. Sampler overhead = sampling time / (steps x one guided forward), per repeat; min / median / max and IQR.
 3. Pipeline level: 8 queued image jobs (same size, steps, sampler, guidance; different prompts and seeds) as one
    `generate_batch` vs eight `generate` calls, alternating per round: ratio = sequential time / batched time per
-   round (= the images/s ratio); median and IQR.
+   round (= the images/s ratio); median and IQR. Its process keeps freed memory as the image workers do
+   (hdm_core/allocator.py).
 Every time is taken twice: wall clock and the process's CPU time. On a CPU shared with other work a one-thread
 process's wall time mostly measures how long it waited for a core; its CPU time is the work the code did (still
 raised somewhat by other processes sharing caches and memory bandwidth), so the ratios are given for both.
@@ -237,12 +238,14 @@ def sampler_overhead(repeats: int) -> dict:
 
 def batched_vs_sequential(rounds: int) -> dict:
     from hdm_core import PRESETS, XUT
+    from hdm_core.allocator import keep_freed_memory
     from hdm_core.batching import ImageJob
     from hdm_core.codec import PixelCodec
     from hdm_core.pipeline import HDMPipeline
     from hdm_core.text import TextEncoder
     from hdm_demo.text_encoder import build_toy_text_encoder
 
+    keep_freed_memory()  # the process setup of an image worker (worker/model_cache.py)
     with tempfile.TemporaryDirectory() as tmp:
         te = TextEncoder.from_pretrained(build_toy_text_encoder(Path(tmp) / "te", hidden_size=64))
     torch.manual_seed(0)

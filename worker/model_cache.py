@@ -41,6 +41,7 @@ def get_pipeline(
     global _current, _applied
     import torch
 
+    from hdm_core.allocator import keep_freed_memory
     from hdm_core.pipeline import HDMPipeline
 
     if text_encoder is None:
@@ -59,6 +60,7 @@ def get_pipeline(
             if torch.cuda.is_available() and device.startswith("cuda"):
                 torch.cuda.empty_cache()
         log.info("loading %s on %s", checkpoint, device)
+        keep_freed_memory()  # a sampling step re-allocates what the last one freed (hdm_core/allocator.py)
         pipe = HDMPipeline.from_paths(checkpoint, text_encoder, device=device, dtype=dtype, vae=vae)
         if compile_mode != "off":
             pipe.compile(compile_mode)
