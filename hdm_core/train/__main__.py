@@ -11,6 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
+from hdm_core.allocator import keep_freed_memory
 from hdm_core.train.config import TrainConfigError
 from hdm_core.train.run import TrainingTerminated, run_training
 
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     # `kill -USR1 <rank>` writes every thread's Python stack to stderr (train.log under the service) and training
     # goes on: how a rank that stopped making progress is diagnosed. DataLoader workers inherit it.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    keep_freed_memory()  # each step re-allocates the activations the last one freed (hdm_core/allocator.py)
     try:
         result = run_training(args.config, args.run_dir, resume=args.resume, max_steps=args.max_steps)
     except TrainConfigError as exc:
