@@ -24,7 +24,13 @@ from .model import XUT
 from .precision import cast_model, resolve_dtype
 from .rope import position_map
 from .sampler import Conditioning, StepCallback, get_sampler, guided_velocity, timesteps
-from .samplers.schedules import TunedSchedule, explicit_timesteps, load_schedule_file, schedule_file
+from .samplers.schedules import (
+    TunedSchedule,
+    explicit_timesteps,
+    load_schedule_file,
+    own_knots,
+    schedule_file,
+)
 from .text import TextEncoder
 
 log = logging.getLogger(__name__)
@@ -110,7 +116,7 @@ def sample_latents(
             steps,
             shift=shift,
             schedule=schedule or entry.default_schedule,
-            tuned_knots=None if tuned is None else tuned.for_sampler(sampler),
+            tuned_knots=own_knots(tuned, sampler),
         ),
         callback=callback,
         generators=gens,
@@ -337,7 +343,7 @@ class HDMPipeline:
                 steps,
                 shift=shift,
                 schedule=schedule or entry.default_schedule,
-                tuned_knots=None if self.tuned is None else self.tuned.for_sampler(sampler),
+                tuned_knots=own_knots(self.tuned, sampler),
             )
             if sigmas is None
             else explicit_timesteps(sigmas)

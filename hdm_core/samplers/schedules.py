@@ -120,6 +120,11 @@ class TunedSchedule:
             raise ValueError(f"{source}: not a tuned schedule: {exc}") from None
 
 
+def own_knots(tuned: TunedSchedule | None, sampler: str) -> tuple[float, ...] | None:
+    """`timesteps`' tuned_knots for `sampler` on a model with `tuned` (None: it has none, the shipped knots apply)."""
+    return None if tuned is None else tuned.for_sampler(sampler)
+
+
 def load_schedule_file(path: Path) -> TunedSchedule | None:
     """The tuned schedule in `path`, or None when there is no such file (ValueError names a malformed one)."""
     try:
