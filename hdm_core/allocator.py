@@ -23,9 +23,8 @@ log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1  # <malloc.h>
 _M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = (
-    32 * 2**20
-)  # glibc's largest accepted value on 64-bit; bigger blocks are still mapped and unmapped
+# glibc's largest accepted value on 64-bit; bigger blocks are still mapped and unmapped
+MMAP_THRESHOLD = 32 * 2**20
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes a C int
 
 

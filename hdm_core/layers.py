@@ -164,9 +164,7 @@ class SelfAttention(nn.Module):
         # Unbound along the packed axis: the backward stacks the q, k, v grads straight into the [B, L, 3D] layout
         # that qkv's weight-gradient GEMM reads, with no extra permuting copy.
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(2)  # each (B, L, H, Dh)
-        if out_rows is not None:
-            q = q[:, :out_rows]
-        q, k = self.rope.rotate_qk(q, k, pos)
+        q, k = self.rope.rotate_qk(q[:, :out_rows], k, pos)
         return self.out(_attention(q, k, v))
 
 
@@ -265,13 +263,11 @@ class TransformerBlock(nn.Module):
         out_rows: compute only the first out_rows tokens' outputs, [B, out_rows, D]; the others still serve as keys
         and values. For the last block, whose text-token outputs nothing reads.
         """
+        if out_rows is not None and self.has_cross:
+            raise ValueError("out_rows is for the self-attention-only blocks after the backbone")
         m = self.attn_pre_norm(x, mods.attn)
-        if out_rows is not None:
-            if self.has_cross:
-                raise ValueError("out_rows is for the self-attention-only blocks after the backbone")
-            x = torch.addcmul(m[:, :out_rows], mods.attn.gain, self.attn(m, pos, out_rows))
-        else:
-            x = torch.addcmul(m, mods.attn.gain, self.attn(m, pos))
+        # m[:, :None] is every row
+        x = torch.addcmul(m[:, :out_rows], mods.attn.gain, self.attn(m, pos, out_rows))
         if self.has_cross:
             if skip is None:
                 raise ValueError("a cross-attention block needs the encoder skip tensor")

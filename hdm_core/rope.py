@@ -74,15 +74,16 @@ class AxialRoPE(nn.Module):
         theta = pos.to(dtype)[:, :, None, None, :] * freqs[None, None]  # (B, L, H, K, 2)
         return rearrange(theta, "b l h k two -> b l h (k two)")
 
+    def batch_angles(self, pos: Tensor) -> Tensor:
+        """pos [B, L, 2] -> fp32 angles [B or 1, L, H, head_dim // 2]: an expanded map (every row the same
+        positions) gives the angles of one row, broadcast over the batch."""
+        if pos.shape[0] > 1 and pos.stride(0) == 0:
+            pos = pos[:1]
+        return self.angles(pos, torch.float32)
+
     def rotation(self, pos: Tensor) -> Tensor:
         """Unit complex rotations [B or 1, L, H, head_dim // 2] (fp32), shared by q and k of one attention."""
-        if pos.shape[0] > 1 and pos.stride(0) == 0:
-            pos = pos[
-                :1
-            ]  # every row has the same positions (an expanded map): one row, broadcast over the batch
-        theta = self.angles(pos, torch.float32)
-        # cos/sin directly: 2.4x faster than torch.polar(ones, theta) on CPU (same values to 1e-7)
-        return torch.complex(theta.cos(), theta.sin())
+        return _unit(self.batch_angles(pos))
 
     @staticmethod
     def apply(x: Tensor, rotation: Tensor) -> Tensor:
@@ -106,17 +107,20 @@ class AxialRoPE(nn.Module):
         fp32 training takes `_RotateQK` (hdm_core.backward), whose backward reads the rotated outputs instead of
         autograd's chain through the complex product, torch.complex, cos and sin.
         """
-        if pos.shape[0] > 1 and pos.stride(0) == 0:
-            pos = pos[:1]  # an expanded map: the rotations of one row, broadcast over the batch
-        theta = self.angles(pos, torch.float32)  # (B or 1, L, H, Dh/2)
+        theta = self.batch_angles(pos)  # (B or 1, L, H, Dh/2)
         if hand_backward(q, k):
             return _RotateQK.apply(q, k, theta)
-        rot = torch.complex(theta.cos(), theta.sin())
+        rot = _unit(theta)
         return self.apply(q, rot[:, : q.shape[1]]), self.apply(k, rot)
 
     def forward(self, x: Tensor, pos: Tensor) -> Tensor:
         """x [B, L, H, Dh], pos [B, L, 2] -> x rotated, same shape."""
         return self.apply(x, self.rotation(pos))
+
+
+def _unit(theta: Tensor) -> Tensor:
+    """e^(i theta) from cos/sin directly: 2.4x faster than torch.polar(ones, theta) on CPU (same values to 1e-7)."""
+    return torch.complex(theta.cos(), theta.sin())
 
 
 def _angle_grad(rotated: Tensor, grad: Tensor) -> Tensor:
@@ -131,7 +135,7 @@ class _RotateQK(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
-        rot = torch.complex(theta.cos(), theta.sin())
+        rot = _unit(theta)
         q_out = AxialRoPE.apply(q, rot[:, : q.shape[1]])
         k_out = AxialRoPE.apply(k, rot)
         ctx.save_for_backward(rot, q_out, k_out)
